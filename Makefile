@@ -1,0 +1,35 @@
+# Each target sets up what it needs: a fresh clone with only python3 works.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+WORKDIR ?= workdir/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-all bench clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import pixelground, jax, flax, torch, transformers" 
+	rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job on embedded data (see README: until the demo trainer lands it runs the T5 LM demo).
+demo: $(STAMP)
+	$(PY) -m pixelground.lm_demo --workdir=$(WORKDIR)
+
+# Default test run: everything except @pytest.mark.slow. `make test-all` (or pytest --runslow) runs all.
+test: $(STAMP)
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q --runslow tests $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/t5_decode.py
+	$(PY) bench/t5_train_step.py
+
+clean:
+	rm -rf $(VENV) workdir .pytest_cache

@@ -1,0 +1,58 @@
+"""Config helpers: strict conversion of ml_collections configs into typed dataclasses.
+
+Every config section that feeds code is turned into a frozen dataclass here, so a misspelt or unknown key
+fails at start-up with an error that names the key (and the closest valid name), instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing as tp
+
+import ml_collections
+
+T = tp.TypeVar("T")
+
+
+class ConfigError(ValueError):
+  """A config key is unknown, misspelt, missing or has the wrong type."""
+
+
+def to_dict(cfg: tp.Any) -> dict[str, tp.Any]:
+  if isinstance(cfg, ml_collections.ConfigDict):
+    return cfg.to_dict()
+  if dataclasses.is_dataclass(cfg):
+    return dataclasses.asdict(cfg)
+  return dict(cfg)
+
+
+def from_config(cls: type[T], cfg: tp.Any, *, where: str = "config") -> T:
+  """Builds dataclass `cls` from a mapping / ConfigDict, rejecting unknown keys by name.
+
+  Args:
+    cls: a dataclass type.
+    cfg: ConfigDict, dict, or an instance of `cls` (returned as is).
+    where: the config path shown in errors, e.g. "config.model.t5".
+  """
+  if isinstance(cfg, cls):
+    return cfg
+  values = to_dict(cfg)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  for key in values:
+    if key not in fields:
+      close = difflib.get_close_matches(key, list(fields), n=1)
+      hint = f" Did you mean '{close[0]}'?" if close else ""
+      raise ConfigError(f"Unknown config key '{where}.{key}' for {cls.__name__}.{hint} "
+                        f"Valid keys: {sorted(fields)}.")
+  missing = [n for n, f in fields.items()
+             if n not in values and f.default is dataclasses.MISSING
+             and f.default_factory is dataclasses.MISSING]
+  if missing:
+    raise ConfigError(f"Missing config keys for {cls.__name__} at '{where}': {missing}.")
+  kwargs = {}
+  for key, value in values.items():
+    if isinstance(value, list):
+      value = tuple(value)  # configs hold lists; dataclasses are hashable tuples
+    kwargs[key] = value
+  return cls(**kwargs)

@@ -1,0 +1,53 @@
+"""pixelground: pixel-grounded vision-language models (PixelLLM, LISA, GELLA) in JAX/Flax NNX."""
+
+import setuptools
+
+JAX_VERSION = "0.10.2"
+
+INSTALL_REQUIRES = [
+    f"jax=={JAX_VERSION}",
+    f"jaxlib=={JAX_VERSION}",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.6,<0.3",
+    "orbax-checkpoint>=0.12,<0.13",
+    "grain>=0.2.12,<0.3",
+    # TFDS builds array_record datasets and serves as_data_source() without TensorFlow.
+    "tensorflow-datasets>=4.9.9,<5",
+    "importlib_resources>=6",
+    "array_record>=0.7",
+    "ml-collections>=1.0,<2",
+    "absl-py>=2.1",
+    "sentencepiece>=0.2,<0.3",
+    "numpy>=1.26,<3",
+    "pillow>=10",
+    "safetensors>=0.4,<1",
+    "msgpack>=1.0",
+    "tensorstore>=0.1.65",
+    "tqdm>=4.66",
+]
+
+EXTRAS_REQUIRE = {
+    # Deviceless TPU compilation (compile_check) and TPU runs.
+    "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "hypothesis>=6.100",
+        # The CPU wheel (2.13.0+cpu) satisfies this pin; newer torch pulls CUDA packages.
+        "torch==2.13.0",
+        "transformers>=5.0,<6",
+    ],
+}
+
+setuptools.setup(
+    name="pixelground",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["pixelground", "pixelground.*", "tfds_builders", "tfds_builders.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    license="Apache-2.0",
+)

@@ -1,0 +1,30 @@
+"""Test session set-up: 8 fake CPU devices for mesh tests, float32 matmuls, `--runslow`."""
+
+import os
+
+# Must be set before jax is imported anywhere: 8 host devices stand in for a TPU slice.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_addoption(parser):
+  parser.addoption("--runslow", action="store_true", default=False, help="also run @pytest.mark.slow tests")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: slow test, run with --runslow (make test-all)")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--runslow"):
+    return
+  skip = pytest.mark.skip(reason="slow: run with --runslow or `make test-all`")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
