@@ -1,0 +1,307 @@
+"""T5 parity against transformers (PyTorch CPU), checkpoint import, decoding and LoRA."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from pixelground import decoding
+from pixelground.checkpoints import loader, open_source
+from pixelground.checkpoints.t5 import export_t5x_target, load_t5
+from pixelground.checkpoints.t5x import save_t5x_checkpoint
+from pixelground.models import t5 as t5_lib
+from pixelground.models.lora import merge_lora
+
+SMALL = dict(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=2, num_heads=4,
+             relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0,
+             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+# Variants HF can build: T5 v1.1 / FLAN-T5 (gated-GELU; transformers 5 ties lm_head to `shared` without
+# output scaling), the same with a separate lm_head (as FLAN-T5 checkpoints on disk have), original T5.
+VARIANTS = {
+    "t5_v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "flan_t5_untied": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, untie=True),
+    "t5_original": dict(feed_forward_proj="relu", tie_word_embeddings=True),
+}
+
+
+def build_hf(variant: str, seed: int = 0, **extra) -> transformers.T5ForConditionalGeneration:
+  torch.manual_seed(seed)
+  kw = dict(VARIANTS[variant])
+  untie = kw.pop("untie", False)
+  model = transformers.T5ForConditionalGeneration(transformers.T5Config(**SMALL, **kw, **extra)).eval()
+  if untie:
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(SMALL["vocab_size"], SMALL["d_model"]) * 0.5)
+  return model
+
+
+@functools.lru_cache(maxsize=None)
+def saved_hf(variant: str, tmp_root: str, sharded: bool = False):
+  model = build_hf(variant)
+  path = os.path.join(tmp_root, f"{variant}{'_sharded' if sharded else ''}")
+  model.save_pretrained(path, **({"max_shard_size": "20KB"} if sharded else {}))
+  return model, path
+
+
+@pytest.fixture(scope="module")
+def tmp_root(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("hf"))
+
+
+def padded_batch():
+  """Encoder ids with right padding (rows of different lengths), decoder inputs (start = pad)."""
+  rng = np.random.default_rng(0)
+  lengths = [12, 3, 8, 1]
+  ids = np.zeros((4, 12), np.int64)
+  for i, n in enumerate(lengths):
+    ids[i, : n - 1] = rng.integers(2, 99, n - 1)
+    ids[i, n - 1] = 1
+  dec = np.concatenate([np.zeros((4, 1), np.int64), rng.integers(2, 99, (4, 9))], axis=1)
+  return ids, (ids != 0).astype(np.int64), dec
+
+
+def hf_outputs(model, ids, mask, dec):
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                decoder_input_ids=torch.tensor(dec), output_hidden_states=True)
+  return out.encoder_last_hidden_state.numpy(), out.logits.numpy(), out.decoder_hidden_states[-1].numpy()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("scan", [False, True])
+def test_float32_parity_with_transformers(variant, scan, tmp_root):
+  hf, path = saved_hf(variant, tmp_root)
+  model = load_t5(path, scan_layers=scan)
+  ids, mask, dec = padded_batch()
+  enc_ref, logits_ref, _ = hf_outputs(hf, ids, mask, dec)
+  enc, enc_mask = model.encode(jnp.asarray(ids), jnp.asarray(mask))
+  logits, hidden = model.decode(jnp.asarray(dec), enc, enc_mask)
+  valid = mask.astype(bool)  # padded encoder positions are never read
+  np.testing.assert_allclose(np.asarray(enc)[valid], enc_ref[valid], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(logits), logits_ref, atol=1e-4, rtol=0)
+  assert hidden.shape == (4, dec.shape[1], SMALL["d_model"])
+
+
+def test_sharded_safetensors_and_pytorch_bin(tmp_root):
+  hf, path = saved_hf("flan_t5_untied", tmp_root, sharded=True)
+  assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+  ids, mask, dec = padded_batch()
+  _, logits_ref, _ = hf_outputs(hf, ids, mask, dec)
+  logits, _ = load_t5(path)(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(dec))
+  np.testing.assert_allclose(np.asarray(logits), logits_ref, atol=1e-4, rtol=0)
+
+  bin_dir = os.path.join(tmp_root, "bin")
+  os.makedirs(bin_dir, exist_ok=True)
+  torch.save(hf.state_dict(), os.path.join(bin_dir, "pytorch_model.bin"))
+  hf.config.to_json_file(os.path.join(bin_dir, "config.json"))
+  logits_bin, _ = load_t5(bin_dir)(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(dec))
+  np.testing.assert_allclose(np.asarray(logits_bin), logits_ref, atol=1e-4, rtol=0)
+
+
+def test_bfloat16_compute_tolerance(tmp_root):
+  """bf16 compute (float32 params): logits within 0.05·max|logit| of float32 PyTorch, same argmax mostly."""
+  hf, path = saved_hf("t5_v1_1", tmp_root)
+  ids, mask, dec = padded_batch()
+  _, logits_ref, _ = hf_outputs(hf, ids, mask, dec)
+  logits, _ = load_t5(path, dtype="bfloat16")(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(dec))
+  err = np.abs(np.asarray(logits) - logits_ref).max()
+  assert err <= 0.05 * np.abs(logits_ref).max(), err
+  agree = (np.asarray(logits).argmax(-1) == logits_ref.argmax(-1)).mean()
+  assert agree >= 0.9, agree
+
+
+@pytest.mark.parametrize("layout", ["legacy", "orbax"])
+def test_t5x_checkpoint_roundtrip(layout, tmp_root, tmp_path):
+  """Our weights written in the T5X layout load back to the same outputs."""
+  _, path = saved_hf("flan_t5_untied", tmp_root)
+  model = load_t5(path)
+  ckpt = tmp_path / "checkpoint_100"
+  save_t5x_checkpoint(str(ckpt), export_t5x_target(model), step=100, layout=layout)
+  source = open_source(ckpt)
+  assert "target/encoder/layers_0/attention/query/kernel" in source.keys()
+  assert source.shape("target/encoder/relpos_bias/rel_embedding") == (4, 8)  # (heads, buckets)
+  again = load_t5(ckpt, model.cfg)
+  ids, mask, dec = padded_batch()
+  a, _ = model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(dec))
+  b, _ = again(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(dec))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_loader_errors_name_the_key(tmp_root, tmp_path):
+  _, path = saved_hf("t5_v1_1", tmp_root)
+  with open_source(path) as source:
+    state = {k: source.read(k) for k in source.keys()}
+  from safetensors.numpy import save_file
+  import shutil
+
+  def write(name, tensors):
+    d = tmp_path / name
+    d.mkdir()
+    shutil.copy(os.path.join(path, "config.json"), d / "config.json")
+    save_file(tensors, str(d / "model.safetensors"))
+    return str(d)
+
+  missing = dict(state)
+  del missing["decoder.block.1.layer.2.DenseReluDense.wo.weight"]
+  with pytest.raises(loader.CheckpointError, match=r"missing key 'decoder\.block\.1\.layer\.2\.DenseReluDense\.wo\.weight'"):
+    load_t5(write("missing", missing))
+  extra = dict(state, **{"encoder.block.9.surprise.weight": np.zeros(3, np.float32)})
+  with pytest.raises(loader.CheckpointError, match=r"unexpected key 'encoder\.block\.9\.surprise\.weight'"):
+    load_t5(write("extra", extra))
+  bad = dict(state, **{"encoder.final_layer_norm.weight": np.zeros(31, np.float32)})
+  with pytest.raises(loader.CheckpointError, match=r"shape mismatch for 'encoder\.final_layer_norm\.weight'"):
+    load_t5(write("bad", bad))
+
+
+def test_relative_buckets_match_transformers():
+  from transformers.models.t5.modeling_t5 import T5Attention
+  rel = np.arange(-300, 300)[None, :]
+  for bidirectional in (True, False):
+    for nb, md in ((32, 128), (8, 20)):
+      ref = T5Attention._relative_position_bucket(torch.tensor(rel), bidirectional=bidirectional,
+                                                  num_buckets=nb, max_distance=md).numpy()
+      ours = t5_lib.relative_buckets(rel, bidirectional=bidirectional, num_buckets=nb, max_distance=md)
+      np.testing.assert_array_equal(ours, ref)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Decoding
+# ------------------------------------------------------------------------------------------------------
+
+def _jit_generate(model, **kw):
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, ids, mask):
+    return decoding.generate(nnx.merge(graphdef, state), ids, mask, **kw)
+
+  return lambda ids, mask: run(state, jnp.asarray(ids), jnp.asarray(mask))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_cached_greedy_equals_full_recompute(scan):
+  cfg = t5_lib.T5Config(vocab_size=50, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_encoder_layers=2,
+                        num_decoder_layers=2, relpos_buckets=8, relpos_max_distance=16, scan_layers=scan)
+  model = t5_lib.T5(cfg, rngs=nnx.Rngs(3))
+  rng = np.random.default_rng(1)
+  ids = rng.integers(2, 50, (4, 7))
+  ids[:, -1] = 1
+  ids[1, 4:] = 0
+  ids[3, 2:] = 0
+  mask = ids != 0
+  cached = _jit_generate(model, max_len=24)(ids, mask)
+  full = _jit_generate(model, max_len=24, use_cache=False)(ids, mask)
+  np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(full.tokens))
+  np.testing.assert_allclose(np.asarray(cached.scores), np.asarray(full.scores), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(cached.hidden), np.asarray(full.hidden), atol=1e-4)
+  # Teacher-forcing the generated tokens reproduces the hidden states the decoder returned.
+  dec_in = np.concatenate([np.zeros((4, 1), np.int64), np.asarray(cached.tokens)[:, :-1]], axis=1)
+  _, hidden = model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(dec_in))
+  for row, n in enumerate(np.asarray(cached.lengths)):
+    np.testing.assert_allclose(np.asarray(hidden)[row, :n], np.asarray(cached.hidden)[row, :n], atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["t5_v1_1", "flan_t5_untied", "t5_original"])
+def test_greedy_and_beam_match_transformers(variant, tmp_root):
+  hf, path = saved_hf(variant, tmp_root)
+  model = load_t5(path)
+  ids, mask, _ = padded_batch()
+  ours = _jit_generate(model, max_len=15)(ids, mask)
+  with torch.no_grad():
+    ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                      num_beams=1, max_new_tokens=15)
+  _assert_same_tokens(np.asarray(ours.tokens), ref.numpy()[:, 1:])
+  for beams, alpha in ((3, 0.6), (4, 1.0)):
+    ours = _jit_generate(model, max_len=15, num_beams=beams, length_penalty=alpha)(ids, mask)
+    with torch.no_grad():
+      ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                        num_beams=beams, length_penalty=alpha, max_new_tokens=15, output_scores=True,
+                        return_dict_in_generate=True)
+    _assert_same_tokens(np.asarray(ours.tokens), ref.sequences.numpy()[:, 1:])
+    np.testing.assert_allclose(np.asarray(ours.scores), ref.sequences_scores.numpy(), atol=1e-4)
+
+
+def _assert_same_tokens(ours, ref, eos=1):
+  """Same tokens up to and including each row's first EOS. HF fills finished rows with its pad (which
+  may be EOS) and trims to the longest row; ours is max_len wide with pad (0) after EOS."""
+  assert ours.shape[0] == ref.shape[0]
+  for row_ours, row_ref in zip(ours, ref):
+    n = int(np.argmax(row_ref == eos)) + 1 if (row_ref == eos).any() else len(row_ref)
+    np.testing.assert_array_equal(row_ours[:n], row_ref[:n])
+    assert (row_ours[n:] == 0).all() or n == len(row_ref)
+
+
+def test_greedy_eos_and_no_repeat():
+  cfg = t5_lib.T5Config(vocab_size=20, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,
+                        num_decoder_layers=1, relpos_buckets=8, relpos_max_distance=16)
+  model = t5_lib.T5(cfg, rngs=nnx.Rngs(0))
+  ids = np.array([[3, 4, 5, 1], [6, 7, 1, 0]])
+  out = _jit_generate(model, max_len=30, no_repeat_previous=True)(ids, ids != 0)
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  generated = np.arange(30)[None, :] < lengths[:, None]
+  assert not (tokens[:, 1:] == tokens[:, :-1])[generated[:, 1:]].any(), tokens
+  for row, n in zip(tokens, lengths):
+    if n < 30:
+      assert row[n - 1] == cfg.eos_id and (row[n:] == 0).all()
+    assert (row[: n - 1] != cfg.eos_id).all()
+  assert (np.asarray(out.hidden)[~generated] == 0).all()
+  assert (np.abs(np.asarray(out.hidden)[generated]).sum(-1) > 0).all()
+  # Without the option the same model does repeat tokens (so the check above is not vacuous).
+  plain = np.asarray(_jit_generate(model, max_len=30)(ids, ids != 0).tokens)
+  assert (plain[:, 1:] == plain[:, :-1]).any()
+
+
+# ------------------------------------------------------------------------------------------------------
+# LoRA
+# ------------------------------------------------------------------------------------------------------
+
+def test_lora_zero_init_merge_and_filter():
+  base_cfg = t5_lib.T5Config(vocab_size=40, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=2,
+                             num_decoder_layers=2, relpos_buckets=8, relpos_max_distance=16)
+  cfg = base_cfg.replace(lora_rank=4, lora_alpha=8.0, lora_targets=t5_lib.PIXELLLM_LORA_TARGETS + ("decoder.mlp",))
+  base = t5_lib.T5(base_cfg, rngs=nnx.Rngs(0))
+  lora = t5_lib.T5(cfg, rngs=nnx.Rngs(0))
+  # Copy base weights into the LoRA model (same init order for base params is not assumed).
+  base_flat = dict(loader._flatten(nnx.state(base))[0])
+  for path, var in loader._flatten(nnx.state(lora))[0]:
+    if not isinstance(var, nnx.LoRAParam):
+      var.set_value(base_flat[path].get_value())
+  ids = jnp.array([[3, 4, 5, 1], [6, 7, 1, 0]])
+  dec = jnp.array([[0, 5, 6], [0, 9, 2]])
+  ref, _ = base(ids, ids != 0, dec)
+  out, _ = lora(ids, ids != 0, dec)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))  # B = 0 → exactly the base model
+
+  trainable = nnx.state(lora, nnx.LoRAParam)
+  n_lora = sum(x.size for x in jax.tree.leaves(trainable))
+  # q, v of 3 attention kinds (2 layers each) + 3 decoder MLP projections (2 layers), A and B.
+  expected = 2 * 2 * (16 * 4 + 4 * 16) * 3 + 2 * (2 * (16 * 4 + 4 * 32) + (32 * 4 + 4 * 16))
+  assert n_lora == expected
+  # Give B random values, then merging into the base kernels keeps the outputs.
+  for path, var in loader._flatten(trainable)[0]:
+    var.set_value(jax.random.normal(jax.random.key(len(path)), var.shape) * 0.1)
+  nnx.update(lora, trainable)
+  trained, _ = lora(ids, ids != 0, dec)
+  assert np.abs(np.asarray(trained) - np.asarray(ref)).max() > 1e-3
+  merge_lora(lora)
+  merged, _ = lora(ids, ids != 0, dec)
+  np.testing.assert_allclose(np.asarray(merged), np.asarray(trained), atol=1e-4)
+  assert all((np.asarray(v) == 0).all() for k, v in jax.tree_util.tree_leaves_with_path(nnx.state(lora, nnx.LoRAParam))
+             if "lora_b" in jax.tree_util.keystr(k))
+
+
+def test_config_errors_name_the_key():
+  from pixelground.configlib import ConfigError, from_config
+  with pytest.raises(ConfigError, match=r"'config.t5.d_modle'.*Did you mean 'd_model'"):
+    from_config(t5_lib.T5Config, {"d_modle": 3}, where="config.t5")
+  with pytest.raises(ValueError, match="lora_targets"):
+    t5_lib.T5Config(lora_rank=2, lora_targets=("encoder.attn.x",))
+  with pytest.raises(ValueError, match="Unknown T5 preset 'flan-t5-tiny'"):
+    t5_lib.preset("flan-t5-tiny")
