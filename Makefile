@@ -18,7 +18,7 @@ setup: $(STAMP)
 
 # The main job on embedded data (see README: until the demo trainer lands it runs the T5 LM demo).
 demo: $(STAMP)
-	$(PY) -m pixelground.lm_demo --workdir=$(WORKDIR)
+	$(PY) -m pixelground.lm_demo --config=configs/t5_lm_demo.py --workdir=$(WORKDIR)
 
 # Default test run: everything except @pytest.mark.slow. `make test-all` (or pytest --runslow) runs all.
 test: $(STAMP)
