@@ -305,3 +305,62 @@ def test_config_errors_name_the_key():
     t5_lib.T5Config(lora_rank=2, lora_targets=("encoder.attn.x",))
   with pytest.raises(ValueError, match="Unknown T5 preset 'flan-t5-tiny'"):
     t5_lib.preset("flan-t5-tiny")
+
+
+def test_prefix_embeddings_match_transformers_inputs_embeds(tmp_root):
+  """Visual-token prefix + text with one padding mask == HF fed the concatenated embeddings."""
+  hf, path = saved_hf("flan_t5_untied", tmp_root)
+  model = load_t5(path)
+  ids, mask, dec = padded_batch()
+  prefix = np.random.default_rng(5).normal(size=(4, 6, SMALL["d_model"])).astype(np.float32)
+  prefix_mask = np.ones((4, 6), np.int64)
+  prefix_mask[1, 4:] = 0  # padded prefix slots are masked too
+  with torch.no_grad():
+    embeds = torch.cat([torch.tensor(prefix), hf.shared(torch.tensor(ids))], dim=1)
+    full_mask = torch.tensor(np.concatenate([prefix_mask, mask], axis=1))
+    out = hf(inputs_embeds=embeds, attention_mask=full_mask, decoder_input_ids=torch.tensor(dec))
+  enc, enc_mask = model.encode(jnp.asarray(ids), jnp.asarray(mask), prefix_embeds=jnp.asarray(prefix),
+                               prefix_mask=jnp.asarray(prefix_mask))
+  assert enc.shape == (4, 6 + ids.shape[1], SMALL["d_model"])
+  valid = full_mask.numpy().astype(bool)
+  np.testing.assert_array_equal(np.asarray(enc_mask), valid)
+  np.testing.assert_allclose(np.asarray(enc)[valid], out.encoder_last_hidden_state.numpy()[valid], atol=1e-4)
+  logits, _ = model.decode(jnp.asarray(dec), enc, enc_mask)
+  np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_load_straight_into_mesh(scan, tmp_root):
+  from jax.sharding import PartitionSpec as P
+  from pixelground import sharding
+  hf, path = saved_hf("flan_t5_untied", tmp_root, sharded=True)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  model = load_t5(path, mesh=mesh, rules=sharding.DEFAULT_RULES, scan_layers=scan, lora_rank=2,
+                  lora_alpha=4.0, lora_targets=t5_lib.PIXELLLM_LORA_TARGETS)
+  layer = model.decoder.layers.layers if scan else model.decoder.layers.layers[1]
+  lead = (None,) if scan else ()
+  assert layer.cross_attn.q.kernel[...].sharding.spec == P(*lead, "fsdp", "tensor", None)
+  assert layer.cross_attn.q.lora_a[...].sharding.spec == P(*lead, "fsdp", None)
+  assert model.lm_head[...].sharding.spec == P("fsdp", None)  # vocab 99 is not divisible by tensor=2
+  ids, mask, dec = padded_batch()
+  _, logits_ref, _ = hf_outputs(hf, ids, mask, dec)
+  with jax.set_mesh(mesh):
+    logits, _ = jax.jit(lambda m, a, b, c: m(a, b, c))(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(dec))
+  np.testing.assert_allclose(np.asarray(logits), logits_ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_same_gradients(remat):
+  cfg = t5_lib.T5Config(vocab_size=40, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=2,
+                        num_decoder_layers=2, relpos_buckets=8, relpos_max_distance=16, scan_layers=True)
+  ids = jnp.array([[3, 4, 5, 1], [6, 7, 1, 0]])
+  dec = jnp.array([[0, 5, 6], [0, 9, 2]])
+
+  def grads(cfg):
+    model = t5_lib.T5(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    loss = lambda p: nnx.merge(graphdef, p)(ids, ids != 0, dec)[0].sum()
+    return jax.jit(jax.grad(loss))(params)
+
+  for a, b in zip(jax.tree.leaves(grads(cfg)), jax.tree.leaves(grads(cfg.replace(remat=remat)))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
