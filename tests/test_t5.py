@@ -106,13 +106,13 @@ def test_sharded_safetensors_and_pytorch_bin(tmp_root):
 
 
 def test_bfloat16_compute_tolerance(tmp_root):
-  """bf16 compute (float32 params): logits within 0.05·max|logit| of float32 PyTorch, same argmax mostly."""
+  """bf16 compute (float32 params): logits within 2% of max|logit| of float32 PyTorch; argmax mostly agrees."""
   hf, path = saved_hf("t5_v1_1", tmp_root)
   ids, mask, dec = padded_batch()
   _, logits_ref, _ = hf_outputs(hf, ids, mask, dec)
   logits, _ = load_t5(path, dtype="bfloat16")(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(dec))
   err = np.abs(np.asarray(logits) - logits_ref).max()
-  assert err <= 0.05 * np.abs(logits_ref).max(), err
+  assert err <= 0.02 * np.abs(logits_ref).max(), err  # measured ≈ 0.8%
   agree = (np.asarray(logits).argmax(-1) == logits_ref.argmax(-1)).mean()
   assert agree >= 0.9, agree
 
