@@ -138,8 +138,10 @@ class LayerStack(nnx.Module):
   (`layers.0`, `layers.1`, ...) applied by an unrolled loop. `remat` wraps each layer body in
   `jax.checkpoint` with the named policy ("none", "full", "dots").
 
-  Layers are called as `layer.<method_name>(x, per_layer, **shared) -> (x, out)` where `per_layer` is a pytree with a
-  leading layer axis (sliced per layer; may be None) and `out` is stacked on a leading layer axis.
+  Layers are called as `layer.<method_name>(x, per_layer, **shared) -> (x, out)`. `per_layer` is a
+  pytree with a leading layer axis (sliced per layer) or None; unrolled stacks also take a tuple with one
+  entry per layer, which avoids copying slices of stacked buffers (decode caches). Outputs come back
+  stacked on a leading layer axis (scan) or as a tuple with one entry per layer (unrolled).
   """
 
   def __init__(self, make_layer: tp.Callable[[nnx.Rngs], nnx.Module], num_layers: int, *,
@@ -178,11 +180,13 @@ class LayerStack(nnx.Module):
     outs = []
     for i, layer in enumerate(self.layers):
       graphdef, state = nnx.split(layer)
-      per_i = jax.tree.map(lambda a, i=i: a[i], per_layer)
+      if isinstance(per_layer, (list, tuple)):  # per-layer buffers: no slicing copies
+        per_i = per_layer[i]
+      else:
+        per_i = jax.tree.map(lambda a, i=i: a[i], per_layer)
       x, out = self._body(graphdef, method_name)(state, x, per_i, shared)
       outs.append(out)
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs and outs[0] is not None else None
-    return x, stacked
+    return x, (tuple(outs) if outs and outs[0] is not None else None)
 
   def layer_modules(self) -> tp.Iterator[nnx.Module]:
     """Iterates the layer modules (for scan: the single stacked module)."""

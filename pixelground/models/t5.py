@@ -230,19 +230,24 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     return self.o(jnp.einsum("bhqs,bshk->bqhk", probs, v))
 
-  def attend_cached(self, q, k_new, v_new, cache_k, cache_v, cache_bias, new_bias) -> jax.Array:
-    """One query step against the cache plus the step's own key, without writing the cache first.
+  def attend_cached(self, q, k_new, v_new, cache_kt, cache_v, bias, index):
+    """One decode step: writes this step's key/value into the cache at `index`, then attends over it.
 
-    q, k_new, v_new: (B,1,H,K); cache_k/v: (B,T,H,K); cache_bias: (B|1,H,1,T) float32 with NEG_INF at
-    positions not yet written; new_bias: (H,) bias of the zero relative distance. → (B,1,D).
+    q, k_new, v_new: (B,1,H,K); cache_kt: (B,H,K,T) and cache_v: (B,H,T,K) (layouts read without
+    transposes); bias: (B|1,H,1,T) float32 with NEG_INF after `index`. The write comes first so the cache
+    buffer has a single use and XLA updates it in place. → ((B,1,D), new cache_kt, new cache_v).
     """
-    s_cache = jnp.einsum("bqhk,bshk->bhqs", q, cache_k, preferred_element_type=jnp.float32) + cache_bias
-    s_new = jnp.einsum("bqhk,bqhk->bhq", q, k_new, preferred_element_type=jnp.float32)
-    s_new = s_new[..., None] + new_bias[None, :, None, None]
-    probs = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqs,bshk->bqhk", probs[..., :-1], cache_v)
-    out = out + jnp.einsum("bhq,bqhk->bqhk", probs[..., -1], v_new)
-    return self.o(out)
+    cache_kt = jax.lax.dynamic_update_slice(
+        cache_kt, jnp.transpose(k_new, (0, 2, 3, 1)).astype(cache_kt.dtype), (0, 0, 0, index))
+    cache_v = jax.lax.dynamic_update_slice(
+        cache_v, jnp.transpose(v_new, (0, 2, 1, 3)).astype(cache_v.dtype), (0, 0, index, 0))
+    return self.attend_precomputed(q, cache_kt, cache_v, bias), cache_kt, cache_v
+
+  def attend_precomputed(self, q, kt, v, bias) -> jax.Array:
+    """Attention against precomputed keys kt: (B,H,K,S) and values v: (B,H,S,K) (decode layouts)."""
+    scores = jnp.einsum("bqhk,bhks->bhqs", q, kt, preferred_element_type=jnp.float32) + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    return self.o(jnp.einsum("bhqs,bhsk->bqhk", probs, v))
 
 
 class MLP(nnx.Module):
@@ -299,28 +304,31 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, "decoder.mlp", rngs=rngs)
 
   def cross_kv(self, encoder_out, per_layer):
-    """Cross-attention keys/values of this layer for the encoder output: 2 × (B,S,H,K)."""
+    """Cross-attention keys/values of this layer in decode layouts: K (B,H,K,S), V (B,H,S,K)."""
     del per_layer
-    return encoder_out, (self.cross_attn.k(encoder_out), self.cross_attn.v(encoder_out))
+    k, v = self.cross_attn.k(encoder_out), self.cross_attn.v(encoder_out)
+    return encoder_out, (jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3)))
 
-  def __call__(self, x, per_layer, *, self_bias, cross_bias, encoder_out=None, new_bias=None):
-    """Full sequence (per_layer None or cross K/V only) or one cached step (per_layer has the cache)."""
+  def __call__(self, x, per_layer, *, self_bias, cross_bias, encoder_out=None, index=None):
+    """Full sequence (per_layer None) or one cached step at `index` (per_layer has this layer's cache
+    and cross K/V; returns the updated cache)."""
     per_layer = per_layer or {}
     h = self.self_attn_norm(x)
     q, k, v = self.self_attn.q(h), self.self_attn.k(h), self.self_attn.v(h)
     if "cache_k" in per_layer:
-      x = x + self.self_attn.attend_cached(q, k, v, per_layer["cache_k"], per_layer["cache_v"],
-                                           self_bias, new_bias)
-      new_kv = (k, v)
+      out, *new_kv = self.self_attn.attend_cached(q, k, v, per_layer["cache_k"], per_layer["cache_v"],
+                                                  self_bias, index)
+      x = x + out
     else:
       x = x + self.self_attn.attend(q, k, v, self_bias)
       new_kv = None
     h = self.cross_attn_norm(x)
     if "cross_k" in per_layer:
-      ck, cv = per_layer["cross_k"], per_layer["cross_v"]
+      x = x + self.cross_attn.attend_precomputed(self.cross_attn.q(h), per_layer["cross_k"],
+                                                 per_layer["cross_v"], cross_bias)
     else:
       ck, cv = self.cross_attn.k(encoder_out), self.cross_attn.v(encoder_out)
-    x = x + self.cross_attn.attend(self.cross_attn.q(h), ck, cv, cross_bias)
+      x = x + self.cross_attn.attend(self.cross_attn.q(h), ck, cv, cross_bias)
     return x + self.mlp(self.mlp_norm(x)), new_kv
 
 
@@ -362,10 +370,11 @@ class Decoder(nnx.Module):
                        encoder_out=encoder_out)
     return self.final_norm(x)
 
-  def cross_kv(self, encoder_out: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-layer cross-attention K/V, each (L,B,S,H,K)."""
-    _, (k, v) = self.layers(encoder_out, None, method_name="cross_kv")
-    return k, v
+  def cross_kv(self, encoder_out: jax.Array):
+    """Per-layer cross-attention K (B,H,K,S) and V (B,H,S,K): stacked as (K (L,…), V (L,…)) when
+    scanned, else a tuple of per-layer (K, V) pairs."""
+    _, kv = self.layers(encoder_out, None, method_name="cross_kv")
+    return kv
 
 
 class T5(nnx.Module):
@@ -391,11 +400,11 @@ class T5(nnx.Module):
     dtype = self.cfg.compute_dtype
     if self.cfg.scale_decoder_outputs:
       hidden = hidden * (self.cfg.d_model ** -0.5)
-    if self.cfg.tie_embeddings:
-      w = self.token_embed[...].astype(dtype).T
-    else:
-      w = self.lm_head[...].astype(dtype)
-    return jnp.dot(hidden.astype(dtype), w, preferred_element_type=jnp.float32)
+    if self.cfg.tie_embeddings:  # contract with the (V, D) table directly: no transposed copy
+      return jnp.einsum("...d,vd->...v", hidden.astype(dtype), self.token_embed[...].astype(dtype),
+                        preferred_element_type=jnp.float32)
+    return jnp.dot(hidden.astype(dtype), self.lm_head[...].astype(dtype),
+                   preferred_element_type=jnp.float32)
 
   def encode(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None, *,
              prefix_embeds: jax.Array | None = None,
@@ -439,46 +448,53 @@ class T5(nnx.Module):
   def init_decode(self, encoder_out: jax.Array, encoder_mask: jax.Array, max_len: int) -> dict:
     """Decoding state for up to `max_len` steps.
 
-    Returns {"self": {"k","v": (L,B,T,H,K) zeros}, "static": {"cross_k","cross_v": (L,B,S,H,K),
-    "cross_bias": (B,1,1,S)}}. Cross-attention K/V are computed here once. Only "self" depends on the
-    beam, so beam search reorders only that part (`reorder_cache`).
+    Returns {"self": {"k", "v"}, "static": {"cross", "cross_bias": (B,1,1,S)}}. Per layer, self-attention
+    keys are (B,H,K,T) and values (B,H,T,K) zeros, cross-attention keys (B,H,K,S) and values (B,H,S,K):
+    layouts each step reads without transposes. Scanned models stack them on a leading layer axis;
+    unrolled models keep one buffer per layer (no slicing copies, in-place updates). Cross-attention K/V
+    are computed here once; only "self" depends on the beam, so beam search reorders only that part.
     """
     cfg = self.cfg
-    b = encoder_out.shape[0]
-    shape = (cfg.num_decoder_layers, b, max_len, cfg.num_heads, cfg.head_dim)
-    ck, cv = self.decoder.cross_kv(encoder_out)
-    return {"self": {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)},
-            "static": {"cross_k": ck, "cross_v": cv, "cross_bias": _padding_bias(encoder_mask)}}
+    bh = (encoder_out.shape[0], cfg.num_heads)
+    zeros_k = lambda *lead: jnp.zeros(lead + bh + (cfg.head_dim, max_len), cfg.compute_dtype)
+    zeros_v = lambda *lead: jnp.zeros(lead + bh + (max_len, cfg.head_dim), cfg.compute_dtype)
+    n = cfg.num_decoder_layers
+    if cfg.scan_layers:
+      self_cache = {"k": zeros_k(n), "v": zeros_v(n)}
+    else:
+      self_cache = {"k": tuple(zeros_k() for _ in range(n)), "v": tuple(zeros_v() for _ in range(n))}
+    return {"self": self_cache,
+            "static": {"cross": self.decoder.cross_kv(encoder_out), "cross_bias": _padding_bias(encoder_mask)}}
 
   def decode_step(self, cache: dict, tokens: jax.Array, index: jax.Array):
     """One decoder step. tokens: (B,) int inputs at position `index` (scalar int32).
 
     Returns (logits (B,V) f32, hidden (B,D), updated cache).
     """
-    dec = self.decoder
-    max_len = cache["self"]["k"].shape[2]
+    dec, scan = self.decoder, self.cfg.scan_layers
+    k_cache, v_cache = cache["self"]["k"], cache["self"]["v"]
+    max_len = (k_cache if scan else k_cache[0]).shape[-1]
     x = self.embed(tokens)[:, None, :]
-    rel = dec.relpos.at_step(index, max_len)  # (H,1,T)
-    written = jnp.arange(max_len) < index
-    cache_bias = rel[None] + jnp.where(written, 0.0, NEG_INF)[None, None, None, :]
-    new_bias = self._zero_bias()
-    per_layer = {"cache_k": cache["self"]["k"], "cache_v": cache["self"]["v"],
-                 "cross_k": cache["static"]["cross_k"], "cross_v": cache["static"]["cross_v"]}
-    x, (k_new, v_new) = dec.layers(x, per_layer, self_bias=cache_bias,
-                                   cross_bias=cache["static"]["cross_bias"], new_bias=new_bias)
+    written = jnp.arange(max_len) <= index  # this step's key is written before attending
+    self_bias = (dec.relpos.at_step(index, max_len)[None]
+                 + jnp.where(written, 0.0, NEG_INF)[None, None, None, :])
+    cross = cache["static"]["cross"]
+    if scan:
+      per_layer = {"cache_k": k_cache, "cache_v": v_cache, "cross_k": cross[0], "cross_v": cross[1]}
+    else:
+      per_layer = tuple({"cache_k": k, "cache_v": v, "cross_k": ck, "cross_v": cv}
+                        for k, v, (ck, cv) in zip(k_cache, v_cache, cross))
+    x, new_kv = dec.layers(x, per_layer, self_bias=self_bias, cross_bias=cache["static"]["cross_bias"],
+                           index=index)
     hidden = dec.final_norm(x)[:, 0]
-    start = (0, 0, index, 0, 0)
-    new_self = {name: jax.lax.dynamic_update_slice(cache["self"][name], new.astype(cache["self"][name].dtype), start)
-                for name, new in (("k", k_new), ("v", v_new))}
-    return self.logits(hidden), hidden, {"self": new_self, "static": cache["static"]}
+    if scan:
+      new_k, new_v = new_kv
+    else:
+      new_k, new_v = tuple(kv[0] for kv in new_kv), tuple(kv[1] for kv in new_kv)
+    return self.logits(hidden), hidden, {"self": {"k": new_k, "v": new_v}, "static": cache["static"]}
 
-  def _zero_bias(self) -> jax.Array:
-    """(H,) bias of relative distance 0 (the step's own key)."""
-    bucket = int(self.decoder.relpos.buckets(np.zeros((), np.int64)))
-    return self.decoder.relpos.embedding[...][bucket].astype(jnp.float32)
-
-  @staticmethod
-  def reorder_cache(cache: dict, index: jax.Array) -> dict:
+  def reorder_cache(self, cache: dict, index: jax.Array) -> dict:
     """Beam search: new batch row i takes old row index[i] (only the self-attention cache moves)."""
-    moved = jax.tree.map(lambda a: jnp.take(a, index, axis=1), cache["self"])
+    axis = 1 if self.cfg.scan_layers else 0  # stacked buffers carry a leading layer axis
+    moved = jax.tree.map(lambda a: jnp.take(a, index, axis=axis), cache["self"])
     return {"self": moved, "static": cache["static"]}
