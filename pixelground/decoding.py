@@ -164,12 +164,15 @@ def beam_search(step_fn: StepFn, cache: tp.Any,
 
 
 def recompute_step_fn(model) -> StepFn:
-  """A step function that re-runs the whole decoder over the token buffer every step (no KV cache),
-  as the reference PixelLLM decodes. Its cache is {"tokens": (N, L), "enc": (N,S,D), "mask": (N,S)}."""
+  """A step function without any cache, as the reference PixelLLM decodes: every step re-runs the whole
+  model (encoder and decoder) on the inputs and the fixed-length token buffer. Its "cache" holds only
+  the inputs and the buffer: {"tokens": (N, L), "inputs": (input_ids, mask, prefix, prefix_mask)}."""
 
   def step(cache, tokens, index):
     buf = jax.lax.dynamic_update_slice(cache["tokens"], tokens[:, None].astype(jnp.int32), (0, index))
-    logits, hidden = model.decode(buf, cache["enc"], cache["mask"])
+    ids, mask, prefix, prefix_mask = cache["inputs"]
+    enc, enc_mask = model.encode(ids, mask, prefix_embeds=prefix, prefix_mask=prefix_mask)
+    logits, hidden = model.decode(buf, enc, enc_mask)
     logits = jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False)
     hidden = jax.lax.dynamic_index_in_dim(hidden, index, axis=1, keepdims=False)
     return logits, hidden, {**cache, "tokens": buf}
@@ -187,17 +190,18 @@ def generate(model, input_ids: jax.Array | None, attention_mask: jax.Array | Non
   prefix_embeds (B,P,D).
   """
   cfg = model.cfg
-  enc, mask = model.encode(input_ids, attention_mask, prefix_embeds=prefix_embeds,
-                           prefix_mask=prefix_mask)
-  b = enc.shape[0]
+  b = (input_ids if input_ids is not None else prefix_embeds).shape[0]
   common = dict(max_len=max_len, hidden_dim=cfg.d_model, eos_id=cfg.eos_id,
                 start_id=cfg.decoder_start_id, pad_id=cfg.pad_id, hidden_dtype=cfg.compute_dtype)
-  if num_beams > 1:
-    enc, mask = jnp.repeat(enc, num_beams, axis=0), jnp.repeat(mask, num_beams, axis=0)
+  beams = lambda x: x if x is None or num_beams == 1 else jnp.repeat(x, num_beams, axis=0)
   if use_cache:
-    cache, step, reorder = model.init_decode(enc, mask, max_len), model.decode_step, model.reorder_cache
+    enc, mask = model.encode(input_ids, attention_mask, prefix_embeds=prefix_embeds,
+                             prefix_mask=prefix_mask)
+    cache = model.init_decode(beams(enc), beams(mask), max_len)
+    step, reorder = model.decode_step, model.reorder_cache
   else:
-    cache = {"tokens": jnp.full((enc.shape[0], max_len), cfg.pad_id, jnp.int32), "enc": enc, "mask": mask}
+    inputs = tuple(beams(x) for x in (input_ids, attention_mask, prefix_embeds, prefix_mask))
+    cache = {"tokens": jnp.full((b * num_beams, max_len), cfg.pad_id, jnp.int32), "inputs": inputs}
     step = recompute_step_fn(model)
     reorder = lambda c, rows: {**c, "tokens": jnp.take(c["tokens"], rows, axis=0)}
   if num_beams > 1:

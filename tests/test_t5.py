@@ -201,6 +201,10 @@ def test_cached_greedy_equals_full_recompute(scan):
   np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(full.tokens))
   np.testing.assert_allclose(np.asarray(cached.scores), np.asarray(full.scores), atol=1e-4)
   np.testing.assert_allclose(np.asarray(cached.hidden), np.asarray(full.hidden), atol=1e-4)
+  beam_cached = _jit_generate(model, max_len=24, num_beams=3)(ids, mask)
+  beam_full = _jit_generate(model, max_len=24, num_beams=3, use_cache=False)(ids, mask)
+  np.testing.assert_array_equal(np.asarray(beam_cached.tokens), np.asarray(beam_full.tokens))
+  np.testing.assert_allclose(np.asarray(beam_cached.scores), np.asarray(beam_full.scores), atol=1e-4)
   # Teacher-forcing the generated tokens reproduces the hidden states the decoder returned.
   dec_in = np.concatenate([np.zeros((4, 1), np.int64), np.asarray(cached.tokens)[:, :-1]], axis=1)
   _, hidden = model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(dec_in))
