@@ -368,3 +368,12 @@ def test_remat_gives_same_gradients(remat):
 
   for a, b in zip(jax.tree.leaves(grads(cfg)), jax.tree.leaves(grads(cfg.replace(remat=remat)))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("name,count", [
+    # Parameter counts of the published FLAN-T5 checkpoints (untied lm_head).
+    ("flan-t5-small", 76_961_152), ("flan-t5-base", 247_577_856), ("flan-t5-large", 783_150_080),
+    ("flan-t5-xl", 2_849_757_184), ("flan-t5-xxl", 11_135_332_352)])
+def test_preset_parameter_counts(name, count):
+  abstract = nnx.eval_shape(lambda: t5_lib.T5(t5_lib.preset(name, scan_layers=True), rngs=nnx.Rngs(0)))
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract))) == count
