@@ -158,6 +158,10 @@ def test_loader_errors_name_the_key(tmp_root, tmp_path):
   bad = dict(state, **{"encoder.final_layer_norm.weight": np.zeros(31, np.float32)})
   with pytest.raises(loader.CheckpointError, match=r"shape mismatch for 'encoder\.final_layer_norm\.weight'"):
     load_t5(write("bad", bad))
+  bad_q = dict(state, **{"encoder.block.1.layer.0.SelfAttention.q.weight": np.zeros((30, 32), np.float32)})
+  with pytest.raises(loader.CheckpointError,
+                     match=r"shape mismatch for 'encoder\.block\.1\.layer\.0\.SelfAttention\.q\.weight'"):
+    load_t5(write("bad_q", bad_q))
 
 
 def test_relative_buckets_match_transformers():

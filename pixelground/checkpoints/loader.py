@@ -16,6 +16,7 @@ A model-specific *mapping* says, for every parameter path, which source tensors 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -115,7 +116,7 @@ def load_model(make_model: tp.Callable[[], nnx.Module], source: TensorSource, ma
       leaves, _ = _flatten(nnx.state(make_model()))
       return [v.get_value() for p, v in leaves if p in init_paths]
 
-    ctx = jax.set_mesh(mesh) if mesh is not None else _nullcontext()
+    ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with ctx:
       values = jax.jit(init_fn, out_shardings=init_shardings)()
     init_values = dict(zip([p for p, _ in flat if p in init_paths], values))
@@ -127,12 +128,17 @@ def load_model(make_model: tp.Callable[[], nnx.Module], source: TensorSource, ma
     if plan is None:
       leaves.append(var.replace(init_values[path]))
       continue
-    host = np.asarray(plan.convert([source.read(k) for k in plan.keys]))
+    keys = f"'{plan.keys[0]}'" + (f" (+{len(plan.keys) - 1} more)" if len(plan.keys) > 1 else "")
+    try:
+      host = np.asarray(plan.convert([source.read(k) for k in plan.keys]))
+    except ValueError as e:  # e.g. a reshape that the checkpoint's tensor cannot fit
+      raise CheckpointError(
+          f"{source.path}: shape mismatch for {keys}: checkpoint shape {source.shape(plan.keys[0])} "
+          f"cannot become parameter '{path_str(path)}' of shape {tuple(var.shape)} ({e}).") from e
     if tuple(host.shape) != tuple(var.shape):
       raise CheckpointError(
-          f"{source.path}: shape mismatch for '{plan.keys[0]}'{' (+%d more)' % (len(plan.keys) - 1) if len(plan.keys) > 1 else ''}"
-          f" → parameter '{path_str(path)}': checkpoint gives {tuple(host.shape)} after conversion, "
-          f"model expects {tuple(var.shape)}.")
+          f"{source.path}: shape mismatch for {keys} → parameter '{path_str(path)}': checkpoint gives "
+          f"{tuple(host.shape)} after conversion, model expects {tuple(var.shape)}.")
     host = host.astype(var.dtype)
     array = jax.make_array_from_callback(host.shape, shard, lambda idx, h=host: h[idx])
     leaves.append(var.replace(array))
@@ -144,14 +150,6 @@ def load_model(make_model: tp.Callable[[], nnx.Module], source: TensorSource, ma
                source.path, time.time() - start, len(init_paths))
   state = jax.tree_util.tree_unflatten(treedef, leaves)
   return nnx.merge(graphdef, state)
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -80,8 +80,9 @@ _T5X_GLOBAL = {
 _LAYER_PATH = re.compile(r"^(encoder|decoder)\.layers\.layers\.(?:(\d+)\.)?(.+)$")
 
 
-def _split_layer_name(name: str) -> tuple[str, str, dict[str, str]] | None:
-  """'self_attn.q.kernel' → ('self_attn.{p}.kernel', 'q'); 'mlp.wi_0.kernel' → ('mlp.{w}.kernel', ...)."""
+def _split_layer_name(name: str) -> tuple[str, str]:
+  """'self_attn.q.kernel' → ('self_attn.{p}.kernel', 'q'); 'mlp.wi_0.kernel' → ('mlp.{w}.kernel', 'wi_0');
+  other names → (name, '')."""
   m = re.match(r"^(attn|self_attn|cross_attn)\.(q|k|v|o)\.kernel$", name)
   if m:
     return f"{m.group(1)}.{{p}}.kernel", m.group(2)
@@ -207,7 +208,6 @@ def export_t5x_target(model: t5_lib.T5) -> dict[str, np.ndarray]:
   mapping = make_mapping(cfg, "t5x")
   out: dict[str, np.ndarray] = {}
   flat, _ = loader._flatten(nnx.state(model))
-  inverse = {"relpos.embedding": lambda a: a.T}
   for path, var in flat:
     plan = mapping(path, var)
     if plan is None:
@@ -217,7 +217,7 @@ def export_t5x_target(model: t5_lib.T5) -> dict[str, np.ndarray]:
     values = list(value) if len(plan.keys) > 1 else [value]
     for key, v in zip(plan.keys, values):
       if name.endswith("relpos.embedding"):
-        v = inverse["relpos.embedding"](v)
+        v = v.T  # T5X stores (H, buckets)
       elif re.search(r"attn\.(q|k|v)\.kernel$", name):
         v = v.reshape(cfg.d_model, -1)
       elif re.search(r"attn\.o\.kernel$", name):

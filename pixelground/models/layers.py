@@ -187,10 +187,3 @@ class LayerStack(nnx.Module):
       x, out = self._body(graphdef, method_name)(state, x, per_i, shared)
       outs.append(out)
     return x, (tuple(outs) if outs and outs[0] is not None else None)
-
-  def layer_modules(self) -> tp.Iterator[nnx.Module]:
-    """Iterates the layer modules (for scan: the single stacked module)."""
-    if self.scan:
-      yield self.layers
-    else:
-      yield from self.layers
