@@ -283,8 +283,8 @@ def test_lora_zero_init_merge_and_filter():
   base = t5_lib.T5(base_cfg, rngs=nnx.Rngs(0))
   lora = t5_lib.T5(cfg, rngs=nnx.Rngs(0))
   # Copy base weights into the LoRA model (same init order for base params is not assumed).
-  base_flat = dict(loader._flatten(nnx.state(base))[0])
-  for path, var in loader._flatten(nnx.state(lora))[0]:
+  base_flat = dict(loader.flatten_state(nnx.state(base))[0])
+  for path, var in loader.flatten_state(nnx.state(lora))[0]:
     if not isinstance(var, nnx.LoRAParam):
       var.set_value(base_flat[path].get_value())
   ids = jnp.array([[3, 4, 5, 1], [6, 7, 1, 0]])
@@ -299,7 +299,7 @@ def test_lora_zero_init_merge_and_filter():
   expected = 2 * 2 * (16 * 4 + 4 * 16) * 3 + 2 * (2 * (16 * 4 + 4 * 32) + (32 * 4 + 4 * 16))
   assert n_lora == expected
   # Give B random values, then merging into the base kernels keeps the outputs.
-  for path, var in loader._flatten(trainable)[0]:
+  for path, var in loader.flatten_state(trainable)[0]:
     var.set_value(jax.random.normal(jax.random.key(len(path)), var.shape) * 0.1)
   nnx.update(lora, trainable)
   trained, _ = lora(ids, ids != 0, dec)

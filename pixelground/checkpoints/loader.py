@@ -58,7 +58,8 @@ def _key_entry(k) -> str | int:
   return str(k)
 
 
-def _flatten(state) -> tuple[list[tuple[Path, nnx.Variable]], tp.Any]:
+def flatten_state(state) -> tuple[list[tuple[Path, nnx.Variable]], tp.Any]:
+  """(path, Variable) pairs of an NNX state in tree order, and the treedef to rebuild it."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(
       state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return [(tuple(_key_entry(k) for k in path), v) for path, v in leaves], treedef
@@ -86,8 +87,8 @@ def load_model(make_model: tp.Callable[[], nnx.Module], source: TensorSource, ma
     device = SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda v: v.replace(device), abs_state,
                              is_leaf=lambda x: isinstance(x, nnx.Variable))
-  flat, treedef = _flatten(abs_state)
-  flat_shardings = [s for _, s in _flatten(shardings)[0]]
+  flat, treedef = flatten_state(abs_state)
+  flat_shardings = [s for _, s in flatten_state(shardings)[0]]
   plans = [mapping(path, var) for path, var in flat]
 
   # Fail fast on key and shape problems before reading any data.
@@ -113,7 +114,7 @@ def load_model(make_model: tp.Callable[[], nnx.Module], source: TensorSource, ma
                       for (path, _), s in zip(flat, flat_shardings) if path in init_paths]
 
     def init_fn():
-      leaves, _ = _flatten(nnx.state(make_model()))
+      leaves, _ = flatten_state(nnx.state(make_model()))
       return [v.get_value() for p, v in leaves if p in init_paths]
 
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()

@@ -207,7 +207,7 @@ def export_t5x_target(model: t5_lib.T5) -> dict[str, np.ndarray]:
   cfg = model.cfg
   mapping = make_mapping(cfg, "t5x")
   out: dict[str, np.ndarray] = {}
-  flat, _ = loader._flatten(nnx.state(model))
+  flat, _ = loader.flatten_state(nnx.state(model))
   for path, var in flat:
     plan = mapping(path, var)
     if plan is None:

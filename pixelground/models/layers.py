@@ -57,21 +57,45 @@ class RMSNorm(nnx.Module):
     return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-class Projection(nnx.Module):
-  """A bias-free linear map from trailing dims `in_shape` to `out_shape`, with an optional LoRA update.
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last dim with scale and bias (also LayerNorm2d on NHWC maps); float32 math."""
 
-  y = x·W + (alpha / rank)·(x·A)·B, where W: in_shape + out_shape, A: in_shape + (rank,) (initialised like W),
-  B: (rank,) + out_shape (zeros), so the LoRA branch starts as the identity change. LoRA weights are
-  `nnx.LoRAParam`s, which lets an optimizer train them alone.
+  def __init__(self, dim: int, axis: str | None, *, eps: float, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.eps, self.dtype = eps, dtype
+    self.scale = make_param(rngs, ones, (dim,), (axis,), param_dtype)
+    self.bias = make_param(rngs, zeros, (dim,), (axis,), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Projection(nnx.Module):
+  """A linear map from trailing dims `in_shape` to `out_shape`, optional bias and LoRA update.
+
+  y = x·W (+ b) + (alpha / rank)·(x·A)·B, where W: in_shape + out_shape (normal, std `init_std`, default
+  fan_in^-0.5), b: out_shape, A: in_shape + (rank,) (initialised like W), B: (rank,) + out_shape (zeros),
+  so the LoRA branch starts as the identity change. LoRA weights are `nnx.LoRAParam`s, which lets an
+  optimizer train them alone.
   """
 
   def __init__(self, in_shape: tp.Sequence[int], out_shape: tp.Sequence[int], in_axes: Axes,
-               out_axes: Axes, *, init_std: float, lora_rank: int = 0, lora_alpha: float = 0.0,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               out_axes: Axes, *, init_std: float | None = None, use_bias: bool = False,
+               lora_rank: int = 0, lora_alpha: float = 0.0, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
     self.dtype = dtype
+    if init_std is None:
+      init_std = math.prod(self.in_shape) ** -0.5
     self.kernel = make_param(rngs, normal(init_std), self.in_shape + self.out_shape,
                              tuple(in_axes) + tuple(out_axes), param_dtype)
+    self.bias = (make_param(rngs, zeros, self.out_shape, tuple(out_axes), param_dtype)
+                 if use_bias else None)
     self.lora_rank = lora_rank
     self.lora_scale = (lora_alpha / lora_rank) if lora_rank else 0.0
     if lora_rank:
@@ -91,6 +115,8 @@ class Projection(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
     y = self._contract(x, self.kernel[...], len(self.in_shape))
+    if self.bias is not None:
+      y = (y.astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
     if self.lora_rank:
       h = self._contract(x, self.lora_a[...], len(self.in_shape))
       y = y + self.lora_scale * self._contract(h, self.lora_b[...], 1)
@@ -144,10 +170,14 @@ class LayerStack(nnx.Module):
   stacked on a leading layer axis (scan) or as a tuple with one entry per layer (unrolled).
   """
 
-  def __init__(self, make_layer: tp.Callable[[nnx.Rngs], nnx.Module], num_layers: int, *,
-               scan: bool, remat: str = "none", rngs: nnx.Rngs):
+  def __init__(self, make_layer: tp.Callable[..., nnx.Module], num_layers: int, *,
+               scan: bool, remat: str = "none", indexed: bool = False, rngs: nnx.Rngs):
+    """`make_layer(rngs)` builds one layer; with `indexed=True` it is `make_layer(rngs, index)`, for
+    unrolled stacks whose layers differ by position (e.g. SAM's windowed vs global blocks)."""
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+    if indexed and scan:
+      raise ValueError("LayerStack: indexed layers differ by position and cannot be scanned.")
     self.num_layers, self.scan, self.remat = num_layers, scan, remat
     if scan:
       graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_layer(nnx.Rngs(0))))
@@ -155,7 +185,8 @@ class LayerStack(nnx.Module):
       states = jax.vmap(lambda k: nnx.state(make_layer(nnx.Rngs(params=k))))(keys)
       self.layers = nnx.merge(graphdef, _prepend_axis(states, "layers"))
     else:
-      self.layers = nnx.List([make_layer(rngs) for _ in range(num_layers)])
+      self.layers = nnx.List([make_layer(rngs, i) if indexed else make_layer(rngs)
+                              for i in range(num_layers)])
 
   def _body(self, graphdef, method_name: str):
     def body(state, x, per_layer, shared):
