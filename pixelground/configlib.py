@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import typing as tp
 
+import jax.numpy as jnp
 import ml_collections
 
 T = tp.TypeVar("T")
@@ -56,3 +57,18 @@ def from_config(cls: type[T], cfg: tp.Any, *, where: str = "config") -> T:
       value = tuple(value)  # configs hold lists; dataclasses are hashable tuples
     kwargs[key] = value
   return cls(**kwargs)
+
+
+class ModelConfig:
+  """Mixin for frozen model-config dataclasses with `dtype` (compute) and `param_dtype` (storage)."""
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)

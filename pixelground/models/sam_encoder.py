@@ -36,11 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pixelground.configlib import ModelConfig
 from pixelground.models.layers import LayerNorm, LayerStack, Projection, make_param, normal, zeros
 
 
 @dataclasses.dataclass(frozen=True)
-class SamEncoderConfig:
+class SamEncoderConfig(ModelConfig):
   """SAM image-encoder hyper-parameters. Defaults are SAM ViT-H at 1024 px."""
   image_size: int = 1024   # native input size: the position embedding is (image_size/patch)²
   patch_size: int = 16
@@ -79,17 +80,6 @@ class SamEncoderConfig:
   @property
   def mlp_dim(self) -> int:
     return int(self.width * self.mlp_ratio)
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def weight_dtype(self):
-    return jnp.dtype(self.param_dtype)
-
-  def replace(self, **kw) -> "SamEncoderConfig":
-    return dataclasses.replace(self, **kw)
 
 
 PRESETS: dict[str, dict[str, tp.Any]] = {

@@ -37,13 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pixelground.configlib import ModelConfig
 from pixelground.models.layers import LayerNorm, Projection, make_param, normal
 
 MASK_VALUE = -100.0  # the reference's additive mask for cross-region pairs in shifted windows
 
 
 @dataclasses.dataclass(frozen=True)
-class SwinConfig:
+class SwinConfig(ModelConfig):
   """Swin hyper-parameters. Defaults are Swin-Tiny (patch 4, window 7)."""
   image_size: int = 224          # nominal; the model runs at any input size
   patch_size: int = 4
@@ -68,17 +69,6 @@ class SwinConfig:
 
   def stage_dim(self, i: int) -> int:
     return self.embed_dim * 2 ** i
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def weight_dtype(self):
-    return jnp.dtype(self.param_dtype)
-
-  def replace(self, **kw) -> "SwinConfig":
-    return dataclasses.replace(self, **kw)
 
 
 PRESETS: dict[str, dict[str, tp.Any]] = {

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pixelground.configlib import ModelConfig
 from pixelground.models.layers import LayerStack, Projection, RMSNorm, make_param, normal
 
 NEG_INF = -1e9  # additive mask value; finite so fully masked rows stay NaN-free.
@@ -40,7 +41,7 @@ PIXELLLM_LORA_TARGETS = ("encoder.attn.q", "encoder.attn.v", "decoder.self_attn.
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(ModelConfig):
   """T5 hyper-parameters. Defaults are T5 v1.1 / FLAN-T5 small."""
   vocab_size: int = 32128
   d_model: int = 512
@@ -75,17 +76,6 @@ class T5Config:
       raise ValueError(f"T5Config.lora_targets has unknown targets {bad}; valid: {LORA_TARGETS}.")
     if self.lora_targets and self.lora_rank <= 0:
       raise ValueError("T5Config.lora_targets is set but lora_rank is 0.")
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def weight_dtype(self):
-    return jnp.dtype(self.param_dtype)
-
-  def replace(self, **kw) -> "T5Config":
-    return dataclasses.replace(self, **kw)
 
 
 def _v11(d_model, num_heads, d_ff, layers):
