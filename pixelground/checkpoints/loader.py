@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import os
 import logging
 import time
 import typing as tp
@@ -151,6 +153,17 @@ def load_model(make_model: tp.Callable[[], nnx.Module], source: TensorSource, ma
                source.path, time.time() - start, len(init_paths))
   state = jax.tree_util.tree_unflatten(treedef, leaves)
   return nnx.merge(graphdef, state)
+
+
+def read_hf_config(path: str | os.PathLike, model: str) -> dict[str, tp.Any]:
+  """The `config.json` beside a Hugging Face checkpoint file or in its directory."""
+  path = os.fspath(path)
+  cfg_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f"{cfg_path} not found: pass a {model} config or a Hugging Face directory "
+                            "with config.json.")
+  with open(cfg_path) as f:
+    return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------------

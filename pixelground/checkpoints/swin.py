@@ -21,10 +21,8 @@ they are fixed by the window size and recomputed by the model), heads of task mo
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import typing as tp
 
 from flax import nnx
 from jax.sharding import Mesh
@@ -122,16 +120,6 @@ def make_mapping(cfg: swin_lib.SwinConfig, prefix: str = "", layout: int = 0) ->
   return mapping
 
 
-def read_hf_config(path: str | os.PathLike) -> dict[str, tp.Any]:
-  path = os.fspath(path)
-  cfg_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"{cfg_path} not found: pass a SwinConfig or a Hugging Face directory with "
-                            "config.json.")
-  with open(cfg_path) as f:
-    return json.load(f)
-
-
 def load_swin(path: str | os.PathLike, cfg: swin_lib.SwinConfig | None = None, *,
               mesh: Mesh | None = None, rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
               seed: int = 0, strict: bool = True, **overrides) -> swin_lib.Swin:
@@ -146,7 +134,7 @@ def load_swin(path: str | os.PathLike, cfg: swin_lib.SwinConfig | None = None, *
     **overrides: `SwinConfig` fields to change (dtype, param_dtype, always_partition, ...).
   """
   if cfg is None:
-    cfg = swin_lib.config_from_hf(read_hf_config(path), **overrides)
+    cfg = swin_lib.config_from_hf(loader.read_hf_config(path, "SwinConfig"), **overrides)
   elif overrides:
     cfg = cfg.replace(**overrides)
   with open_source(path) as source:

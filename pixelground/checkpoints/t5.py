@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import typing as tp
@@ -163,16 +162,6 @@ def detect_format(source: TensorSource) -> str:
   return "t5x" if any(k.startswith("target/") for k in source.keys()) else "hf"
 
 
-def read_hf_config(path: str | os.PathLike) -> dict[str, tp.Any]:
-  path = os.fspath(path)
-  cfg_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"{cfg_path} not found: pass a T5Config or a Hugging Face directory with "
-                            "config.json.")
-  with open(cfg_path) as f:
-    return json.load(f)
-
-
 def load_t5(path: str | os.PathLike, cfg: t5_lib.T5Config | None = None, *, mesh: Mesh | None = None,
             rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES, seed: int = 0, strict: bool = True,
             **overrides) -> t5_lib.T5:
@@ -190,7 +179,7 @@ def load_t5(path: str | os.PathLike, cfg: t5_lib.T5Config | None = None, *, mesh
     if cfg is None:
       if fmt == "t5x":
         raise ValueError(f"{path}: T5X checkpoints carry no model config; pass cfg=t5.preset(...).")
-      cfg = t5_lib.config_from_hf(read_hf_config(path), **overrides)
+      cfg = t5_lib.config_from_hf(loader.read_hf_config(path, "T5Config"), **overrides)
       if fmt == "hf" and "tie_embeddings" not in overrides:
         cfg = cfg.replace(tie_embeddings="lm_head.weight" not in source)
     elif overrides:
