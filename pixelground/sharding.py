@@ -137,11 +137,6 @@ def create_sharded(make_model: tp.Callable[[], nnx.Module], mesh: Mesh, rules: R
   return nnx.merge(graphdef, state)
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
-  """Moves an existing model's state onto `mesh` per `rules` (in place); returns the model."""
-  state = nnx.state(model)
-  nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules)))
-  return model
 
 
 def batch_spec(ndim: int, rules: Rules, mesh: Mesh, batch_axis: int = 0) -> PartitionSpec:
@@ -150,9 +145,6 @@ def batch_spec(ndim: int, rules: Rules, mesh: Mesh, batch_axis: int = 0) -> Part
   return logical_to_spec(axes, rules, mesh)
 
 
-def batch_shardings(batch: tp.Any, mesh: Mesh, rules: Rules) -> tp.Any:
-  """NamedShardings splitting the leading (batch) dimension of every array in `batch`."""
-  return jax.tree.map(lambda x: NamedSharding(mesh, batch_spec(np.ndim(x), rules, mesh)), batch)
 
 
 def global_batch(local_batch: tp.Any, mesh: Mesh, rules: Rules) -> tp.Any:
@@ -171,31 +163,13 @@ def global_batch(local_batch: tp.Any, mesh: Mesh, rules: Rules) -> tp.Any:
   return jax.tree.map(one, local_batch)
 
 
-def with_logical_constraint(x: jax.Array, axes: tp.Sequence[str | None], rules: Rules | None,
-                            mesh: Mesh | None) -> jax.Array:
-  """`with_sharding_constraint` by logical names; a no-op without a mesh (single device code paths)."""
-  if mesh is None or rules is None:
-    return x
-  return jax.lax.with_sharding_constraint(
-      x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)))
 
 
-def describe(state: tp.Any) -> dict[str, str]:
-  """`{param path: sharding spec}` for logging and tests."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    sharding = getattr(leaf, "sharding", None)
-    out[name] = str(getattr(sharding, "spec", sharding))
-  return out
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
 
 
 __all__ = [
     "DEFAULT_RULES", "AXES_KEY", "make_mesh", "logical_to_spec", "state_shardings", "create_sharded",
-    "shard_model", "batch_spec", "batch_shardings", "global_batch", "with_logical_constraint",
-    "describe", "replicated", "variable_axes",
+    "batch_spec", "global_batch", "variable_axes",
 ]

@@ -422,3 +422,21 @@ def test_flan_t5_small_size_sharded_scan_parity(tmp_path):
     ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
                       num_beams=1, max_new_tokens=32)
   _assert_same_tokens(np.asarray(ours.tokens), ref.numpy()[:, 1:])
+
+
+def test_trainable_filter_and_base_state():
+  from pixelground.models.lora import base_state, trainable_filter
+  cfg = t5_lib.T5Config(vocab_size=40, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,
+                        num_decoder_layers=1, relpos_buckets=8, relpos_max_distance=16, lora_rank=2,
+                        lora_alpha=4.0, lora_targets=("encoder.attn.q",))
+  model = t5_lib.T5(cfg, rngs=nnx.Rngs(0))
+  names = lambda state: {loader.path_str(p) for p, _ in loader.flatten_state(state)[0]}
+  lora_only = names(nnx.state(model, trainable_filter()))
+  assert lora_only == {"encoder.layers.layers.0.attn.q.lora_a", "encoder.layers.layers.0.attn.q.lora_b"}
+  with_norm = names(nnx.state(model, trainable_filter(patterns=[r"^decoder\.final_norm\."])))
+  assert with_norm == lora_only | {"decoder.final_norm.scale"}
+  assert names(nnx.state(model, trainable_filter(lora=False, patterns=[r"lm_head"]))) == {"lm_head"}
+  with pytest.raises(ValueError, match="nothing would train"):
+    trainable_filter(lora=False)
+  base = names(base_state(model))
+  assert not base & lora_only and "token_embed" in base and "encoder.layers.layers.0.attn.q.kernel" in base

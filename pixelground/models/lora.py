@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import typing as tp
 
-import jax
 from flax import nnx
 
 from pixelground.models.layers import Projection
@@ -48,6 +47,3 @@ def trainable_filter(lora: bool = True, patterns: tp.Sequence[str] = ()) -> nnx.
     raise ValueError("trainable_filter: nothing would train (lora=False and no patterns).")
   return nnx.Any(*filters)
 
-
-def count_params(state: tp.Any) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(state))
