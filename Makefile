@@ -2,16 +2,19 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d" " -f1)
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-all bench clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -c "import pixelground, jax, flax, torch, transformers" 
+	# timm (EVA02 parity reference) without its torchvision dependency, which would pull CUDA torch;
+	# tests/test_eva02.py explains the in-test torchvision stand-in.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps "timm==1.0.31"
+	$(PY) -c "import pixelground, jax, flax, torch, transformers"
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 setup: $(STAMP)

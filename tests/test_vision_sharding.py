@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from pixelground import sharding
-from pixelground.models import sam_decoder, sam_encoder, swin
+from pixelground.models import eva02, sam_decoder, sam_encoder, swin
 
 MESH_AXES = {"data": 2, "fsdp": 2, "tensor": 2}
 
@@ -39,6 +39,14 @@ def test_swin_sharded_forward():
   cfg = swin.SwinConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 8), window_size=4)
   pixels = np.random.default_rng(1).normal(size=(4, 64, 64, 3)).astype(np.float32)
   _sharded_equals_single(lambda: swin.Swin(cfg, rngs=nnx.Rngs(0)), (pixels,), lambda m, x: m(x))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_eva02_sharded_forward(scan):
+  cfg = eva02.Eva02Config(image_size=56, width=32, depth=2, num_heads=4, mlp_dim=86, rope_ref_grid=4,
+                          scan_layers=scan)
+  pixels = np.random.default_rng(3).normal(size=(4, 84, 84, 3)).astype(np.float32)  # resized grid 6
+  _sharded_equals_single(lambda: eva02.Eva02(cfg, rngs=nnx.Rngs(0)), (pixels,), lambda m, x: m(x))
 
 
 @pytest.mark.parametrize("multimask", [True, False])

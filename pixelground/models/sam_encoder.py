@@ -10,10 +10,8 @@ pixels (B, H, W, 3), already normalised (ImageNet mean/std on the 0-255 scale), 
   → neck: 1×1 conv (no bias) → LayerNorm2d → 3×3 conv (no bias, padding 1) → LayerNorm2d
   → (B, h, w, out_channels) NHWC.
 
-Resizing follows PyTorch exactly: `F.interpolate(mode="bicubic", align_corners=False)` (cubic kernel
-a = -0.75, clamped borders, no antialiasing — `jax.image.resize` uses a = -0.5 and antialiases when
-shrinking, so it does not match) and `mode="linear"` for the rel-pos tables. Both are small static
-interpolation matrices built in numpy at trace time (shapes are static).
+Resizing follows PyTorch exactly (`pixelground.models.resize`): `F.interpolate(mode="bicubic",
+align_corners=False)` for the position embedding and `mode="linear"` for the rel-pos tables.
 
 Shapes: B batch, D width, H heads, K head dim (D/H), M MLP width, C out_channels.
 Logical axis names used besides "embed", "mlp", "heads", "kv": "patch" (patch kernel rows/columns),
@@ -38,6 +36,7 @@ from flax import nnx
 
 from pixelground.configlib import ModelConfig
 from pixelground.models.layers import LayerNorm, LayerStack, Projection, make_param, normal, zeros
+from pixelground.models.resize import linear_matrix, resize_bicubic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,59 +93,6 @@ def preset(name: str, **overrides) -> SamEncoderConfig:
   if name not in PRESETS:
     raise ValueError(f"Unknown SAM preset {name!r}; known: {sorted(PRESETS)}.")
   return SamEncoderConfig(**{**PRESETS[name], **overrides})
-
-
-# ----------------------------------------------------------------------------------------------------
-# PyTorch-exact resizing as (out, in) interpolation matrices (numpy, static shapes)
-# ----------------------------------------------------------------------------------------------------
-
-def linear_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) weights of torch `F.interpolate(mode="linear", align_corners=False)`."""
-  m = np.zeros((n_out, n_in), np.float64)
-  src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)  # torch clamps at 0
-  i0 = np.floor(src).astype(np.int64)
-  i1 = np.minimum(i0 + 1, n_in - 1)
-  frac = src - i0
-  np.add.at(m, (np.arange(n_out), i0), 1.0 - frac)
-  np.add.at(m, (np.arange(n_out), i1), frac)
-  return m
-
-
-def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
-  """(n_out, n_in) weights of torch `F.interpolate(mode="bicubic", align_corners=False)` on one axis.
-
-  Keys cubic convolution with a = -0.75, taps at floor(src)-1 .. floor(src)+2 with indices clamped to
-  the border (torch's bounded access), no antialiasing.
-  """
-  def near(x):  # |x| <= 1
-    return ((a + 2) * x - (a + 3)) * x * x + 1
-
-  def far(x):  # 1 < |x| < 2
-    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-  m = np.zeros((n_out, n_in), np.float64)
-  src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5  # no clamp at 0 for cubic
-  base = np.floor(src).astype(np.int64)
-  t = src - base
-  weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
-  for k, w in enumerate(weights):
-    np.add.at(m, (np.arange(n_out), np.clip(base - 1 + k, 0, n_in - 1)), w)
-  return m
-
-
-def resize_bicubic(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Resizes NHWC `x` (B, h, w, C) to (B, size[0], size[1], C) like torch bicubic, align_corners=False.
-
-  Computed in float32, returned in `x.dtype`.
-  """
-  h, w = x.shape[1:3]
-  if (h, w) == tuple(size):
-    return x
-  mh = jnp.asarray(bicubic_matrix(h, size[0]), jnp.float32)
-  mw = jnp.asarray(bicubic_matrix(w, size[1]), jnp.float32)
-  y = jnp.einsum("Yy,Xx,byxc->bYXc", mh, mw, x.astype(jnp.float32),
-                 precision=jax.lax.Precision.HIGHEST)
-  return y.astype(x.dtype)
 
 
 def relative_table(table: jax.Array, size: int) -> jax.Array:
