@@ -9,6 +9,7 @@ whose instantiation raises — so if timm's EVA code ever really used torchvisio
 loudly instead of computing with a fake. The stand-in is removed again after the module's tests.
 """
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -68,7 +69,7 @@ class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 @pytest.fixture(scope="module")
 def timm_eva():
   try:
-    import torchvision  # noqa: F401  (a real install is fine too)
+    importlib.import_module("torchvision")  # a real install is fine too
     finder = None
   except ImportError:
     finder = _StandInFinder()
