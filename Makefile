@@ -33,6 +33,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/t5_decode.py
 	$(PY) bench/t5_train_step.py
+	$(PY) bench/vision.py
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

@@ -127,12 +127,15 @@ def test_parity_from_original_pth_layout(tmp_path):
   np.testing.assert_allclose(_run(encoder, pixels), _hf_embeddings(model, pixels), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("chunk", [None, 64])
 @pytest.mark.parametrize("size", [96, 112])
-def test_resized_input(size, tmp_path):
+def test_resized_input(size, chunk, tmp_path):
   """Built for 64 px (grid 4), run at 96 (grid 6) / 112 (grid 7, windows padded 7 → 9): pos-embed
-  resized bicubically, global rel-pos tables (7 rows) interpolated to 2·grid-1 rows."""
+  resized bicubically, global rel-pos tables (7 rows) interpolated to 2·grid-1 rows. chunk=64 forces
+  query-blocked attention (one map row of queries per block) everywhere."""
   model = _hf_model("windowed", seed=5)
-  encoder = load_sam_image_encoder(_save_hf(model, tmp_path))
+  overrides = {} if chunk is None else dict(attention_chunk=chunk)
+  encoder = load_sam_image_encoder(_save_hf(model, tmp_path), **overrides)
   pixels = _pixels(size, seed=6)
   ours = _run(encoder, pixels)
   grid = size // 16

@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 
 from pixelground import sharding as sharding_lib
 from pixelground.checkpoints import loader
+from pixelground.checkpoints.sam_decoder import load_sam_decoder
 from pixelground.checkpoints.sources import TensorSource, open_source
 from pixelground.models import sam_encoder as sam_lib
 
@@ -188,3 +189,20 @@ def load_sam_image_encoder(path: str | os.PathLike, cfg: sam_lib.SamEncoderConfi
     return loader.load_model(lambda: sam_lib.SamImageEncoder(cfg, rngs=nnx.Rngs(seed)), source,
                              make_mapping(cfg, fmt, prefix), mesh=mesh, rules=rules,
                              ignore_unused=ignore)
+
+
+def load_sam(path: str | os.PathLike, *, mesh: Mesh | None = None,
+             rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES, encoder_overrides=None,
+             decoder_overrides=None):
+  """Loads a whole SAM checkpoint (original `.pth` or HF `SamModel`): image encoder and decoder.
+
+  The decoder's image size and embedding grid are taken from the encoder (1024 px → 64×64 for the
+  released models); its head count stays 8 (SAM's) unless `decoder_overrides` says otherwise.
+
+  Returns:
+    (SamImageEncoder, SamDecoder), both placed on `mesh` by `rules`.
+  """
+  encoder = load_sam_image_encoder(path, mesh=mesh, rules=rules, **(encoder_overrides or {}))
+  dec_kw = dict(image_size=encoder.cfg.image_size, grid_size=encoder.cfg.grid_size)
+  dec_kw.update(decoder_overrides or {})
+  return encoder, load_sam_decoder(path, mesh=mesh, rules=rules, **dec_kw)

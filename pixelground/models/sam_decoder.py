@@ -17,8 +17,9 @@ Everything is NHWC / channels-last. Shapes: B batch, N prompt tokens, D prompt d
     with LN2d + GELU) → per-mask-token 3-layer hypernetwork MLP dot product → masks (B, M, 4h, 4w); IoU
     head (3-layer MLP) on the IoU token → (B, M).
 
-Layer-norm epsilons follow transformers' `SamModel` (1e-6 inside the two-way blocks and LayerNorm2d,
-1e-5 for the final norm); the original segment-anything code uses 1e-5 in the blocks (configurable).
+Layer-norm epsilons: LayerNorm2d 1e-6 and the final norm 1e-5 everywhere; inside the two-way blocks
+transformers' `SamModel` uses 1e-6 and the original segment-anything code 1e-5 (`block_norm_eps`; the
+importer sets it from the checkpoint's layout).
 Logical axes: "embed" (D), "heads", "kv", "mlp", "conv_in"/"conv_out" (conv channels), "masks",
 "pos_feats" (Fourier features). GELU is the exact (erf) form, as torch's default.
 """
@@ -50,7 +51,8 @@ class SamDecoderConfig(ModelConfig):
   num_multimask_outputs: int = 3
   iou_head_depth: int = 3
   iou_head_hidden: int = 256
-  layer_norm_eps: float = 1e-6        # two-way blocks, LayerNorm2d (HF); original SAM blocks: 1e-5
+  layer_norm_eps: float = 1e-6        # LayerNorm2d (mask prompt conv net, upscaling)
+  block_norm_eps: float = 1e-6        # two-way blocks: 1e-6 in HF `SamModel`, 1e-5 in original SAM
   final_norm_eps: float = 1e-5        # norm after the final token→image attention
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -329,7 +331,7 @@ class MaskDecoder(nnx.Module):
     self.iou_token = make_param(rngs, normal(1.0), (d,), ("embed",), pd)
     self.mask_tokens = make_param(rngs, normal(1.0), (m, d), ("masks", "embed"), pd)
     self.transformer = TwoWayTransformer(cfg.depth, d, cfg.num_heads, cfg.mlp_dim,
-                                         cfg.attention_downsample_rate, eps=cfg.layer_norm_eps,
+                                         cfg.attention_downsample_rate, eps=cfg.block_norm_eps,
                                          final_eps=cfg.final_norm_eps, **common)
     self.upscale1 = make_param(rngs, normal(d ** -0.5), (d, 2, 2, d // 4),
                                ("conv_in", None, None, "conv_out"), pd)
