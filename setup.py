@@ -24,11 +24,15 @@ INSTALL_REQUIRES = [
     "msgpack>=1.0",
     "tensorstore>=0.1.65",
     "tqdm>=4.66",
+    # COCO polygon / RLE masks (refcoco, coco instances) — the official rasteriser.
+    "pycocotools>=2.0.8",
 ]
 
 EXTRAS_REQUIRE = {
     # Deviceless TPU compilation (compile_check) and TPU runs.
     "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+    # Distributed dataset preparation (image_text at web scale) on Apache Beam.
+    "beam": ["apache-beam>=2.60"],
     "test": [
         "pytest>=8",
         "pytest-xdist>=3.5",
@@ -36,6 +40,8 @@ EXTRAS_REQUIRE = {
         # The CPU wheel (2.13.0+cpu) satisfies this pin; newer torch pulls CUDA packages.
         "torch==2.13.0",
         "transformers>=5.0,<6",
+        # The Beam path of the image_text builder is tested with the DirectRunner.
+        "apache-beam>=2.60",
     ],
 }
 
