@@ -110,7 +110,7 @@ class PanopticIndex:
     if ann is None or image is None:
       return None, "malformed_json", f"image {image_id}: no {'annotation' if ann is None else 'image entry'}"
     image_path = os.path.join(self.image_dir, image["file_name"])
-    size, bad = common.check_image(image_path)
+    image_value, size, bad = common.image_for_feature(image_path)
     if bad:
       return None, bad, image_path
     png_path = os.path.join(self.png_dir, ann["file_name"])
@@ -149,7 +149,7 @@ class PanopticIndex:
           "iscrowd": bool(seg.get("iscrowd", 0)),
       })
     return {
-        "image": image_path,
+        "image": image_value,
         "image/id": int(image_id),
         "image/filename": image["file_name"],
         "panoptic": png_path,

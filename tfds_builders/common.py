@@ -16,12 +16,13 @@ builder-specific string), the file and the record, and the first few of each kin
 from __future__ import annotations
 
 import collections
+import io
+import json
 import logging
 import math
 import os
 import typing as tp
 
-import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -84,9 +85,44 @@ def check_image(path: str | os.PathLike) -> tuple[tuple[int, int] | None, str | 
 
 
 def finite(*values: tp.Any) -> bool:
-  """True when every number in `values` (scalars or nested sequences) is finite."""
-  arr = np.asarray(values, dtype=np.float64) if values else np.zeros(0)
-  return bool(np.all(np.isfinite(arr)))
+  """True when every number in `values` (scalars or nested, possibly ragged, sequences) is finite."""
+  def flat(v):
+    if isinstance(v, (list, tuple)):
+      for item in v:
+        yield from flat(item)
+    else:
+      yield float(v)
+  return all(math.isfinite(x) for x in flat(list(values)))
+
+
+def image_for_feature(path: str | os.PathLike) -> tuple[tp.Any, tuple[int, int] | None, str | None]:
+  """(what to give `tfds.features.Image(encoding_format="jpeg")`, (width, height), skip kind or None).
+
+  The file path for RGB and greyscale images (their bytes are stored as they are; greyscale decodes to
+  3 equal channels); other modes (CMYK, palette, RGBA) are converted to RGB and re-encoded as JPEG
+  bytes, since the feature decodes to 3 channels. On a missing or undecodable file: (None, None, kind).
+  """
+  from PIL import Image
+
+  size, kind = check_image(path)
+  if kind is not None:
+    return None, None, kind
+  with Image.open(path) as im:
+    if im.mode in ("RGB", "L"):
+      return os.fspath(path), size, None
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue(), size, None
+
+
+def load_json(path, what: str) -> tp.Any:
+  """The parsed JSON file; a `ValueError` naming the file when it does not parse."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+
 
 
 def box_ok(x: float, y: float, w: float, h: float) -> str | None:

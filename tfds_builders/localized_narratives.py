@@ -216,7 +216,7 @@ class LocalizedNarratives(common.Builder):
 
   def _generate_examples(self, split: str, files: list[str], image_dir: str,
                          image_file: tp.Callable[[str], str]):
-    image_status: dict[str, str | None] = {}  # many narratives share an image: decode-check it once
+    images: dict[str, tuple] = {}  # many narratives share an image: decode-check it once
     for path in files:
       with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -243,13 +243,14 @@ class LocalizedNarratives(common.Builder):
             self.skip(split, "malformed_json", where, f"bad image_id {narrative['image_id']!r}")
             continue
           image_path = os.path.join(image_dir, filename)
-          if image_path not in image_status:
-            image_status[image_path] = common.check_image(image_path)[1]
-          if image_status[image_path] is not None:
-            self.skip(split, image_status[image_path], where, image_path)
+          if image_path not in images:
+            images[image_path] = common.image_for_feature(image_path)
+          image, _, bad = images[image_path]
+          if bad is not None:
+            self.skip(split, bad, where, image_path)
             continue
           yield where, {
-              "image": image_path,
+              "image": image,
               "image/id": narrative["image_id"],
               "image/filename": filename,
               "dataset_id": narrative["dataset_id"],
