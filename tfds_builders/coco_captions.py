@@ -137,7 +137,7 @@ Nothing is downloaded. Put the official files under manual_dir:
       if not captions.get(image_id):
         self.skip(split, "no_captions", f"{name} image {image_id}")
         continue
-      image, _, kind = common.image_for_feature(os.path.join(str(img_dir), file_name))
+      image, _, kind = common.image_from_file(os.path.join(str(img_dir), file_name))
       if kind is not None:
         self.skip(split, kind, f"image {image_id}", os.path.join(str(img_dir), file_name))
         continue

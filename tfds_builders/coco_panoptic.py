@@ -110,7 +110,7 @@ class PanopticIndex:
     if ann is None or image is None:
       return None, "malformed_json", f"image {image_id}: no {'annotation' if ann is None else 'image entry'}"
     image_path = os.path.join(self.image_dir, image["file_name"])
-    image_value, size, bad = common.image_for_feature(image_path)
+    image_value, size, bad = common.image_from_file(image_path)
     if bad:
       return None, bad, image_path
     png_path = os.path.join(self.png_dir, ann["file_name"])

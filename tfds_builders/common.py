@@ -80,7 +80,7 @@ def check_image(path: str | os.PathLike) -> tuple[tuple[int, int] | None, str | 
     with Image.open(path) as im:
       im.load()  # a full decode: truncated files fail here, not at training time
       return im.size, None
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
     return None, "corrupt_image"
 
 
@@ -93,26 +93,6 @@ def finite(*values: tp.Any) -> bool:
     else:
       yield float(v)
   return all(math.isfinite(x) for x in flat(list(values)))
-
-
-def image_for_feature(path: str | os.PathLike) -> tuple[tp.Any, tuple[int, int] | None, str | None]:
-  """(what to give `tfds.features.Image(encoding_format="jpeg")`, (width, height), skip kind or None).
-
-  The file path for RGB and greyscale images (their bytes are stored as they are; greyscale decodes to
-  3 equal channels); other modes (CMYK, palette, RGBA) are converted to RGB and re-encoded as JPEG
-  bytes, since the feature decodes to 3 channels. On a missing or undecodable file: (None, None, kind).
-  """
-  from PIL import Image
-
-  size, kind = check_image(path)
-  if kind is not None:
-    return None, None, kind
-  with Image.open(path) as im:
-    if im.mode in ("RGB", "L"):
-      return os.fspath(path), size, None
-    buf = io.BytesIO()
-    im.convert("RGB").save(buf, format="JPEG", quality=95)
-    return buf.getvalue(), size, None
 
 
 def load_json(path, what: str) -> tp.Any:
@@ -219,3 +199,64 @@ def build(builder_cls: type[tfds.core.DatasetBuilder], data_dir: str | os.PathLi
   builder.download_and_prepare(download_config=dl_config,
                                download_dir=os.path.join(str(data_dir), "downloads"))
   return builder
+
+
+# -- images ------------------------------------------------------------------------------------------
+
+_KEEP_FORMATS = ("JPEG", "MPO", "PNG")  # MPO: multi-picture JPEG from cameras; decodes as its first frame
+_KEEP_MODES = ("RGB", "L")
+
+
+def _store_bytes(im, raw: bytes | None, exif_transpose: bool) -> tuple[bytes, tuple[int, int]]:
+  """(bytes to store, (width, height) in pixels) for the opened, loaded PIL image `im` encoded as `raw`."""
+  from PIL import ImageOps
+
+  rotate = exif_transpose and im.getexif().get(0x0112, 1) not in (0, 1)  # 0x0112: EXIF orientation
+  if raw is not None and not rotate and im.format in _KEEP_FORMATS and im.mode in _KEEP_MODES:
+    return raw, im.size
+  if rotate:
+    im = ImageOps.exif_transpose(im)
+  if im.mode not in _KEEP_MODES:
+    im = im.convert("RGB")
+  buf = io.BytesIO()
+  im.save(buf, format="PNG")
+  return buf.getvalue(), im.size
+
+
+def image_from_bytes(data: bytes, exif_transpose: bool = False
+                     ) -> tuple[bytes | None, tuple[int, int] | None, str | None]:
+  """Checks encoded image bytes for an `Image(shape=(None, None, 3))` feature.
+
+  Returns (bytes to store, (width, height) in pixels, None), or (None, None, "corrupt_image") when the
+  bytes do not fully decode. JPEG/PNG in RGB or greyscale are returned as given; anything else comes back
+  as an RGB PNG. With `exif_transpose`, an image with an EXIF orientation other than "normal" is rotated
+  upright (as image viewers and cv2.imread show it) and stored as PNG; the size is then the upright size.
+  """
+  from PIL import Image, UnidentifiedImageError
+
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()  # a full decode: truncated data fails here
+      out, size = _store_bytes(im, data, exif_transpose)
+    return out, size, None
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    return None, None, "corrupt_image"
+
+
+def image_from_file(path: str | os.PathLike, exif_transpose: bool = False
+                    ) -> tuple[bytes | str | None, tuple[int, int] | None, str | None]:
+  """Like `image_from_bytes` for a file: (the path or re-encoded bytes, (width, height), None), or
+  (None, None, "missing_image" / "corrupt_image"). The file is decoded once (`common.check_image`);
+  it is only re-read when it has to be converted."""
+  from PIL import Image
+
+  size, kind = check_image(path)
+  if kind is not None:
+    return None, None, kind
+  with Image.open(path) as im:  # header only: format, mode and EXIF
+    ok = im.format in _KEEP_FORMATS and im.mode in _KEEP_MODES
+    if ok and exif_transpose:
+      ok = im.getexif().get(0x0112, 1) in (0, 1)
+  if ok:
+    return os.fspath(path), size, None
+  return image_from_bytes(epath.Path(path).read_bytes(), exif_transpose)

@@ -244,7 +244,7 @@ class LocalizedNarratives(common.Builder):
             continue
           image_path = os.path.join(image_dir, filename)
           if image_path not in images:
-            images[image_path] = common.image_for_feature(image_path)
+            images[image_path] = common.image_from_file(image_path)
           image, _, bad = images[image_path]
           if bad is not None:
             self.skip(split, bad, where, image_path)

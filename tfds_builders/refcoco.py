@@ -283,7 +283,7 @@ Nothing is downloaded. Put under manual_dir:
     return os.path.join(str(image_dir), f"{image_id:012d}.jpg")
 
   def _generate_examples(self, split: str, refs: list[tuple[int, dict]], anns: dict, image_dir):
-    images: dict[int, tuple] = {}  # image id -> image_for_feature(path): each image decoded once
+    images: dict[int, tuple] = {}  # image id -> image_from_file(path): each image decoded once
     seen: set[int] = set()
     for i, ref in refs:  # in file order: of a repeated ref id, the first is kept
       where = f"refs[{i}]"
@@ -323,7 +323,7 @@ Nothing is downloaded. Put under manual_dir:
         continue
 
       if image_id not in images:
-        images[image_id] = common.image_for_feature(self._image_path(image_dir, split, image_id))
+        images[image_id] = common.image_from_file(self._image_path(image_dir, split, image_id))
       image, size, kind = images[image_id]
       if kind is not None:
         self.skip(split, kind, where, self._image_path(image_dir, split, image_id))
