@@ -92,10 +92,18 @@ def test_missing_manual_files(tmp_path):
   root = tmp_path / "manual"
   write_fixture(str(root), CLEAN)
   os.remove(root / "annotations" / "captions_val2017.json")
+  partial = common.build(CocoCaptions, tmp_path / "data", root, config="2017")  # train only
+  assert set(partial.info.splits) == {"train"}
+  os.remove(root / "annotations" / "captions_train2017.json")
   with pytest.raises(common.ManualFileError, match=r"annotations/captions_val2017\.json"):
-    common.build(CocoCaptions, tmp_path / "data", root, config="2017")
+    common.build(CocoCaptions, tmp_path / "data_none", root, config="2017")
+  write_fixture(str(root), CLEAN)
+  import shutil
+  shutil.rmtree(root / "val2017")
+  with pytest.raises(common.ManualFileError, match=r"val2017"):
+    common.build(CocoCaptions, tmp_path / "data_noimg", root, config="2017")
   with pytest.raises(common.ManualFileError, match=r"nowhere does not exist"):
-    common.build(CocoCaptions, tmp_path / "data", tmp_path / "nowhere", config="2017")
+    common.build(CocoCaptions, tmp_path / "data_nowhere", tmp_path / "nowhere", config="2017")
 
 
 def test_bad_records(clean, tmp_path):

@@ -171,5 +171,12 @@ def test_grounded_shapes_config_and_missing_folder(tmp_path):
   (tmp_path / "raw" / "reasonseg" / "test" / "t.json").unlink()
   (tmp_path / "raw" / "reasonseg" / "test" / "t.jpg").unlink()
   (tmp_path / "raw" / "reasonseg" / "test").rmdir()
+  # Absent split folders are splits the user does not have: the rest builds.
+  partial = common.build(ReasonSeg, tmp_path / "data2", tmp_path / "raw", config="grounded_shapes")
+  assert set(partial.info.splits) == {"train", "validation"}
+  for split in ("train", "validation"):
+    for path in list((tmp_path / "raw" / "reasonseg" / split).iterdir()):
+      path.unlink()
+    (tmp_path / "raw" / "reasonseg" / split).rmdir()
   with pytest.raises(common.ManualFileError, match="reasonseg/test"):
-    common.build(ReasonSeg, tmp_path / "data2", tmp_path / "raw", config="grounded_shapes")
+    common.build(ReasonSeg, tmp_path / "data3", tmp_path / "raw", config="grounded_shapes")

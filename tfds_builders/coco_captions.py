@@ -94,7 +94,11 @@ Nothing is downloaded. Put the official files under manual_dir:
 
   def _split_generators(self, dl_manager):
     gens = {}
+    present = self.present_splits(dl_manager, {s: a for s, a, _ in self.builder_config.splits},
+                                  "captions file")
     for split, ann_rel, img_rel in self.builder_config.splits:
+      if split not in present:
+        continue
       ann_path = self.manual_file(dl_manager, ann_rel, f"{split} captions file")
       img_dir = self.manual_file(dl_manager, img_rel, f"{split} image folder")
       gens[split] = self.counted(split, self._generate_examples(split, ann_path, img_dir))

@@ -160,6 +160,17 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           f"{self.name}: missing {what}: expected at {path}\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     return path
 
+  def present_splits(self, dl_manager, wanted: dict[str, str], what: str) -> list[str]:
+    """The splits whose file/folder (relative to manual_dir) exists — users often have only some
+    splits; none at all → ManualFileError listing every expected path."""
+    root = self.manual_root(dl_manager)
+    present = [split for split, rel in wanted.items() if (root / rel).exists()]
+    if not present:
+      expected = ", ".join(str(root / rel) for rel in wanted.values())
+      raise ManualFileError(f"{self.name}: no {what} found; expected at least one of: {expected}\n"
+                            f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    return present
+
   # -- skipped records -------------------------------------------------------------------------------
   def skip(self, split: str, kind: str, where: str, detail: str = "") -> None:
     self._skips.setdefault(split, SkipCounter(f"{self.name}/{split}")).skip(kind, where, detail)

@@ -186,8 +186,14 @@ Put in manual_dir (nothing is downloaded):
   def _split_generators(self, dl_manager):
     top, folders = LAYOUTS[self.builder_config.name]
     gens = {}
+    rels = {split: (f"{top}/{folder}" if top else folder) for split, folder in folders.items()}
+    present = self.present_splits(dl_manager, rels, "split folder")
+    root = self.manual_root(dl_manager)
+    present = [s for s in present if any((root / rels[s]).glob("*.json"))] or present
     for split, folder in folders.items():
-      rel = f"{top}/{folder}" if top else folder
+      if split not in present:
+        continue
+      rel = rels[split]
       path = self.manual_file(dl_manager, rel, f"{split} folder ({{name}}.jpg + {{name}}.json files)")
       gens[split] = self.counted(split, self._generate_examples(split, path))
     return gens

@@ -249,13 +249,6 @@ Nothing is downloaded. Put under manual_dir:
                                  f"{cfg.dataset} refs file")
     inst_path = self.manual_file(dl_manager, f"{cfg.dataset}/instances.json",
                                  f"{cfg.dataset} instances file")
-    if cfg.coco_images:
-      image_dirs = {s: self.manual_file(dl_manager, "images/train2014", "COCO train2014 image folder")
-                    for s, _ in cfg.splits}
-    else:
-      image_dirs = {s: self.manual_file(dl_manager, f"images/{s}", f"{s} image folder")
-                    for s, _ in cfg.splits}
-
     refs = load_refs(refs_path)
     instances = common.load_json(inst_path, "instances file")
     if not (isinstance(instances, dict) and isinstance(instances.get("annotations"), list)):
@@ -274,8 +267,16 @@ Nothing is downloaded. Put under manual_dir:
     if left_out:
       common.log.warning("%s/%s: refs left out, their split is not one of %s: %s", self.name, cfg.name,
                          [raw for _, raw in cfg.splits], dict(left_out))
+    splits = [s for s, _ in cfg.splits if by_split[s]]  # splits with refs (users may hold a subset)
+    if not splits:
+      raise ValueError(f"{refs_path}: no refs of the splits {[raw for _, raw in cfg.splits]}")
+    if cfg.coco_images:
+      image_dirs = {s: self.manual_file(dl_manager, "images/train2014", "COCO train2014 image folder")
+                    for s in splits}
+    else:
+      image_dirs = {s: self.manual_file(dl_manager, f"images/{s}", f"{s} image folder") for s in splits}
     return {s: self.counted(s, self._generate_examples(s, by_split[s], anns, image_dirs[s]))
-            for s, _ in cfg.splits}
+            for s in splits}
 
   def _image_path(self, image_dir, split: str, image_id: int) -> str:
     if self.builder_config.coco_images:
