@@ -1,0 +1,1 @@
+"""Input pipelines: tokenizer, transforms, task converters, Grain loaders."""

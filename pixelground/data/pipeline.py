@@ -1,0 +1,140 @@
+"""Grain input pipelines: per-process shards, seeded shuffling, task mixtures, batches, saveable state.
+
+    tasks = [pipeline.Task("ln", ln_source, convert_ln, weight=2.0),
+             pipeline.Task("coco", coco_source, convert_coco, weight=1.0)]
+    loader = pipeline.Loader(tasks, schema, batch_size=16, seed=0, mixing="example")
+    it = iter(loader)                       # a grain DatasetIterator
+    batch = next(it)                        # {field: (16, ...) numpy}, incl. "task_id" (16,) int32
+    state = it.get_state()                  # JSON-able; goes into the Orbax checkpoint
+    it.set_state(state)                     # resumes exactly where it was
+
+Per task: `source` is any random-access sequence (a TFDS `as_data_source()` split, a list), sharded by
+process first — process p of n reads records p, p + n, p + 2n, ... (disjoint, together the whole split)
+— then shuffled with the loader seed, reshuffled every epoch, repeated forever (or `num_epochs`), and
+converted by `convert(example, rng) -> {field: array}` with a numpy Generator that is a pure function of
+(seed, position), so augmentation is reproducible and resumable.
+
+Mixtures (`weights` per task): Grain's deterministic weighted interleave, either per example
+(`mixing="example"`: a batch mixes tasks; each row carries its `task_id`) or per batch
+(`mixing="batch"`: every batch holds one task). Either way rows are padded to one `schema` (field →
+(shape, dtype)); fields a task does not produce are zeros, so one compiled train step serves all tasks,
+and the loss masks by `task_id`.
+
+Workers: `num_workers > 0` runs the conversion in Grain worker processes (`mp_prefetch`); 0 keeps it in
+the main process (threads only). The iterator state is the same either way.
+
+Global batches: `pixelground.sharding.global_batch(batch, mesh, rules)` assembles the per-process
+batches into sharded `jax.Array`s (each process passes its own `batch_size` rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing as tp
+
+import grain
+import numpy as np
+
+Converter = tp.Callable[[tp.Any, np.random.Generator], dict[str, np.ndarray]]
+Schema = dict[str, tuple[tuple[int, ...], tp.Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One task of a mixture: a random-access `source`, its converter, its sampling weight."""
+  name: str
+  source: tp.Any
+  convert: Converter
+  weight: float = 1.0
+
+
+def _pad_to_schema(row: dict[str, np.ndarray], schema: Schema, task_id: int, task: str
+                   ) -> dict[str, np.ndarray]:
+  """Row with exactly the schema's fields, shapes and dtypes; absent fields are zeros."""
+  out = {}
+  for field, (shape, dtype) in schema.items():
+    if field in row:
+      value = np.asarray(row[field])
+      if value.shape != tuple(shape):
+        raise ValueError(f"task '{task}': field '{field}' has shape {value.shape}, the batch schema "
+                         f"says {tuple(shape)}")
+      out[field] = value.astype(dtype, copy=False)
+    else:
+      out[field] = np.zeros(shape, dtype)
+  extra = set(row) - set(schema) - {"task_id"}
+  if extra:
+    raise ValueError(f"task '{task}': fields {sorted(extra)} are not in the batch schema")
+  out["task_id"] = np.int32(task_id)
+  return out
+
+
+class Loader:
+  """A Grain pipeline over several tasks (see the module docstring); iterate to get batches."""
+
+  def __init__(self, tasks: tp.Sequence[Task], schema: Schema, *, batch_size: int, seed: int,
+               mixing: str = "example", shard_index: int = 0, shard_count: int = 1,
+               num_epochs: int | None = None, shuffle: bool = True, num_workers: int = 0,
+               worker_buffer_size: int = 2, read_threads: int = 1, drop_remainder: bool = True):
+    if not tasks:
+      raise ValueError("Loader needs at least one task")
+    if mixing not in ("example", "batch"):
+      raise ValueError(f"mixing={mixing!r}: expected 'example' or 'batch'")
+    if not 0 <= shard_index < shard_count:
+      raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    if any(t.weight <= 0 for t in tasks):
+      raise ValueError(f"task weights must be positive: {[(t.name, t.weight) for t in tasks]}")
+    self.tasks, self.schema = list(tasks), dict(schema)
+    self.batch_size, self.seed, self.mixing = batch_size, seed, mixing
+    self.shard_index, self.shard_count = shard_index, shard_count
+    self.num_epochs, self.shuffle = num_epochs, shuffle
+    self.num_workers, self.worker_buffer_size = num_workers, worker_buffer_size
+    self.read_threads, self.drop_remainder = read_threads, drop_remainder
+    self.dataset = self._build()
+
+  @property
+  def task_names(self) -> list[str]:
+    return [t.name for t in self.tasks]
+
+  def _task_dataset(self, task_id: int, task: Task) -> grain.MapDataset:
+    ds = grain.MapDataset.source(task.source)
+    if len(ds) < self.shard_count:
+      raise ValueError(f"task '{task.name}': {len(ds)} records cannot feed {self.shard_count} processes")
+    ds = ds[self.shard_index::self.shard_count]
+    if self.shuffle:
+      ds = ds.shuffle(seed=self.seed + 7919 * task_id)  # reshuffled every epoch once repeated
+    ds = ds.repeat(self.num_epochs)
+    schema, name = self.schema, task.name
+    convert = task.convert
+
+    def convert_row(example, rng):
+      return _pad_to_schema(convert(example, rng), schema, task_id, name)
+
+    return ds.random_map(convert_row, seed=self.seed + 104729 * (task_id + 1))
+
+  def _build(self) -> grain.IterDataset:
+    per_task = [self._task_dataset(i, t) for i, t in enumerate(self.tasks)]
+    weights = [t.weight for t in self.tasks]
+    if self.mixing == "example":
+      ds = per_task[0] if len(per_task) == 1 else grain.MapDataset.mix(per_task, weights)
+      ds = ds.batch(self.batch_size, drop_remainder=self.drop_remainder)
+    else:
+      batched = [d.batch(self.batch_size, drop_remainder=self.drop_remainder) for d in per_task]
+      ds = batched[0] if len(batched) == 1 else grain.MapDataset.mix(batched, weights)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=
+                                                 max(1, 2 * self.read_threads)))
+    if self.num_workers > 0:
+      from absl import flags
+      if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app use defaults
+        flags.FLAGS.mark_as_parsed()
+      it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.num_workers, per_worker_buffer_size=self.worker_buffer_size))
+    return it_ds
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return iter(self.dataset)
+
+
+def process_shard() -> tuple[int, int]:
+  """(this process's index, number of processes) from JAX — the shard a multi-host loader reads."""
+  import jax
+  return jax.process_index(), jax.process_count()
