@@ -52,6 +52,9 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["pixelground", "pixelground.*", "tfds_builders", "tfds_builders.*"]),
+    # The committed tiny SentencePiece model (pixelground.data.tokenizer.load_tokenizer("tiny")).
+    package_data={"pixelground": ["data/vocab/*.model"]},
+    include_package_data=True,
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
