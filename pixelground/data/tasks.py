@@ -1,0 +1,299 @@
+"""Per-task converters: a decoded TFDS example → the fixed-shape arrays one training row needs (SPEC §2).
+
+Every converter returns a subset of one schema (`schema(cfg)`); `pixelground.data.pipeline.Loader`
+fills the rest with zeros and adds `task_id`, so all tasks share one compiled train step. Fields
+(S = cfg.image_size, Le = cfg.max_prompt_len, Lt = cfg.max_target_len, K = cfg.max_seg,
+E = cfg.max_entities; boxes are [x0, y0, x1, y1] NORMALISED to the S×S output canvas):
+
+  image            (S, S, 3) uint8    transformed image, zero padding (the model normalises per encoder)
+                                      — or image_sam / image_clip (S, S, 3) f32 with `host_normalize`
+  image_mask       (S, S) bool        True on real pixels
+  prompt_box       (4,) f32           the prompt box (whole valid image, or the GT region)
+  prompt_ids       (Le,) i32          encoder text (task template / question), pad 0, no EOS
+  target_ids       (Lt,) i32          decoder target, ends in EOS, pad 0
+  target_mask      (Lt,) bool         loss mask of target tokens (EOS included)
+  token_boxes      (Lt, 4) f32        per-token box target (LN trace boxes; referring: at the EOS)
+  token_box_valid  (Lt,) bool
+  seg_positions    (K,) i32           positions of `[SEG]` tokens in target_ids (0 where unused)
+  seg_masks        (K, S, S) bool     the mask each `[SEG]` must produce
+  seg_valid        (K,) bool
+  ignore_mask      (S, S) bool        pixels excluded from mask losses (ReasonSeg "ignore")
+  entity_masks     (E, S, S) bool     narrative grounding: one mask per panoptic segment (entity)
+  entity_valid     (E,) bool
+  association      (K, E) bool        [SEG] noun k ↔ entity e ground truth
+
+Training draws a random-ratio resize + crop (+ optional flip, refused for text that cannot be
+mirrored); evaluation resizes the long side and pads. Templates are picked with the row's rng.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing as tp
+
+import numpy as np
+
+from pixelground.data import alignment
+from pixelground.data import transforms as T
+
+LN_TEMPLATES = ("A long image caption:", "A detailed description of the image:",
+                "Describe the image in detail:", "A narrative of the image:")
+SHORT_CAPTION = "A short image caption:"
+REGION_CAPTION = "an object of"
+SEG_ANSWERS = ("Sure, it is [SEG].", "It is [SEG].", "Sure, the segmentation result is [SEG].")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  image_size: int = 384
+  max_prompt_len: int = 32
+  max_target_len: int = 128
+  max_seg: int = 4
+  max_entities: int = 16
+  train: bool = True
+  scale_range: tuple[float, float] = (0.5, 1.5)
+  flip: bool = False
+  split_sentences: bool = False  # LN: one sentence per target instead of the whole narrative
+  # Encoders whose normalised float32 image the host produces ("sam", "clip"): `image_{enc}` fields
+  # replace the uint8 `image`. Empty (default): ship uint8 and normalise on device (4× less transfer).
+  host_normalize: tuple[str, ...] = ()
+
+
+def schema(cfg: TaskConfig) -> dict[str, tuple[tuple[int, ...], tp.Any]]:
+  s, le, lt, k, e = cfg.image_size, cfg.max_prompt_len, cfg.max_target_len, cfg.max_seg, cfg.max_entities
+  images = ({f"image_{enc}": ((s, s, 3), np.float32) for enc in cfg.host_normalize}
+            if cfg.host_normalize else {"image": ((s, s, 3), np.uint8)})
+  return {
+      **images, "image_mask": ((s, s), np.bool_),
+      "prompt_box": ((4,), np.float32),
+      "prompt_ids": ((le,), np.int32),
+      "target_ids": ((lt,), np.int32), "target_mask": ((lt,), np.bool_),
+      "token_boxes": ((lt, 4), np.float32), "token_box_valid": ((lt,), np.bool_),
+      "seg_positions": ((k,), np.int32), "seg_masks": ((k, s, s), np.bool_), "seg_valid": ((k,), np.bool_),
+      "ignore_mask": ((s, s), np.bool_),
+      "entity_masks": ((e, s, s), np.bool_), "entity_valid": ((e,), np.bool_),
+      "association": ((k, e), np.bool_),
+  }
+
+
+def _text(v) -> str:
+  return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def _hw(image) -> tuple[int, int]:
+  """(height, width) of a numpy image or a PIL image."""
+  if hasattr(image, "shape"):
+    return int(image.shape[0]), int(image.shape[1])
+  return int(image.size[1]), int(image.size[0])
+
+
+def _pad(ids: tp.Sequence[int], length: int) -> np.ndarray:
+  out = np.zeros(length, np.int32)
+  ids = list(ids)[:length]
+  out[: len(ids)] = ids
+  return out
+
+
+class Converters:
+  """Converters for every task; `tokenizer` is a `pixelground.data.tokenizer.Tokenizer`."""
+
+  def __init__(self, cfg: TaskConfig, tokenizer):
+    self.cfg, self.tok = cfg, tokenizer
+    self.seg_id = tokenizer.token_id("[SEG]")
+    self.stats = {"ln_fallback_words": 0, "ln_words": 0, "flips_refused": 0}
+
+  # -- shared pieces -----------------------------------------------------------------------------------
+  def geometry(self, rng: np.random.Generator, image, texts: tp.Sequence[str] = ()) -> T.Geometry:
+    h, w = _hw(image)
+    s = self.cfg.image_size
+    if not self.cfg.train:
+      return T.resize_pad(h, w, s)
+    geom = T.random_resize_crop(rng, h, w, s, self.cfg.scale_range)
+    if self.cfg.flip:
+      if not all(T.flip_allowed(t) for t in texts):
+        self.stats["flips_refused"] += 1
+      geom = T.maybe_flip(rng, geom, texts=texts)  # one draw either way: the stream stays in step
+    return geom
+
+  def image_fields(self, image: np.ndarray, geom: T.Geometry) -> dict[str, np.ndarray]:
+    out, valid = T.apply_image(image, geom)  # converts any mode (grey, RGBA, palette, 16-bit)
+    vh, vw = geom.valid
+    s = self.cfg.image_size
+    fields = {"image_mask": valid, "prompt_box": np.asarray([0, 0, vw / s, vh / s], np.float32)}
+    if self.cfg.host_normalize:
+      for enc in self.cfg.host_normalize:
+        fields[f"image_{enc}"] = T.normalize(out, enc, valid=geom.valid)
+    else:
+      fields["image"] = out
+    return fields
+
+  def prompt(self, text: str) -> np.ndarray:
+    return _pad(self.tok.encode(text), self.cfg.max_prompt_len)
+
+  def target(self, ids: tp.Sequence[int]) -> dict[str, np.ndarray]:
+    lt = self.cfg.max_target_len
+    ids = list(ids)[: lt - 1] + [self.tok.eos_id]
+    return {"target_ids": _pad(ids, lt), "target_mask": np.arange(lt) < len(ids)}
+
+  def flip_text(self, geom: T.Geometry, text: str) -> str:
+    return T.flip_text(text) if geom.flipped else text
+
+  def norm_boxes(self, boxes_px: np.ndarray, geom: T.Geometry) -> np.ndarray:
+    """Pixel xyxy boxes of the source image → normalised canvas xyxy (clipped to the valid area)."""
+    return (geom.boxes(np.asarray(boxes_px, np.float32).reshape(-1, 4)) / self.cfg.image_size
+            ).astype(np.float32)
+
+  def masks(self, masks: np.ndarray, geom: T.Geometry) -> np.ndarray:
+    m = np.asarray(masks)
+    if m.ndim == 4:  # (K, H, W, 1) PNG-decoded
+      m = m[..., 0]
+    return T.apply_masks(m.astype(bool), geom)
+
+  # -- Localized Narratives: caption + per-token trace boxes ---------------------------------------------
+  def ln(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    image = ex["image"]
+    h, w = _hw(image)
+    caption = _text(ex["caption"])
+    utts = ex["utterances"]
+    texts = [_text(t) for t in utts["text"]]
+    geom = self.geometry(rng, image, [caption])
+    caption = self.flip_text(geom, caption)
+    texts = [self.flip_text(geom, t) for t in texts]
+    targets = alignment.align_narrative(caption, texts, self.tok, max_len=self.cfg.max_target_len,
+                                        split_sentences=self.cfg.split_sentences)
+    target = targets[int(rng.integers(len(targets)))] if len(targets) > 1 else targets[0]
+    self.stats["ln_fallback_words"] += target.num_fallback
+    self.stats["ln_words"] += target.num_words
+    out = self.image_fields(image, geom)
+    out["prompt_ids"] = self.prompt(LN_TEMPLATES[int(rng.integers(len(LN_TEMPLATES)))]
+                                    if self.cfg.train else LN_TEMPLATES[0])
+    out.update(self.target(target.ids))
+    lt = self.cfg.max_target_len
+    boxes = np.zeros((lt, 4), np.float32)
+    valid = np.zeros(lt, bool)
+    utt_boxes = np.asarray(utts["box"], np.float32).reshape(-1, 4) * np.asarray([w, h, w, h], np.float32)
+    canvas = self.norm_boxes(utt_boxes, geom) if len(utt_boxes) else np.zeros((0, 4), np.float32)
+    supervised = np.asarray(utts["supervised"], bool).reshape(-1)
+    # A trace box is a target even when it has no area (a still mouse); it must stay on the canvas.
+    on_canvas = (canvas[:, 2] >= canvas[:, 0]) & (canvas[:, 3] >= canvas[:, 1]) if len(canvas) else \
+        np.zeros(0, bool)
+    for t, u in enumerate(target.utterance[:lt]):
+      if u >= 0 and supervised[u] and on_canvas[u]:
+        boxes[t] = canvas[u]
+        valid[t] = True
+    out["token_boxes"], out["token_box_valid"] = boxes, valid
+    return out
+
+  # -- COCO captions ---------------------------------------------------------------------------------
+  def caption(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    captions = [_text(c) for c in ex["captions"]]
+    text = captions[int(rng.integers(len(captions)))] if self.cfg.train else captions[0]
+    geom = self.geometry(rng, ex["image"], [text])
+    out = self.image_fields(ex["image"], geom)
+    out["prompt_ids"] = self.prompt(SHORT_CAPTION)
+    out.update(self.target(self.tok.encode(self.flip_text(geom, text))))
+    return out
+
+  # -- referring localisation / segmentation (RefCOCO) -------------------------------------------------
+  def referring(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    sentences = [_text(s) for s in ex["sentences"]]
+    text = sentences[int(rng.integers(len(sentences)))] if self.cfg.train else sentences[0]
+    geom = self.geometry(rng, ex["image"], [text])
+    text = self.flip_text(geom, text)
+    out = self.image_fields(ex["image"], geom)
+    out["prompt_ids"] = self.prompt(f"where is {text}")
+    out.update(self.target(self.tok.encode(text)))
+    lt = self.cfg.max_target_len
+    eos_pos = int(out["target_mask"].sum()) - 1
+    box = self.norm_boxes(ex["box_xyxy"], geom)[0]
+    out["token_boxes"] = np.zeros((lt, 4), np.float32)
+    out["token_box_valid"] = np.zeros(lt, bool)
+    if geom.keep(np.asarray(ex["box_xyxy"], np.float32).reshape(1, 4))[0]:
+      out["token_boxes"][eos_pos] = box
+      out["token_box_valid"][eos_pos] = True
+    if "mask" in ex:
+      k = self.cfg.max_seg
+      seg = np.zeros((k,) + out["image_mask"].shape, bool)
+      seg[0] = self.masks(np.asarray(ex["mask"])[None], geom)[0]  # (1, H, W, 1) → (S, S)
+      out["seg_masks"], out["seg_valid"] = seg, np.arange(k) < 1
+      out["seg_positions"] = np.asarray([eos_pos] + [0] * (k - 1), np.int32)
+    return out
+
+  # -- location-conditioned captioning (RefCOCO / VG regions) -----------------------------------------
+  def region_caption(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if "sentences" in ex:
+      texts, boxes = [_text(s) for s in ex["sentences"]], np.asarray(ex["box_xyxy"]).reshape(1, 4)
+      pick = int(rng.integers(len(texts))) if self.cfg.train else 0
+      text, box = texts[pick], boxes[0]
+    else:  # vg_densecap: one region of the image
+      texts, boxes = [_text(s) for s in ex["phrases"]], np.asarray(ex["boxes"]).reshape(-1, 4)
+      pick = int(rng.integers(len(texts))) if self.cfg.train else 0
+      text, box = texts[pick], boxes[pick]
+    geom = self.geometry(rng, ex["image"], [text])
+    out = self.image_fields(ex["image"], geom)
+    out["prompt_box"] = self.norm_boxes(box, geom)[0]
+    out["prompt_ids"] = self.prompt(REGION_CAPTION)
+    out.update(self.target(self.tok.encode(self.flip_text(geom, text))))
+    return out
+
+  # -- reasoning / referring segmentation with [SEG] (LISA) -------------------------------------------
+  def reason_seg(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    queries = [_text(q) for q in ex["queries"]]
+    question = queries[int(rng.integers(len(queries)))] if self.cfg.train else queries[0]
+    geom = self.geometry(rng, ex["image"], [question])
+    question = self.flip_text(geom, question)
+    out = self.image_fields(ex["image"], geom)
+    out["prompt_ids"] = self.prompt(question)
+    answer = SEG_ANSWERS[int(rng.integers(len(SEG_ANSWERS)))] if self.cfg.train else SEG_ANSWERS[0]
+    out.update(self.target(self.tok.encode(answer)))
+    k = self.cfg.max_seg
+    positions = np.flatnonzero(out["target_ids"] == self.seg_id)[:k]
+    seg = np.zeros((k,) + out["image_mask"].shape, bool)
+    seg[0] = self.masks(np.asarray(ex["target_mask"])[None], geom)[0]
+    out["seg_masks"] = seg
+    out["seg_valid"] = np.arange(k) < len(positions)
+    out["seg_positions"] = _pad(positions, k)
+    out["ignore_mask"] = self.masks(np.asarray(ex["ignore_mask"])[None], geom)[0]
+    return out
+
+  # -- panoptic narrative grounding (GELLA / PNG): nouns each followed by [SEG] -----------------------
+  def narrative_grounding(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    from tfds_builders.coco_panoptic import segment_ids
+
+    caption = _text(ex["caption"])
+    geom = self.geometry(rng, ex["image"], [caption])
+    out = self.image_fields(ex["image"], geom)
+    out["prompt_ids"] = self.prompt(self.flip_text(geom, caption))
+    k, e = self.cfg.max_seg, self.cfg.max_entities
+    ids_map = segment_ids(np.asarray(ex["panoptic"]))
+    entity_ids = [int(i) for i in np.asarray(ex["segments"]["id"])][:e]
+    entity_masks = np.zeros((e,) + out["image_mask"].shape, bool)
+    if entity_ids:
+      entity_masks[: len(entity_ids)] = self.masks(
+          np.stack([ids_map == i for i in entity_ids]), geom)
+    target, positions, assoc = [], [], np.zeros((k, e), bool)
+    offsets = np.asarray(ex["phrase_offsets"])
+    flat = np.asarray(ex["phrase_segment_ids"])
+    nouns = [(p, _text(u)) for p, (u, noun) in enumerate(zip(ex["phrases"]["utterance"],
+                                                           ex["phrases"]["noun"])) if noun]
+    for p, utterance in nouns:
+      if len(positions) == k:
+        break
+      target.extend(self.tok.encode(self.flip_text(geom, utterance)))
+      if len(target) >= self.cfg.max_target_len - 2:
+        break
+      positions.append(len(target))
+      target.append(self.seg_id)
+      for sid in flat[offsets[p]:offsets[p + 1]]:
+        if int(sid) in entity_ids:
+          assoc[len(positions) - 1, entity_ids.index(int(sid))] = True
+    out.update(self.target(target))
+    out["seg_positions"] = _pad(positions, k)
+    out["seg_valid"] = np.arange(k) < len(positions)
+    seg = np.zeros((k,) + out["image_mask"].shape, bool)
+    for j in range(len(positions)):
+      seg[j] = np.any(entity_masks[assoc[j]], axis=0) if assoc[j].any() else seg[j]
+    out["seg_masks"] = seg
+    out["entity_masks"], out["entity_valid"] = entity_masks, np.arange(e) < len(entity_ids)
+    out["association"] = assoc
+    return out
