@@ -109,3 +109,17 @@ def test_schema_padding_and_errors():
     next(iter(pipeline.Loader([bad], SCHEMA, batch_size=1, seed=0)))
   with pytest.raises(ValueError, match="mixing"):
     pipeline.Loader(_tasks(), SCHEMA, batch_size=1, seed=0, mixing="rows")
+
+
+def test_batches_become_sharded_global_arrays():
+  """A loader batch → batch-sharded jax.Arrays on the 8-device fake mesh (one process: local = global)."""
+  import jax
+  from pixelground import sharding
+
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+  batch = next(iter(pipeline.Loader(_tasks(), SCHEMA, batch_size=8, seed=0)))
+  arrays = sharding.global_batch(batch, mesh, sharding.DEFAULT_RULES)
+  for k, v in arrays.items():
+    assert isinstance(v, jax.Array) and v.shape == batch[k].shape
+    assert len(v.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(v), batch[k])

@@ -7,6 +7,7 @@ from pixelground.data import pipeline, tasks
 from pixelground.data.tokenizer import load_tokenizer
 from tfds_builders import build_grounded_shapes
 from tfds_builders.coco_captions import CocoCaptions
+from tfds_builders.coco_panoptic import CocoPanoptic
 from tfds_builders.localized_narratives import LocalizedNarratives
 from tfds_builders.panoptic_narrative_grounding import PanopticNarrativeGrounding
 from tfds_builders.reasonseg import ReasonSeg
@@ -22,8 +23,10 @@ def data(tmp_path_factory):
                                   num_test=0, seed=11)
   load = lambda cls: cls(data_dir=str(root / "tfds"), config="grounded_shapes").as_data_source(
       split="train")
+  pan = CocoPanoptic(data_dir=str(root / "tfds"), config="grounded_shapes")
   return {"ln": load(LocalizedNarratives), "caption": load(CocoCaptions), "ref": load(RefCoco),
-          "reason": load(ReasonSeg), "png": load(PanopticNarrativeGrounding)}
+          "reason": load(ReasonSeg), "png": load(PanopticNarrativeGrounding),
+          "pan": pan.as_data_source(split="train"), "categories": pan.info.metadata["categories"]}
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +107,29 @@ def test_mixed_loader_over_real_datasets(data, tok):
     assert batch["target_ids"].shape == (4, cfg.max_target_len)
     seen.update(batch["task_id"].tolist())
   assert seen == {0, 1, 2, 3, 4}
+
+
+def test_panoptic_and_dense_caption(data, tok):
+  cfg = tasks.TaskConfig(image_size=S, train=False)
+  conv = tasks.Converters(cfg, tok, categories=data["categories"])
+  ex = data["pan"][0]
+  row = conv.panoptic(ex, np.random.default_rng(0))
+  _check_schema(row, cfg)
+  n = int(row["seg_valid"].sum())
+  assert n == min(len(ex["segments"]["id"]), cfg.max_seg)
+  names = {c["name"] for c in data["categories"]}
+  text = tok.decode(row["target_ids"])
+  assert text.count("[SEG]") == n and any(name in text for name in names)
+  np.testing.assert_array_equal(row["association"][:n, :n], np.eye(n, dtype=bool))
+  for j in range(n):
+    assert row["target_ids"][row["seg_positions"][j]] == tok.token_id("[SEG]")
+    np.testing.assert_array_equal(row["seg_masks"][j], row["entity_masks"][j])
+  # Dense captioning from a VG-style example: regions kept with their captions, in canvas coordinates.
+  image = np.zeros((60, 100, 3), np.uint8)
+  ex = {"image": image, "boxes": np.array([[10, 5, 30, 25], [50, 10, 90, 50]], np.float32),
+        "phrases": [b"a red circle", b"the blue square"]}
+  row = conv.dense_caption(ex, np.random.default_rng(0))
+  _check_schema(row, cfg)
+  assert row["region_valid"].sum() == 2
+  np.testing.assert_allclose(row["region_boxes"][1], np.array([50, 10, 90, 50]) * (S / 100) / S, atol=1e-6)
+  assert tok.decode(row["region_ids"][0]) == "a red circle"

@@ -21,6 +21,9 @@ E = cfg.max_entities; boxes are [x0, y0, x1, y1] NORMALISED to the S×S output c
   entity_masks     (E, S, S) bool     narrative grounding: one mask per panoptic segment (entity)
   entity_valid     (E,) bool
   association      (K, E) bool        [SEG] noun k ↔ entity e ground truth
+  region_boxes     (R, 4) f32         dense captioning: GT regions (matched to proposals by the model)
+  region_ids       (R, Lr) i32        their captions (EOS-terminated, pad 0)
+  region_valid     (R,) bool
 
 Training draws a random-ratio resize + crop (+ optional flip, refused for text that cannot be
 mirrored); evaluation resizes the long side and pads. Templates are picked with the row's rng.
@@ -50,6 +53,8 @@ class TaskConfig:
   max_target_len: int = 128
   max_seg: int = 4
   max_entities: int = 16
+  max_regions: int = 16          # dense captioning GT regions per image
+  max_region_len: int = 16       # tokens per region caption (incl. EOS)
   train: bool = True
   scale_range: tuple[float, float] = (0.5, 1.5)
   flip: bool = False
@@ -73,6 +78,9 @@ def schema(cfg: TaskConfig) -> dict[str, tuple[tuple[int, ...], tp.Any]]:
       "ignore_mask": ((s, s), np.bool_),
       "entity_masks": ((e, s, s), np.bool_), "entity_valid": ((e,), np.bool_),
       "association": ((k, e), np.bool_),
+      "region_boxes": ((cfg.max_regions, 4), np.float32),
+      "region_ids": ((cfg.max_regions, cfg.max_region_len), np.int32),
+      "region_valid": ((cfg.max_regions,), np.bool_),
   }
 
 
@@ -97,8 +105,11 @@ def _pad(ids: tp.Sequence[int], length: int) -> np.ndarray:
 class Converters:
   """Converters for every task; `tokenizer` is a `pixelground.data.tokenizer.Tokenizer`."""
 
-  def __init__(self, cfg: TaskConfig, tokenizer):
+  def __init__(self, cfg: TaskConfig, tokenizer, categories: tp.Sequence[dict] | None = None):
+    """`categories`: the panoptic category list (`builder.info.metadata["categories"]`), needed by
+    `panoptic` only."""
     self.cfg, self.tok = cfg, tokenizer
+    self.categories = list(categories or [])
     self.seg_id = tokenizer.token_id("[SEG]")
     self.stats = {"ln_fallback_words": 0, "ln_words": 0, "flips_refused": 0}
 
@@ -296,4 +307,75 @@ class Converters:
     out["seg_masks"] = seg
     out["entity_masks"], out["entity_valid"] = entity_masks, np.arange(e) < len(entity_ids)
     out["association"] = assoc
+    return out
+
+  # -- dense captioning (VG / grounded shapes refs): all GT regions + captions ---------------------------
+  def dense_caption(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """vg_densecap examples (`boxes` pixel xyxy, `phrases`). Regions cropped away are dropped; at most
+    `max_regions` are kept (a random subset when training)."""
+    texts = [_text(t) for t in ex["phrases"]]
+    boxes = np.asarray(ex["boxes"], np.float32).reshape(-1, 4)
+    geom = self.geometry(rng, ex["image"], texts)
+    out = self.image_fields(ex["image"], geom)
+    out["prompt_ids"] = self.prompt(REGION_CAPTION)
+    keep = np.flatnonzero(geom.keep(boxes)) if len(boxes) else np.zeros(0, int)
+    if self.cfg.train and len(keep) > self.cfg.max_regions:
+      keep = np.sort(rng.choice(keep, self.cfg.max_regions, replace=False))
+    keep = keep[: self.cfg.max_regions]
+    r, lr = self.cfg.max_regions, self.cfg.max_region_len
+    out["region_boxes"] = np.zeros((r, 4), np.float32)
+    out["region_ids"] = np.zeros((r, lr), np.int32)
+    if len(keep):
+      out["region_boxes"][: len(keep)] = self.norm_boxes(boxes[keep], geom)
+    for j, i in enumerate(keep):
+      ids = self.tok.encode(self.flip_text(geom, texts[i]))[: lr - 1] + [self.tok.eos_id]
+      out["region_ids"][j] = _pad(ids, lr)
+    out["region_valid"] = np.arange(r) < len(keep)
+    return out
+
+  # -- panoptic segmentation (GELLA): category list → "name [SEG]" per entity -------------------------
+  def panoptic(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """coco_panoptic examples. Prompt: the category names (shuffled when training); target: each entity's
+    category name followed by `[SEG]`, entities in a random (training) or id order; association[k, k]."""
+    from tfds_builders.coco_panoptic import segment_ids
+
+    if not self.categories:
+      raise ValueError("Converters.panoptic needs `categories` (the panoptic builder's metadata)")
+    names = [c["name"].replace("-merged", "").replace("-other", "").replace("-", " ")
+             for c in self.categories]
+    order = rng.permutation(len(names)) if self.cfg.train else np.arange(len(names))
+    geom = self.geometry(rng, ex["image"], names)
+    out = self.image_fields(ex["image"], geom)
+    out["prompt_ids"] = self.prompt(", ".join(names[i] for i in order))
+    k, e = self.cfg.max_seg, self.cfg.max_entities
+    ids_map = segment_ids(np.asarray(ex["panoptic"]))
+    seg_ids = np.asarray(ex["segments"]["id"])
+    cats = np.asarray(ex["segments"]["category"])
+    entity_order = rng.permutation(len(seg_ids)) if self.cfg.train else np.arange(len(seg_ids))
+    chosen = [int(j) for j in entity_order][: min(k, e)]
+    masks = (self.masks(np.stack([ids_map == seg_ids[j] for j in chosen]), geom) if chosen
+             else np.zeros((0,) + out["image_mask"].shape, bool))
+    target, positions, used = [], [], []
+    for n, j in enumerate(chosen):
+      if not masks[n].any():  # cropped away
+        continue
+      piece = self.tok.encode(names[int(cats[j])])
+      if len(target) + len(piece) + 2 > self.cfg.max_target_len:
+        break
+      target.extend(piece)
+      positions.append(len(target))
+      target.append(self.seg_id)
+      used.append(n)
+    out.update(self.target(target))
+    s_shape = out["image_mask"].shape
+    out["entity_masks"] = np.zeros((e,) + s_shape, bool)
+    out["seg_masks"] = np.zeros((k,) + s_shape, bool)
+    out["association"] = np.zeros((k, e), bool)
+    for slot, n in enumerate(used):
+      out["entity_masks"][slot] = masks[n]
+      out["seg_masks"][slot] = masks[n]
+      out["association"][slot, slot] = True
+    out["entity_valid"] = np.arange(e) < len(used)
+    out["seg_valid"] = np.arange(k) < len(used)
+    out["seg_positions"] = _pad(positions, k)
     return out
