@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/t5_decode.py
 	$(PY) bench/t5_train_step.py
 	$(PY) bench/vision.py
+	$(PY) bench/input_pipeline.py
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache
