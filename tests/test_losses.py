@@ -2,6 +2,7 @@
 computed tiny cases, masking / validity / ignore semantics, jit, gradients and bfloat16 inputs."""
 
 import functools
+import types
 
 import numpy as np
 import pytest
@@ -16,6 +17,21 @@ from pixelground import losses  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32 vs float64 references
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
+
+# Jitted once per shape: eager op-by-op dispatch would compile every primitive separately (slow on CPU).
+L = types.SimpleNamespace(
+    text_cross_entropy=jax.jit(losses.text_cross_entropy, static_argnames="label_smoothing"),
+    token_accuracy=jax.jit(losses.token_accuracy),
+    point_l1=jax.jit(losses.point_l1),
+    sigmoid_focal_loss=jax.jit(losses.sigmoid_focal_loss, static_argnames=("alpha", "gamma")),
+    dice_loss=jax.jit(losses.dice_loss, static_argnames="eps"),
+    mask_bce=jax.jit(losses.mask_bce),
+    mask_iou=jax.jit(losses.mask_iou),
+    iou_mse=jax.jit(losses.iou_mse),
+    heatmap_focal_loss=jax.jit(losses.heatmap_focal_loss, static_argnames=("alpha", "beta")),
+    giou_loss=jax.jit(losses.giou_loss),
+    association_bce=jax.jit(losses.association_bce),
+)
 
 
 def rng(seed=0):
@@ -121,8 +137,7 @@ def text_case(seed=0, b=3, t=5, v=11):
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 def test_cross_entropy_matches_numpy_spec_convention(eps):
   logits, targets, mask = text_case()
-  loss, per_ex = jax.jit(functools.partial(losses.text_cross_entropy, label_smoothing=eps))(
-      logits, targets, mask)
+  loss, per_ex = L.text_cross_entropy(logits, targets, mask, label_smoothing=eps)
   ref_loss, ref_per_ex = np_smoothed_ce(logits, targets, mask, eps)
   np.testing.assert_allclose(float(loss), ref_loss, **TOL)
   np.testing.assert_allclose(np.asarray(per_ex), ref_per_ex, **TOL)
@@ -131,7 +146,7 @@ def test_cross_entropy_matches_numpy_spec_convention(eps):
 
 def test_cross_entropy_unsmoothed_equals_torch():
   logits, targets, mask = text_case(1)
-  loss, _ = losses.text_cross_entropy(logits, targets, mask, label_smoothing=0.0)
+  loss, _ = L.text_cross_entropy(logits, targets, mask, label_smoothing=0.0)
   ref = F.cross_entropy(t64(logits)[torch.from_numpy(mask)], torch.from_numpy(targets[mask]).long())
   np.testing.assert_allclose(float(loss), float(ref), **TOL)
 
@@ -141,7 +156,7 @@ def test_cross_entropy_smoothing_is_torch_with_rescaled_epsilon():
   logits, targets, mask = text_case(2)
   v = logits.shape[-1]
   eps = 0.1
-  loss, _ = losses.text_cross_entropy(logits, targets, mask, label_smoothing=eps)
+  loss, _ = L.text_cross_entropy(logits, targets, mask, label_smoothing=eps)
   sel = torch.from_numpy(mask)
   x, y = t64(logits)[sel], torch.from_numpy(targets[mask]).long()
   ref = F.cross_entropy(x, y, label_smoothing=eps * v / (v - 1))
@@ -151,17 +166,17 @@ def test_cross_entropy_smoothing_is_torch_with_rescaled_epsilon():
 
 def test_cross_entropy_masking_and_empty():
   logits, targets, mask = text_case(3)
-  loss, per_ex = losses.text_cross_entropy(logits, targets, mask)
+  loss, per_ex = L.text_cross_entropy(logits, targets, mask)
   # Masked positions may hold anything, including out-of-range ids and huge logits.
   logits2 = np.where(mask[..., None], logits, 1e30).astype(np.float32)
   targets2 = np.where(mask, targets, -100)
-  loss2, per_ex2 = losses.text_cross_entropy(logits2, targets2, mask)
+  loss2, per_ex2 = L.text_cross_entropy(logits2, targets2, mask)
   np.testing.assert_allclose(float(loss2), float(loss), **TOL)
   np.testing.assert_allclose(np.asarray(per_ex2), np.asarray(per_ex), **TOL)
   none = np.zeros_like(mask)
-  loss0, per_ex0 = losses.text_cross_entropy(logits, targets, none)
+  loss0, per_ex0 = L.text_cross_entropy(logits, targets, none)
   assert float(loss0) == 0.0 and np.all(np.asarray(per_ex0) == 0.0)
-  g = jax.grad(lambda x: losses.text_cross_entropy(x, targets, none)[0])(jnp.asarray(logits))
+  g = jax.grad(lambda x: L.text_cross_entropy(x, targets, none)[0])(jnp.asarray(logits))
   assert np.all(np.asarray(g) == 0.0)
 
 
@@ -172,27 +187,27 @@ def test_cross_entropy_perfect_prediction_hits_the_entropy_floor():
   # logits whose softmax is exactly q: log q (up to a constant).
   q = np.full((1, 2, v), eps / (v - 1))
   q[0, 0, 2] = q[0, 1, 5] = 1 - eps
-  loss, _ = losses.text_cross_entropy(np.log(q).astype(np.float32), targets, mask, label_smoothing=eps)
+  loss, _ = L.text_cross_entropy(np.log(q).astype(np.float32), targets, mask, label_smoothing=eps)
   entropy = -(q[0, 0] * np.log(q[0, 0])).sum()
   np.testing.assert_allclose(float(loss), entropy, rtol=1e-5)
   onehot = np.where(np.arange(v) == targets[..., None], 30.0, -30.0).astype(np.float32)
-  loss0, _ = losses.text_cross_entropy(onehot, targets, mask, label_smoothing=0.0)
+  loss0, _ = L.text_cross_entropy(onehot, targets, mask, label_smoothing=0.0)
   assert float(loss0) < 1e-6
 
 
 def test_cross_entropy_grad_and_bfloat16():
   logits, targets, mask = text_case(4)
-  g = jax.grad(lambda x: losses.text_cross_entropy(x, targets, mask)[0])(jnp.asarray(logits))
+  g = jax.grad(lambda x: L.text_cross_entropy(x, targets, mask)[0])(jnp.asarray(logits))
   assert np.all(np.isfinite(np.asarray(g)))
   assert np.all(np.asarray(g)[~mask] == 0.0)
   # The gradient of CE w.r.t. the logits is (softmax − q) / n_tokens at each valid position.
   np.testing.assert_allclose(np.asarray(g).sum(-1), 0.0, atol=1e-6)
   lb = jnp.asarray(logits, jnp.bfloat16)
-  loss_b, per_b = losses.text_cross_entropy(lb, targets, mask)
+  loss_b, per_b = L.text_cross_entropy(lb, targets, mask)
   ref, _ = np_smoothed_ce(np.asarray(lb.astype(jnp.float32)), targets, mask, 0.1)
   assert loss_b.dtype == jnp.float32 and per_b.dtype == jnp.float32
   np.testing.assert_allclose(float(loss_b), ref, rtol=1e-5)
-  gb = jax.grad(lambda x: losses.text_cross_entropy(x, targets, mask)[0])(lb)
+  gb = jax.grad(lambda x: L.text_cross_entropy(x, targets, mask)[0])(lb)
   assert gb.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(gb.astype(jnp.float32))))
 
 
@@ -202,9 +217,9 @@ def test_token_accuracy():
   targets = targets.copy()
   targets[1, :3] = pred[1, :3]  # guarantee a few hits
   ref = (pred == targets)[mask].mean()
-  np.testing.assert_allclose(float(jax.jit(losses.token_accuracy)(logits, targets, mask)), ref, rtol=1e-6)
-  assert float(losses.token_accuracy(logits, targets, np.zeros_like(mask))) == 0.0
-  assert float(losses.token_accuracy(jnp.asarray(logits, jnp.bfloat16), pred, mask)) == 1.0
+  np.testing.assert_allclose(float(L.token_accuracy(logits, targets, mask)), ref, rtol=1e-6)
+  assert float(L.token_accuracy(logits, targets, np.zeros_like(mask))) == 0.0
+  assert float(L.token_accuracy(jnp.asarray(logits, jnp.bfloat16), pred, mask)) == 1.0
 
 
 # ----------------------------------------------------------------------------------------- locations
@@ -219,17 +234,17 @@ def test_point_l1_reference_and_shapes():
   valid = np.array([[1, 1, 1, 0, 1, 0], [1, 1, 0, 0, 0, 1]], bool)
   scored = valid & np.any(target.reshape(b, t, 4) != 0, -1)
   ref = np.abs(pred - target).reshape(b, t, 4).sum(-1)[scored].mean()
-  got = jax.jit(losses.point_l1)(pred, target, valid)
+  got = L.point_l1(pred, target, valid)
   np.testing.assert_allclose(float(got), ref, rtol=1e-6)
-  flat = losses.point_l1(pred.reshape(b, t, 4), target.reshape(b, t, 4), valid)
+  flat = L.point_l1(pred.reshape(b, t, 4), target.reshape(b, t, 4), valid)
   np.testing.assert_allclose(float(flat), ref, rtol=1e-6)
   # Hand case: one scored token, errors 1, 2, 3, 4 pixels → 10.
   p1 = np.array([[[1.0, 2.0, 3.0, 4.0]]], np.float32)
   t1 = np.array([[[2.0, 4.0, 6.0, 8.0]]], np.float32)
-  assert float(losses.point_l1(p1, t1, np.ones((1, 1), bool))) == pytest.approx(10.0)
+  assert float(L.point_l1(p1, t1, np.ones((1, 1), bool))) == pytest.approx(10.0)
   # A partly-zero target (point at the origin) is still scored.
   t2 = np.array([[[0.0, 0.0, 6.0, 8.0]]], np.float32)
-  assert float(losses.point_l1(p1, t2, np.ones((1, 1), bool))) == pytest.approx(1 + 2 + 3 + 4)
+  assert float(L.point_l1(p1, t2, np.ones((1, 1), bool))) == pytest.approx(1 + 2 + 3 + 4)
 
 
 def test_point_l1_masking_empty_grad_bf16():
@@ -237,14 +252,14 @@ def test_point_l1_masking_empty_grad_bf16():
   pred = r.uniform(0, 100, (2, 4, 4)).astype(np.float32)
   target = r.uniform(1, 100, (2, 4, 4)).astype(np.float32)
   valid = np.array([[1, 0, 1, 0], [0, 0, 1, 1]], bool)
-  base = float(losses.point_l1(pred, target, valid))
+  base = float(L.point_l1(pred, target, valid))
   pred2 = np.where(valid[..., None], pred, 1e6).astype(np.float32)
-  assert float(losses.point_l1(pred2, target, valid)) == pytest.approx(base, rel=1e-6)
-  assert float(losses.point_l1(pred, target, np.zeros_like(valid))) == 0.0
-  assert float(losses.point_l1(pred, np.zeros_like(target), valid)) == 0.0
-  g = jax.grad(losses.point_l1)(jnp.asarray(pred), target, valid)
+  assert float(L.point_l1(pred2, target, valid)) == pytest.approx(base, rel=1e-6)
+  assert float(L.point_l1(pred, target, np.zeros_like(valid))) == 0.0
+  assert float(L.point_l1(pred, np.zeros_like(target), valid)) == 0.0
+  g = jax.grad(L.point_l1)(jnp.asarray(pred), target, valid)
   assert np.all(np.isfinite(np.asarray(g))) and np.all(np.asarray(g)[~valid] == 0)
-  got = losses.point_l1(jnp.asarray(pred, jnp.bfloat16), target, valid)
+  got = L.point_l1(jnp.asarray(pred, jnp.bfloat16), target, valid)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(float(got), base, **BF16_TOL)
 
@@ -255,57 +270,58 @@ def test_point_l1_masking_empty_grad_bf16():
 @pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 2.0), (0.5, 0.0), (0.25, 1.5)])
 def test_focal_matches_torch(alpha, gamma):
   logits, targets, valid = masks_case()
-  fn = jax.jit(functools.partial(losses.sigmoid_focal_loss, alpha=alpha, gamma=gamma))
+  fn = functools.partial(L.sigmoid_focal_loss, alpha=alpha, gamma=gamma)
   got = fn(logits, targets, valid)
   np.testing.assert_allclose(float(got), torch_focal(logits, targets, valid, alpha, gamma), **TOL)
 
 
 def test_focal_gamma0_is_weighted_bce():
   logits, targets, valid = masks_case(1)
-  got = losses.sigmoid_focal_loss(logits, targets, valid, alpha=-1, gamma=0.0)
-  np.testing.assert_allclose(float(got), float(losses.mask_bce(logits, targets, valid)), **TOL)
+  got = L.sigmoid_focal_loss(logits, targets, valid, alpha=-1, gamma=0.0)
+  np.testing.assert_allclose(float(got), float(L.mask_bce(logits, targets, valid)), **TOL)
 
 
 def test_dice_matches_torch_and_hand_cases():
   logits, targets, valid = masks_case(2)
   for eps in (1.0, 1e-3):
-    got = jax.jit(functools.partial(losses.dice_loss, eps=eps))(logits, targets, valid)
+    got = L.dice_loss(logits, targets, valid, eps=eps)
     np.testing.assert_allclose(float(got), torch_dice(logits, targets, valid, eps), **TOL)
   # 2×2 hand case: p = 0.5 everywhere, one target pixel: 1 − (2·0.5 + 1) / (2 + 1 + 1) = 0.5.
   zero = np.zeros((1, 2, 2), np.float32)
   tgt = np.array([[[1.0, 0.0], [0.0, 0.0]]], np.float32)
-  assert float(losses.dice_loss(zero, tgt, np.ones(1, bool))) == pytest.approx(0.5)
+  assert float(L.dice_loss(zero, tgt, np.ones(1, bool))) == pytest.approx(0.5)
+  assert float(losses.dice_loss(zero, tgt, np.ones(1, bool))) == pytest.approx(0.5)  # eager
   # eps = 0: 1 − 1 / 3 = 2/3.
-  assert float(losses.dice_loss(zero, tgt, np.ones(1, bool), eps=0.0)) == pytest.approx(2 / 3, rel=1e-6)
+  assert float(L.dice_loss(zero, tgt, np.ones(1, bool), eps=0.0)) == pytest.approx(2 / 3, rel=1e-6)
   # Perfect confident prediction → ~0.
   perfect = np.where(tgt > 0, 40.0, -40.0).astype(np.float32)
-  assert float(losses.dice_loss(perfect, tgt, np.ones(1, bool))) < 1e-6
+  assert float(L.dice_loss(perfect, tgt, np.ones(1, bool))) < 1e-6
 
 
 def test_bce_matches_torch():
   logits, targets, valid = masks_case(3)
-  got = jax.jit(losses.mask_bce)(logits, targets, valid)
+  got = L.mask_bce(logits, targets, valid)
   np.testing.assert_allclose(float(got), torch_bce(logits, targets, valid), **TOL)
   # Soft targets and extreme logits stay finite and exact.
   soft = rng(3).uniform(size=targets.shape).astype(np.float32)
   big = (logits * 100).astype(np.float32)
-  np.testing.assert_allclose(float(losses.mask_bce(big, soft, valid)), torch_bce(big, soft, valid), **TOL)
+  np.testing.assert_allclose(float(L.mask_bce(big, soft, valid)), torch_bce(big, soft, valid), **TOL)
 
 
 def test_perfect_masks_give_zero():
   tgt = (rng(4).uniform(size=(3, 6, 6)) > 0.5).astype(np.float32)
   perfect = np.where(tgt > 0, 50.0, -50.0).astype(np.float32)
   valid = np.ones(3, bool)
-  assert float(losses.sigmoid_focal_loss(perfect, tgt, valid)) < 1e-12
-  assert float(losses.mask_bce(perfect, tgt, valid)) < 1e-12
-  assert float(losses.iou_mse(np.ones(3, np.float32), perfect, tgt, valid)) == 0.0
+  assert float(L.sigmoid_focal_loss(perfect, tgt, valid)) < 1e-12
+  assert float(L.mask_bce(perfect, tgt, valid)) < 1e-12
+  assert float(L.iou_mse(np.ones(3, np.float32), perfect, tgt, valid)) == 0.0
 
 
 MASK_LOSSES = {
-    "focal": losses.sigmoid_focal_loss,
-    "dice": losses.dice_loss,
-    "bce": losses.mask_bce,
-    "iou_mse": lambda lg, tg, v, **kw: losses.iou_mse(jnp.full(v.shape, 0.3), lg, tg, v, **kw),
+    "focal": L.sigmoid_focal_loss,
+    "dice": L.dice_loss,
+    "bce": L.mask_bce,
+    "iou_mse": lambda lg, tg, v, **kw: L.iou_mse(jnp.full(v.shape, 0.3), lg, tg, v, **kw),
 }
 
 
@@ -319,7 +335,7 @@ def test_mask_losses_validity_ignore_grad_bf16(name):
   lg2 = np.where(valid[..., None, None], logits, 1e4).astype(np.float32)
   tg2 = np.where(valid[..., None, None], targets, 0.37).astype(np.float32)
   np.testing.assert_allclose(float(fn(lg2, tg2, valid)), base, **TOL)
-  # Valid masks are averaged: the loss equals the mean of one-mask losses.
+  # Valid masks are averaged: the loss equals the mean of one-mask L.
   singles = [float(fn(logits[i, j][None], targets[i, j][None], np.ones(1, bool)))
              for i, j in zip(*np.nonzero(valid))]
   np.testing.assert_allclose(base, np.mean(singles), **TOL)
@@ -357,7 +373,7 @@ def test_mask_with_every_pixel_ignored_is_skipped():
   ignore[0, 0] = True  # a valid mask with nothing left to score
   v2 = valid.copy()
   v2[0, 0] = False
-  for fn in (losses.sigmoid_focal_loss, losses.mask_bce):
+  for fn in (L.sigmoid_focal_loss, L.mask_bce):
     np.testing.assert_allclose(float(fn(logits, targets, valid, ignore=ignore)),
                                float(fn(logits, targets, v2)), **TOL)
 
@@ -366,17 +382,17 @@ def test_iou_mse_hand_case_and_gradient():
   # Prediction covers 3 pixels, target 2, overlap 1 → IoU = 1 / 4.
   logits = np.array([[[5.0, 5.0, 5.0], [-5.0, -5.0, -5.0]]], np.float32)
   tgt = np.array([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]], np.float32)
-  np.testing.assert_allclose(np.asarray(losses.mask_iou(logits, tgt)), [0.25])
+  np.testing.assert_allclose(np.asarray(L.mask_iou(logits, tgt)), [0.25])
   valid = np.ones(1, bool)
-  got = losses.iou_mse(np.array([0.75], np.float32), logits, tgt, valid)
+  got = L.iou_mse(np.array([0.75], np.float32), logits, tgt, valid)
   assert float(got) == pytest.approx(0.25)
-  g_iou, g_logits = jax.grad(losses.iou_mse, argnums=(0, 1))(
+  g_iou, g_logits = jax.grad(L.iou_mse, argnums=(0, 1))(
       jnp.array([0.75]), jnp.asarray(logits), tgt, valid)
   np.testing.assert_allclose(np.asarray(g_iou), [2 * (0.75 - 0.25)])
   assert np.all(np.asarray(g_logits) == 0)  # the target IoU is a constant
   # Both empty → IoU 1.
   empty = np.zeros((1, 2, 3), np.float32)
-  np.testing.assert_allclose(np.asarray(losses.mask_iou(-np.ones_like(empty), empty)), [1.0])
+  np.testing.assert_allclose(np.asarray(L.mask_iou(-np.ones_like(empty), empty)), [1.0])
 
 
 # ---------------------------------------------------------------------------------------- proposals
@@ -398,17 +414,17 @@ def test_heatmap_focal_matches_numpy():
   logits, gt = heatmap_case()
   assert (gt == 1).sum() == 3
   for alpha, beta in [(2.0, 4.0), (1.0, 2.0)]:
-    got = jax.jit(functools.partial(losses.heatmap_focal_loss, alpha=alpha, beta=beta))(logits, gt)
+    got = L.heatmap_focal_loss(logits, gt, alpha=alpha, beta=beta)
     np.testing.assert_allclose(float(got), np_centernet(logits, gt, alpha, beta), **TOL)
   # No positives: normalised by 1, still finite.
   zero_gt = np.zeros_like(gt)
-  np.testing.assert_allclose(float(losses.heatmap_focal_loss(logits, zero_gt)),
+  np.testing.assert_allclose(float(L.heatmap_focal_loss(logits, zero_gt)),
                              np_centernet(logits, zero_gt, 2.0, 4.0), **TOL)
   # Near-perfect prediction → ~0; extreme logits stay finite (no clamp needed).
   perfect = np.where(gt == 1, 30.0, -30.0).astype(np.float32)
-  assert float(losses.heatmap_focal_loss(perfect, gt)) < 1e-6
+  assert float(L.heatmap_focal_loss(perfect, gt)) < 1e-6
   worst = np.where(gt == 1, -200.0, 200.0).astype(np.float32)
-  val, g = jax.value_and_grad(losses.heatmap_focal_loss)(jnp.asarray(worst), gt)
+  val, g = jax.value_and_grad(L.heatmap_focal_loss)(jnp.asarray(worst), gt)
   assert np.isfinite(float(val)) and np.all(np.isfinite(np.asarray(g)))
 
 
@@ -418,10 +434,10 @@ def test_heatmap_focal_ignore_grad_bf16():
   ignore[:, :, 9:] = True
   ref = np_centernet(logits[..., :9], gt[..., :9], 2.0, 4.0)
   lg = np.where(ignore, 99.0, logits).astype(np.float32)
-  np.testing.assert_allclose(float(losses.heatmap_focal_loss(lg, gt, ignore=ignore)), ref, **TOL)
-  g = np.asarray(jax.grad(losses.heatmap_focal_loss)(jnp.asarray(logits), gt, ignore=ignore))
+  np.testing.assert_allclose(float(L.heatmap_focal_loss(lg, gt, ignore=ignore)), ref, **TOL)
+  g = np.asarray(jax.grad(L.heatmap_focal_loss)(jnp.asarray(logits), gt, ignore=ignore))
   assert np.all(np.isfinite(g)) and np.all(g[ignore] == 0)
-  out = losses.heatmap_focal_loss(jnp.asarray(logits, jnp.bfloat16), gt)
+  out = L.heatmap_focal_loss(jnp.asarray(logits, jnp.bfloat16), gt)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(float(out), np_centernet(logits, gt, 2.0, 4.0), **BF16_TOL)
 
@@ -433,16 +449,16 @@ def test_giou_matches_torch_and_hand_cases():
   tgt[0, 0] = pred[0, 0] + np.array([2, 1, 3, -1], np.float32)  # overlapping pair
   valid = r.uniform(size=(3, 5)) > 0.3
   ref = (1 - torch_giou(pred, tgt)).numpy()[valid].mean()
-  np.testing.assert_allclose(float(jax.jit(losses.giou_loss)(pred, tgt, valid)), ref, **TOL)
+  np.testing.assert_allclose(float(L.giou_loss(pred, tgt, valid)), ref, **TOL)
   one = np.ones(1, bool)
   box = np.array([[0.0, 0.0, 1.0, 1.0]], np.float32)
-  assert float(losses.giou_loss(box, box, one)) == pytest.approx(0.0, abs=1e-6)
+  assert float(L.giou_loss(box, box, one)) == pytest.approx(0.0, abs=1e-6)
   # Disjoint unit boxes 1 apart: IoU 0, union 2, enclosing 3 → GIoU −1/3, loss 4/3.
   far = np.array([[2.0, 0.0, 3.0, 1.0]], np.float32)
-  assert float(losses.giou_loss(box, far, one)) == pytest.approx(4 / 3, rel=1e-6)
+  assert float(L.giou_loss(box, far, one)) == pytest.approx(4 / 3, rel=1e-6)
   # Half-overlapping: inter 0.5, union 1.5, enclosing 1.5 → loss 1 − 1/3.
   half = np.array([[0.5, 0.0, 1.5, 1.0]], np.float32)
-  assert float(losses.giou_loss(box, half, one)) == pytest.approx(2 / 3, rel=1e-6)
+  assert float(L.giou_loss(box, half, one)) == pytest.approx(2 / 3, rel=1e-6)
 
 
 def test_giou_validity_grad_bf16():
@@ -450,17 +466,17 @@ def test_giou_validity_grad_bf16():
   pred = random_boxes(r, (4, 6))
   tgt = random_boxes(r, (4, 6))
   valid = r.uniform(size=(4, 6)) > 0.5
-  base = float(losses.giou_loss(pred, tgt, valid))
+  base = float(L.giou_loss(pred, tgt, valid))
   zeros = np.where(valid[..., None], pred, 0.0).astype(np.float32)
-  np.testing.assert_allclose(float(losses.giou_loss(zeros, np.where(valid[..., None], tgt, 0.0), valid)),
+  np.testing.assert_allclose(float(L.giou_loss(zeros, np.where(valid[..., None], tgt, 0.0), valid)),
                              base, **TOL)
-  assert float(losses.giou_loss(pred, tgt, np.zeros_like(valid))) == 0.0
+  assert float(L.giou_loss(pred, tgt, np.zeros_like(valid))) == 0.0
   # Degenerate (zero-area) invalid and valid boxes keep gradients finite.
-  g = np.asarray(jax.grad(losses.giou_loss)(jnp.zeros((4, 6, 4)), jnp.zeros((4, 6, 4)), valid))
+  g = np.asarray(jax.grad(L.giou_loss)(jnp.zeros((4, 6, 4)), jnp.zeros((4, 6, 4)), valid))
   assert np.all(np.isfinite(g))
-  g = np.asarray(jax.grad(losses.giou_loss)(jnp.asarray(pred), tgt, valid))
+  g = np.asarray(jax.grad(L.giou_loss)(jnp.asarray(pred), tgt, valid))
   assert np.all(np.isfinite(g)) and np.all(g[~valid] == 0)
-  out = losses.giou_loss(jnp.asarray(pred, jnp.bfloat16), tgt, valid)
+  out = L.giou_loss(jnp.asarray(pred, jnp.bfloat16), tgt, valid)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(float(out), base, **BF16_TOL)
 
@@ -480,17 +496,17 @@ def test_association_bce_matches_torch():
   per_pair = F.binary_cross_entropy_with_logits(logits, t64(gt), reduction="none")
   pairs = torch.from_numpy(nv[:, :, None] & ev[:, None, :])
   ref = float(per_pair[pairs].mean())
-  got = jax.jit(losses.association_bce)(nouns, ents, gt, nv, ev)
+  got = L.association_bce(nouns, ents, gt, nv, ev)
   np.testing.assert_allclose(float(got), ref, **TOL)
   # Invalid nouns / entities do not matter; none valid → 0; grads finite and zero on padding.
   nouns2 = np.where(nv[..., None], nouns, 1e3).astype(np.float32)
   gt2 = np.where(pairs.numpy(), gt, ~gt)
-  np.testing.assert_allclose(float(losses.association_bce(nouns2, ents, gt2, nv, ev)), ref, **TOL)
-  assert float(losses.association_bce(nouns, ents, gt, np.zeros_like(nv), ev)) == 0.0
-  gn, ge = jax.grad(losses.association_bce, argnums=(0, 1))(jnp.asarray(nouns), jnp.asarray(ents), gt, nv, ev)
+  np.testing.assert_allclose(float(L.association_bce(nouns2, ents, gt2, nv, ev)), ref, **TOL)
+  assert float(L.association_bce(nouns, ents, gt, np.zeros_like(nv), ev)) == 0.0
+  gn, ge = jax.grad(L.association_bce, argnums=(0, 1))(jnp.asarray(nouns), jnp.asarray(ents), gt, nv, ev)
   gn, ge = np.asarray(gn), np.asarray(ge)
   assert np.all(np.isfinite(gn)) and np.all(gn[~nv] == 0) and np.all(ge[~ev] == 0)
-  out = losses.association_bce(jnp.asarray(nouns, jnp.bfloat16), jnp.asarray(ents, jnp.bfloat16), gt, nv, ev)
+  out = L.association_bce(jnp.asarray(nouns, jnp.bfloat16), jnp.asarray(ents, jnp.bfloat16), gt, nv, ev)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(float(out), ref, rtol=5e-2)
   # Perfectly separated logits → ~0.
@@ -501,4 +517,4 @@ def test_association_bce_matches_torch():
     for ee in range(e):
       eye_n[:, kk, kk * e + ee] = strong[:, kk, ee]
       eye_e[:, ee, kk * e + ee] = 1.0
-  assert float(losses.association_bce(eye_n, eye_e, gt, nv, ev)) < 1e-12
+  assert float(L.association_bce(eye_n, eye_e, gt, nv, ev)) < 1e-12

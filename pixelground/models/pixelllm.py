@@ -1,0 +1,382 @@
+"""PixelLLM (+ LISA's embedding-as-mask) composed from pixelground's parts (SPEC.md sections 1–2).
+
+    image (B, S, S, 3) uint8, zero-padded, with its padding mask
+      → SAM encoder (ImageNet-normalised)   (B, gs, gs, 256)    ┐ optional, frozen
+      → EVA02 (CLIP-normalised)             (B, ge, ge, We)     ┘ optional, trained
+      → fused map: SAM resized (bicubic) to the EVA grid, concatenated on channels  (B, g, g, C)
+    prompt box (B, 4) normalised xyxy → SAM prompt encoder (frozen): 2 corner tokens + "no mask" map
+      → prompt feature extractor: dense projections to W, 32 learned queries + prompt tokens through a
+        two-way transformer over the fused map (+ its Fourier PE), per-query W → Hq, Hq → d_model, LN
+      → 32 visual tokens (B, 32, d_model)
+    T5: encoder input = [visual tokens; embedded prompt text]; decoder (teacher-forced or cached)
+      → logits, final hidden states h (B, T, d_model)
+    location head: LN + 4-layer MLP on h → 2 points per token, (v+1)/2 × the unpadded input size, pixels
+    LISA: h at each position that predicts `[SEG]` → Linear(d→d) → ReLU → Linear(d→256) → one sparse
+      prompt of SAM's mask decoder (dense = "no mask") → one mask per `[SEG]`, upsampled to S×S.
+
+Shapes: B batch, S input size (384), g fused grid (27 with EVA02-L/14 at 384; 24 with SAM only), T target
+length, K `[SEG]` slots. Points/boxes are in absolute pixels of the S×S model input unless noted.
+Images arrive as uint8 and are normalised here per encoder (4× less host→device traffic), padding
+re-zeroed after normalisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing as tp
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixelground.configlib import ModelConfig
+from pixelground.models import eva02 as eva_lib
+from pixelground.models import sam_decoder as dec_lib
+from pixelground.models import sam_encoder as sam_lib
+from pixelground.models import t5 as t5_lib
+from pixelground.models.layers import LayerNorm, Projection, make_param, normal, zeros
+from pixelground.models.resize import resize_bicubic
+
+IMAGENET_MEAN = np.asarray([123.675, 116.28, 103.53], np.float32)
+IMAGENET_STD = np.asarray([58.395, 57.12, 57.375], np.float32)
+CLIP_MEAN = np.asarray(eva_lib.CLIP_MEAN, np.float32) * 255.0
+CLIP_STD = np.asarray(eva_lib.CLIP_STD, np.float32) * 255.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelLLMConfig(ModelConfig):
+  """PixelLLM hyper-parameters; each sub-model keeps its own config (and dtypes)."""
+  image_size: int = 384
+  sam: sam_lib.SamEncoderConfig | None = dataclasses.field(
+      default_factory=lambda: sam_lib.preset("sam-vit-h"))
+  eva: eva_lib.Eva02Config | None = dataclasses.field(
+      default_factory=lambda: eva_lib.preset("eva02-l-14"))
+  prompt: dec_lib.SamDecoderConfig = dataclasses.field(default_factory=dec_lib.SamDecoderConfig)
+  t5: t5_lib.T5Config = dataclasses.field(default_factory=lambda: t5_lib.preset("flan-t5-xl"))
+  num_queries: int = 32
+  extractor_width: int = 512
+  extractor_depth: int = 6
+  extractor_heads: int = 8
+  extractor_mlp: int = 2048
+  query_hidden: int = 1024
+  loc_hidden: int = 512
+  loc_layers: int = 4
+  lisa: bool = False          # `[SEG]` → SAM mask decoder path (needs `sam`)
+  seg_token_id: int = -1      # the tokenizer's `[SEG]` id (LISA)
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.sam is None and self.eva is None:
+      raise ValueError("PixelLLMConfig: at least one image encoder (sam or eva) is needed.")
+    if self.lisa and self.sam is None:
+      raise ValueError("PixelLLMConfig: lisa=True needs the SAM encoder (its mask decoder reads SAM's "
+                       "image embedding).")
+    if self.lisa and self.seg_token_id < 0:
+      raise ValueError("PixelLLMConfig: lisa=True needs seg_token_id (the tokenizer's [SEG] id).")
+    if self.sam is not None and self.sam.out_channels != self.prompt.prompt_dim:
+      raise ValueError(f"PixelLLMConfig: SAM out_channels {self.sam.out_channels} must equal the "
+                       f"prompt dim {self.prompt.prompt_dim}.")
+    if self.prompt.image_size != self.image_size:
+      raise ValueError(f"PixelLLMConfig: prompt.image_size {self.prompt.image_size} must equal "
+                       f"image_size {self.image_size} (prompt boxes are in model-input pixels).")
+
+  @property
+  def sam_grid(self) -> int:
+    return self.image_size // self.sam.patch_size if self.sam else 0
+
+  @property
+  def eva_grid(self) -> int:
+    return self.image_size // self.eva.patch_size if self.eva else 0
+
+  @property
+  def grid(self) -> int:
+    """The fused map's grid: EVA02's when present (SAM is resized to it), else SAM's."""
+    return self.eva_grid or self.sam_grid
+
+  @property
+  def feature_dim(self) -> int:
+    return (self.sam.out_channels if self.sam else 0) + (self.eva.width if self.eva else 0)
+
+
+class PromptExtractor(nnx.Module):
+  """PixelLLM's prompt feature extractor (SPEC 1.5) → (B, num_queries, d_model) visual tokens."""
+
+  def __init__(self, cfg: PixelLLMConfig, *, rngs: nnx.Rngs):
+    w, p, q, hq, d = (cfg.extractor_width, cfg.prompt.prompt_dim, cfg.num_queries, cfg.query_hidden,
+                      cfg.t5.d_model)
+    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.num_queries = q
+    self.proj_feat = Projection((cfg.feature_dim,), (w,), ("embed",), ("extractor",), use_bias=True,
+                                **common)
+    self.proj_pe = Projection((p,), (w,), ("embed",), ("extractor",), use_bias=True, **common)
+    self.proj_sparse = Projection((p,), (w,), ("embed",), ("extractor",), use_bias=True, **common)
+    self.proj_dense = Projection((p,), (w,), ("embed",), ("extractor",), use_bias=True, **common)
+    self.queries = make_param(rngs, normal(0.02), (q, w), (None, "extractor"), cfg.weight_dtype)
+    self.transformer = dec_lib.TwoWayTransformer(cfg.extractor_depth, w, cfg.extractor_heads,
+                                                 cfg.extractor_mlp, 2, **common)
+    self.query_kernel = make_param(rngs, normal(w ** -0.5), (q, w, hq), (None, "extractor", "mlp"),
+                                   cfg.weight_dtype)
+    self.query_bias = make_param(rngs, zeros, (q, hq), (None, "mlp"), cfg.weight_dtype)
+    self.out = Projection((hq,), (d,), ("mlp",), ("embed",), use_bias=True, **common)
+    self.norm = LayerNorm(d, "embed", eps=1e-6, **common)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, feats: jax.Array, pe: jax.Array, sparse: jax.Array, dense: jax.Array) -> jax.Array:
+    """feats (B, g, g, C) fused map; pe (g, g, P) image PE; sparse (B, N, P) prompt tokens; dense
+    (B, g, g, P) dense prompt → (B, Q, d_model)."""
+    b = feats.shape[0]
+    keys = self.proj_feat(feats) + self.proj_dense(dense)
+    key_pe = self.proj_pe(pe)
+    queries = jnp.broadcast_to(self.queries[...].astype(self.dtype)[None], (b,) + self.queries.shape)
+    tokens = jnp.concatenate([queries, self.proj_sparse(sparse)], axis=1)
+    out, _ = self.transformer(tokens, keys, key_pe)
+    q = out[:, : self.num_queries]
+    h = jnp.einsum("bqw,qwh->bqh", q, self.query_kernel[...].astype(self.dtype),
+                   preferred_element_type=jnp.float32) + self.query_bias[...].astype(jnp.float32)
+    return self.norm(self.out(h.astype(self.dtype)))
+
+
+class LocationHead(nnx.Module):
+  """SPEC 1.7: LN + MLP (GELU) on decoder states → raw (…, 4) = 2 points (x, y) in [-1, 1] units."""
+
+  def __init__(self, d_model: int, hidden: int, num_layers: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm = LayerNorm(d_model, "embed", eps=1e-6, **common)
+    dims = [d_model] + [hidden] * (num_layers - 1) + [4]
+    self.layers = nnx.List([Projection((a,), (c,), ("embed" if i == 0 else "mlp",),
+                                       ("mlp" if i < num_layers - 1 else None,), use_bias=True, **common)
+                            for i, (a, c) in enumerate(zip(dims[:-1], dims[1:]))])
+
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    x = self.norm(hidden)
+    for i, layer in enumerate(self.layers):
+      x = layer(x)
+      if i < len(self.layers) - 1:
+        x = jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+    return x.astype(jnp.float32)
+
+
+class SegProjection(nnx.Module):
+  """LISA: Linear(d→d) → ReLU → Linear(d→P) from `[SEG]`-predicting decoder states to a SAM prompt."""
+
+  def __init__(self, d_model: int, prompt_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = Projection((d_model,), (d_model,), ("embed",), ("mlp",), use_bias=True, **common)
+    self.fc2 = Projection((d_model,), (prompt_dim,), ("mlp",), ("embed",), use_bias=True, **common)
+
+  def __call__(self, h: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.relu(self.fc1(h)))
+
+
+def _normalise(image: jax.Array, mask: jax.Array, mean: np.ndarray, std: np.ndarray) -> jax.Array:
+  x = (image.astype(jnp.float32) - mean) / std
+  return jnp.where(mask[..., None], x, 0.0)
+
+
+def valid_size(image_mask: jax.Array) -> jax.Array:
+  """(B, S, S) padding mask (content top-left) → (B, 2) [width, height] of the content in pixels."""
+  w = jnp.sum(image_mask[:, 0, :], axis=-1)
+  h = jnp.sum(image_mask[:, :, 0], axis=-1)
+  return jnp.stack([w, h], axis=-1).astype(jnp.float32)
+
+
+class PixelLLM(nnx.Module):
+  """The model; see the module docstring. Sub-modules: sam_encoder (optional), eva (optional),
+  prompt_encoder, extractor, t5, loc_head, and with `lisa` seg_proj + mask_decoder."""
+
+  def __init__(self, cfg: PixelLLMConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.sam_encoder = sam_lib.SamImageEncoder(cfg.sam, rngs=rngs) if cfg.sam else None
+    self.eva = eva_lib.Eva02(cfg.eva, rngs=rngs) if cfg.eva else None
+    self.prompt_encoder = dec_lib.PromptEncoder(cfg.prompt, rngs=rngs)
+    self.extractor = PromptExtractor(cfg, rngs=rngs)
+    self.t5 = t5_lib.T5(cfg.t5, rngs=rngs)
+    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.loc_head = LocationHead(cfg.t5.d_model, cfg.loc_hidden, cfg.loc_layers, **common)
+    if cfg.lisa:
+      self.seg_proj = SegProjection(cfg.t5.d_model, cfg.prompt.prompt_dim, **common)
+      self.mask_decoder = dec_lib.MaskDecoder(cfg.prompt, rngs=rngs)
+    else:
+      self.seg_proj = self.mask_decoder = None
+
+  # -- vision ----------------------------------------------------------------------------------------
+  def image_features(self, image: jax.Array, image_mask: jax.Array, *, rng: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array | None]:
+    """image (B, S, S, 3) uint8/float 0–255, image_mask (B, S, S) bool → (fused (B, g, g, C),
+    SAM embedding (B, gs, gs, 256) or None). `rng` turns on EVA02's drop path."""
+    if image.ndim != 4 or image.shape[-1] != 3 or image.shape[1:3] != (self.cfg.image_size,) * 2:
+      raise ValueError(f"PixelLLM expects images (B, {self.cfg.image_size}, {self.cfg.image_size}, 3), "
+                       f"got {image.shape}.")
+    parts, sam_emb = [], None
+    if self.sam_encoder is not None:
+      sam_emb = self.sam_encoder(_normalise(image, image_mask, IMAGENET_MEAN, IMAGENET_STD))
+      parts.append(sam_emb)
+    if self.eva is not None:
+      eva = self.eva(_normalise(image, image_mask, CLIP_MEAN, CLIP_STD), rng=rng)
+      if parts:
+        parts[0] = resize_bicubic(parts[0], eva.shape[1:3])
+      parts.append(eva)
+    return jnp.concatenate(parts, axis=-1), sam_emb
+
+  def visual_tokens(self, fused: jax.Array, prompt_box: jax.Array) -> jax.Array:
+    """fused (B, g, g, C); prompt_box (B, 4) normalised xyxy of the S×S input → (B, Q, d_model)."""
+    g = fused.shape[1:3]
+    boxes = prompt_box.astype(jnp.float32) * self.cfg.image_size
+    sparse, dense = self.prompt_encoder(boxes=boxes, grid=g)
+    pe = self.prompt_encoder.pe.dense_pe(g)
+    return self.extractor(fused, pe, sparse, dense)
+
+  def encode(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None):
+    """→ (encoder_out (B, Q + Le, d), encoder_mask (B, Q + Le), SAM embedding or None)."""
+    fused, sam_emb = self.image_features(batch["image"], batch["image_mask"], rng=rng)
+    visual = self.visual_tokens(fused, batch["prompt_box"])
+    prompt_ids = batch["prompt_ids"]
+    enc, mask = self.t5.encode(prompt_ids, prompt_ids != self.cfg.t5.pad_id, prefix_embeds=visual)
+    return enc, mask, sam_emb
+
+  # -- heads -----------------------------------------------------------------------------------------
+  def points(self, hidden: jax.Array, image_mask: jax.Array) -> jax.Array:
+    """hidden (B, T, d) → (B, T, 4) [x0, y0, x1, y1] absolute pixels of the unpadded input."""
+    v = self.loc_head(hidden)
+    size = valid_size(image_mask)  # (B, 2) [w, h]
+    scale = jnp.concatenate([size, size], axis=-1)[:, None, :]
+    return (v + 1.0) * 0.5 * scale
+
+  def seg_masks(self, hidden: jax.Array, positions: jax.Array, sam_emb: jax.Array) -> jax.Array:
+    """LISA masks: hidden (B, T, d), positions (B, K) of the `[SEG]`-predicting steps, SAM embedding
+    (B, gs, gs, P) → mask logits (B, K, S, S) (bilinear from SAM's 4× grid) and IoU (B, K)."""
+    b, k = positions.shape
+    h = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # (B, K, d)
+    prompt = self.seg_proj(h).reshape(b * k, 1, -1)
+    gs = sam_emb.shape[1:3]
+    emb = jnp.repeat(sam_emb, k, axis=0)
+    dense = jnp.broadcast_to(self.prompt_encoder.no_mask_embed[...].astype(emb.dtype),
+                             emb.shape[:3] + (emb.shape[-1],))
+    pe = self.prompt_encoder.pe.dense_pe(gs)
+    masks, iou = self.mask_decoder(emb, pe, prompt, dense, multimask_output=False)
+    s = self.cfg.image_size
+    masks = jax.image.resize(masks[:, 0].astype(jnp.float32), (b * k, s, s), "bilinear")
+    return masks.reshape(b, k, s, s), iou.reshape(b, k)
+
+  # -- teacher-forced forward ------------------------------------------------------------------------
+  def __call__(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
+    """Teacher-forced outputs for a training batch (fields of `pixelground.data.tasks.schema`):
+    logits (B, T, V) f32, hidden (B, T, d), points (B, T, 4) pixels, and with `lisa` seg_logits
+    (B, K, S, S) and seg_iou (B, K)."""
+    enc, enc_mask, sam_emb = self.encode(batch, rng=rng)
+    targets = batch["target_ids"]
+    start = jnp.full(targets.shape[:1] + (1,), self.cfg.t5.decoder_start_id, targets.dtype)
+    dec_in = jnp.concatenate([start, targets[:, :-1]], axis=1)
+    logits, hidden = self.t5.decode(dec_in, enc, enc_mask)
+    out = {"logits": logits, "hidden": hidden, "points": self.points(hidden, batch["image_mask"])}
+    if self.cfg.lisa:
+      out["seg_logits"], out["seg_iou"] = self.seg_masks(hidden, batch["seg_positions"], sam_emb)
+    return out
+
+
+def num_params(cfg: PixelLLMConfig) -> dict[str, int]:
+  """Parameter counts per top-level part (no allocation)."""
+  model = nnx.eval_shape(lambda: PixelLLM(cfg, rngs=nnx.Rngs(0)))
+  counts: dict[str, int] = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    counts[str(path[0])] = counts.get(str(path[0]), 0) + math.prod(var.shape)
+  # LoRA factors are nnx.LoRAParam (a Param subclass): inside "t5" above, and listed on their own here.
+  counts["t5_lora"] = sum(math.prod(v.shape)
+                          for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
+  return counts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses and trainable selection
+# ----------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Loss weights (SPEC §2): text CE (label smoothing over the other classes), point L1 × 0.1 on
+  absolute pixels, LISA masks BCE × 2 + DICE × 0.5. `task_weights[i]` scales task i's text loss."""
+  label_smoothing: float = 0.1
+  point_weight: float = 0.1
+  mask_bce_weight: float = 2.0
+  mask_dice_weight: float = 0.5
+  task_weights: tuple[float, ...] = ()
+
+
+def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax.Array],
+                   batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(total loss, {term: value}) for a teacher-forced batch; every term is logged separately.
+
+  Each term only sees the rows that carry its targets (masks in the batch), so mixed-task batches
+  work: text on target_mask, points on token_box_valid, masks on seg_valid.
+  """
+  from pixelground import losses as L
+
+  ce, per_example = L.text_cross_entropy(out["logits"], batch["target_ids"], batch["target_mask"],
+                                         label_smoothing=loss_cfg.label_smoothing)
+  if loss_cfg.task_weights and "task_id" in batch:
+    w = jnp.asarray(loss_cfg.task_weights, jnp.float32)[batch["task_id"]]
+    has = jnp.any(batch["target_mask"], axis=-1).astype(jnp.float32)
+    ce = jnp.sum(w * per_example * has) / jnp.maximum(jnp.sum(has), 1.0)
+  terms = {"text_ce": ce,
+           "token_accuracy": L.token_accuracy(out["logits"], batch["target_ids"], batch["target_mask"])}
+  total = ce
+  if "token_boxes" in batch:  # batches of a single converter may lack other tasks' fields
+    target_px = batch["token_boxes"].astype(jnp.float32) * cfg.image_size
+    terms["point_l1"] = L.point_l1(out["points"], target_px, batch["token_box_valid"])
+    total = total + loss_cfg.point_weight * terms["point_l1"]
+  if cfg.lisa and "seg_masks" in batch:
+    masks = batch["seg_masks"].astype(jnp.float32)
+    ignore = jnp.broadcast_to(batch["ignore_mask"][:, None], masks.shape)
+    bce = L.mask_bce(out["seg_logits"], masks, batch["seg_valid"], ignore=ignore)
+    dice = L.dice_loss(out["seg_logits"], masks, batch["seg_valid"], ignore=ignore)
+    terms.update(mask_bce=bce, mask_dice=dice)
+    total = total + loss_cfg.mask_bce_weight * bce + loss_cfg.mask_dice_weight * dice
+  terms["total"] = total
+  return total, terms
+
+
+# Trained in the PixelLLM LN/referring recipes (SPEC §3): EVA02, the prompt extractor (+ projection),
+# the location head, LoRA factors; the LISA projection and mask decoder when present. Everything
+# else (SAM encoder, prompt encoder, T5 base weights) is frozen.
+TRAINABLE = (r"^eva\.", r"^extractor\.", r"^loc_head\.", r"^seg_proj\.", r"^mask_decoder\.")
+
+
+def trainable_filter(patterns: tp.Sequence[str] = TRAINABLE, *, lora: bool = True):
+  """An NNX filter: Params whose dotted path matches one of `patterns`, plus every `nnx.LoRAParam`
+  when `lora`. Use as `nnx.Optimizer(model, tx, wrt=trainable_filter())`: frozen weights then carry
+  no optimizer state and get no gradients."""
+  import re
+
+  regs = [re.compile(p) for p in patterns]
+
+  def keep(path, value) -> bool:
+    if lora and isinstance(value, nnx.LoRAParam):
+      return True
+    if not isinstance(value, nnx.Param):
+      return False
+    name = ".".join(str(p) for p in path)
+    return any(r.search(name) for r in regs)
+
+  return keep
+
+
+def tiny_config(*, vocab_size: int, seg_token_id: int = -1, lisa: bool = False, image_size: int = 64,
+                use_sam: bool = True, use_eva: bool = True) -> PixelLLMConfig:
+  """A CPU-sized PixelLLM for tests and the demo: the same structure, every width tiny."""
+  grid = image_size // 16
+  sam = (sam_lib.SamEncoderConfig(image_size=image_size, width=32, depth=2, num_heads=2, window_size=2,
+                                  global_blocks=(1,), out_channels=32) if use_sam else None)
+  eva = (eva_lib.Eva02Config(image_size=(image_size // 14) * 14, width=32, depth=2, num_heads=2,
+                             mlp_dim=64, rope_ref_grid=image_size // 14) if use_eva else None)
+  prompt = dec_lib.SamDecoderConfig(prompt_dim=32, grid_size=grid, image_size=image_size,
+                                    mask_in_chans=8, depth=2, num_heads=2, mlp_dim=64,
+                                    iou_head_hidden=32)
+  t5 = t5_lib.T5Config(vocab_size=vocab_size, d_model=64, num_heads=2, head_dim=32, d_ff=128,
+                       num_encoder_layers=2, num_decoder_layers=2, lora_rank=8, lora_alpha=16.0,
+                       lora_targets=t5_lib.LORA_TARGETS)
+  return PixelLLMConfig(image_size=image_size, sam=sam, eva=eva, prompt=prompt, t5=t5, num_queries=8,
+                        extractor_width=32, extractor_depth=2, extractor_heads=2, extractor_mlp=64,
+                        query_hidden=48, loc_hidden=32, lisa=lisa, seg_token_id=seg_token_id)
