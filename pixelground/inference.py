@@ -1,0 +1,186 @@
+"""Per-task inference for PixelLLM / LISA on single images, with cached greedy or beam decoding.
+
+Every function takes the ORIGINAL image (H, W, 3) uint8 (any PIL-convertible mode is converted) and
+returns coordinates in that image's pixels (xyxy boxes, x/y points, pixel centres at +0.5): the image
+is resized so its long side is the model input size and padded (the evaluation geometry of
+`pixelground.data.transforms.resize_pad`), and predictions are mapped back through its inverse.
+
+    Caption           text, pieces (per generated token, EOS excluded), points (N, 2, 2) — the two
+                      corners each token's location head predicts — and boxes (N, 4) = their min/max
+    ReferringResult   text (the regenerated expression), box (4,) read at the EOS-predicting position,
+                      score (sum log-prob)
+    Segmentation      text (the answer), masks (K, H, W) bool — one per `[SEG]` in the answer,
+                      mask_scores (K,) (SAM's IoU head)
+
+Bad calls raise ValueError naming the problem: an image that is not (H, W, 3) / (H, W), an empty text,
+a box that is not xyxy inside the image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing as tp
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixelground import decoding
+from pixelground.data import tasks as task_lib
+from pixelground.data import transforms as T
+
+
+@dataclasses.dataclass
+class Caption:
+  text: str
+  pieces: list[str]
+  points: np.ndarray   # (N, 2, 2) float32: per token two (x, y) corners, original-image pixels
+  boxes: np.ndarray    # (N, 4) float32 xyxy: min/max of each token's two points
+  score: float
+
+
+@dataclasses.dataclass
+class ReferringResult:
+  text: str
+  box: np.ndarray      # (4,) float32 xyxy, original-image pixels
+  score: float
+
+
+@dataclasses.dataclass
+class Segmentation:
+  text: str
+  masks: np.ndarray        # (K, H, W) bool
+  mask_scores: np.ndarray  # (K,) float32
+
+
+def _check_image(image) -> np.ndarray:
+  arr = T.to_rgb_uint8(image)
+  if arr.ndim != 3 or arr.shape[-1] != 3 or min(arr.shape[:2]) < 1:
+    raise ValueError(f"image must be (H, W, 3) or (H, W); got shape {np.shape(image)}")
+  return arr
+
+
+def _check_text(text: str, what: str) -> str:
+  if not isinstance(text, str) or not text.strip():
+    raise ValueError(f"{what} must be a non-empty string; got {text!r}")
+  return text
+
+
+def _check_box(box, height: int, width: int) -> np.ndarray:
+  b = np.asarray(box, np.float32).reshape(-1)
+  if b.shape != (4,) or not np.all(np.isfinite(b)):
+    raise ValueError(f"box must be 4 finite numbers [x0, y0, x1, y1]; got {box!r}")
+  x0, y0, x1, y1 = b
+  if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+    raise ValueError(f"box {b.tolist()} is not a non-empty xyxy box inside the {width}×{height} image")
+  return b
+
+
+@functools.partial(nnx.jit, static_argnames=("max_len", "num_beams", "no_repeat_previous"))
+def _generate(model, batch, *, max_len: int, num_beams: int, no_repeat_previous: bool):
+  """Visual tokens → cached greedy/beam decode → per-token points (model-input pixels)."""
+  fused, sam_emb = model.image_features(batch["image"], batch["image_mask"])
+  visual = model.visual_tokens(fused, batch["prompt_box"])
+  ids = batch["prompt_ids"]
+  res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
+                          num_beams=num_beams, length_penalty=0.6 if num_beams > 1 else 1.0,
+                          no_repeat_previous=no_repeat_previous, prefix_embeds=visual)
+  return res, model.points(res.hidden, batch["image_mask"]), sam_emb
+
+
+class Predictor:
+  """Holds a PixelLLM, its tokenizer and jitted decode functions (compiled once per max_len/beams)."""
+
+  def __init__(self, model, tokenizer, *, max_prompt_len: int = 32):
+    self.model, self.tok = model, tokenizer
+    self.size = model.cfg.image_size
+    self.max_prompt_len = max_prompt_len
+
+  # -- shared ------------------------------------------------------------------------------------------
+  def _inputs(self, image: np.ndarray, prompt: str, box: np.ndarray | None):
+    geom = T.resize_pad(image.shape[0], image.shape[1], self.size)
+    out, valid = T.apply_image(image, geom)
+    vh, vw = geom.valid
+    if box is None:
+      prompt_box = np.asarray([0, 0, vw / self.size, vh / self.size], np.float32)
+    else:
+      prompt_box = (geom.boxes(box[None])[0] / self.size).astype(np.float32)
+    ids = self.tok.encode(prompt)[: self.max_prompt_len]
+    prompt_ids = np.zeros(self.max_prompt_len, np.int32)
+    prompt_ids[: len(ids)] = ids
+    batch = {"image": out[None], "image_mask": valid[None], "prompt_box": prompt_box[None],
+             "prompt_ids": prompt_ids[None]}
+    return {k: jnp.asarray(v) for k, v in batch.items()}, geom
+
+  def _decode(self, batch, max_len, num_beams, no_repeat_previous=False):
+    res, points, sam_emb = _generate(self.model, batch, max_len=max_len, num_beams=num_beams,
+                                               no_repeat_previous=no_repeat_previous)
+    n = int(res.lengths[0])
+    tokens = [int(t) for t in np.asarray(res.tokens[0, :n])]
+    return tokens, np.asarray(points[0, :n]), res, sam_emb
+
+  def _to_image(self, boxes: np.ndarray, geom: T.Geometry) -> np.ndarray:
+    return geom.inverse_boxes(np.asarray(boxes, np.float32).reshape(-1, 4)).astype(np.float32)
+
+  # -- tasks -----------------------------------------------------------------------------------------
+  def caption(self, image, *, prompt: str = task_lib.LN_TEMPLATES[0], box=None, max_len: int = 128,
+              num_beams: int = 1, no_repeat_previous: bool = False) -> Caption:
+    """Caption (with per-token locations) of the whole image, or of `box` (xyxy, image pixels)."""
+    image = _check_image(image)
+    _check_text(prompt, "prompt")
+    box = None if box is None else _check_box(box, *image.shape[:2])
+    batch, geom = self._inputs(image, prompt, box)
+    tokens, points, res, _ = self._decode(batch, max_len, num_beams, no_repeat_previous)
+    body = tokens[:-1] if tokens and tokens[-1] == self.tok.eos_id else tokens
+    boxes = self._to_image(points[: len(body)], geom)  # each token's 2 points, as a box
+    return Caption(text=self.tok.decode(body), pieces=[self.tok.id_to_piece(t) for t in body],
+                   points=boxes.reshape(-1, 2, 2), boxes=boxes, score=float(res.scores[0]))
+
+  def region_caption(self, image, box, *, max_len: int = 40, num_beams: int = 1) -> str:
+    """Location-conditioned caption ("an object of") for `box` (xyxy, image pixels)."""
+    return self.caption(image, prompt=task_lib.REGION_CAPTION, box=box, max_len=max_len,
+                        num_beams=num_beams).text
+
+  def referring(self, image, expression: str, *, max_len: int = 40, num_beams: int = 1
+                ) -> ReferringResult:
+    """Referring localisation: the box read at the position that predicts EOS (SPEC 1.7)."""
+    image = _check_image(image)
+    _check_text(expression, "expression")
+    batch, geom = self._inputs(image, f"where is {expression}", None)
+    tokens, points, res, _ = self._decode(batch, max_len, num_beams)
+    eos = len(tokens) - 1  # hidden[t] predicted tokens[t]; the last one is EOS (or the cut-off)
+    box = self._to_image(points[eos], geom)[0]
+    body = tokens[:-1] if tokens and tokens[-1] == self.tok.eos_id else tokens
+    return ReferringResult(text=self.tok.decode(body), box=box, score=float(res.scores[0]))
+
+  def segment(self, image, question: str, *, max_len: int = 40) -> Segmentation:
+    """LISA: answer `question`; one mask per `[SEG]` in the answer (original image resolution)."""
+    if not self.model.cfg.lisa:
+      raise ValueError("segment() needs a model built with lisa=True")
+    image = _check_image(image)
+    _check_text(question, "question")
+    batch, geom = self._inputs(image, question, None)
+    tokens, _, res, sam_emb = self._decode(batch, max_len, 1)
+    seg_id = self.model.cfg.seg_token_id
+    positions = [t for t, tok in enumerate(tokens) if tok == seg_id]
+    h, w = image.shape[:2]
+    body = tokens[:-1] if tokens and tokens[-1] == self.tok.eos_id else tokens
+    if not positions:
+      return Segmentation(self.tok.decode(body), np.zeros((0, h, w), bool), np.zeros(0, np.float32))
+    logits, iou = _masks(self.model, res.hidden, jnp.asarray([positions], jnp.int32), sam_emb)
+    vh, vw = geom.valid
+    crop = np.asarray(logits[0, :, :vh, :vw], np.float32)  # drop the padding, back to (H, W)
+    resized = jax.image.resize(jnp.asarray(crop), (len(positions), h, w), "bilinear")
+    return Segmentation(self.tok.decode(body), np.asarray(resized) > 0, np.asarray(iou[0]))
+
+
+@nnx.jit
+def _masks(model, hidden, positions, sam_emb):
+  return model.seg_masks(hidden.astype(jnp.float32), positions, sam_emb)
+
+
+def teacher_forced_points(model, batch: dict[str, tp.Any]) -> np.ndarray:
+  """Location-head outputs (B, T, 4) pixels of the model input under teacher forcing (for checks)."""
+  return np.asarray(nnx.jit(lambda m, b: m(b)["points"])(model, batch))
