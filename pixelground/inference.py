@@ -8,7 +8,7 @@ is resized so its long side is the model input size and padded (the evaluation g
     Caption           text, pieces (per generated token, EOS excluded), points (N, 2, 2) — the two
                       corners each token's location head predicts — and boxes (N, 4) = their min/max
     ReferringResult   text (the regenerated expression), box (4,) read at the EOS-predicting position,
-                      score (sum log-prob)
+                      score (sum log-prob); with a refseg model also mask (H, W) bool + mask_score
     Segmentation      text (the answer), masks (K, H, W) bool — one per `[SEG]` in the answer,
                       mask_scores (K,) (SAM's IoU head)
 
@@ -46,6 +46,8 @@ class ReferringResult:
   text: str
   box: np.ndarray      # (4,) float32 xyxy, original-image pixels
   score: float
+  mask: np.ndarray | None = None  # (H, W) bool with a refseg model (SAM prompted by the box)
+  mask_score: float | None = None
 
 
 @dataclasses.dataclass
@@ -87,7 +89,12 @@ def _generate(model, batch, *, max_len: int, num_beams: int, no_repeat_previous:
   res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
                           num_beams=num_beams, length_penalty=0.6 if num_beams > 1 else 1.0,
                           no_repeat_previous=no_repeat_previous, prefix_embeds=visual)
-  return res, model.points(res.hidden, batch["image_mask"]), sam_emb
+  return res, model.points(res.hidden, batch["image_mask"]), (sam_emb, visual)
+
+
+@nnx.jit
+def _box_mask(model, box, visual, hidden, sam_emb):
+  return model.box_mask(box, visual, hidden.astype(jnp.float32), sam_emb)
 
 
 class Predictor:
@@ -115,11 +122,11 @@ class Predictor:
     return {k: jnp.asarray(v) for k, v in batch.items()}, geom
 
   def _decode(self, batch, max_len, num_beams, no_repeat_previous=False):
-    res, points, sam_emb = _generate(self.model, batch, max_len=max_len, num_beams=num_beams,
+    res, points, extras = _generate(self.model, batch, max_len=max_len, num_beams=num_beams,
                                                no_repeat_previous=no_repeat_previous)
     n = int(res.lengths[0])
     tokens = [int(t) for t in np.asarray(res.tokens[0, :n])]
-    return tokens, np.asarray(points[0, :n]), res, sam_emb
+    return tokens, np.asarray(points[0, :n]), res, extras
 
   def _to_image(self, boxes: np.ndarray, geom: T.Geometry) -> np.ndarray:
     return geom.inverse_boxes(np.asarray(boxes, np.float32).reshape(-1, 4)).astype(np.float32)
@@ -149,11 +156,22 @@ class Predictor:
     image = _check_image(image)
     _check_text(expression, "expression")
     batch, geom = self._inputs(image, f"where is {expression}", None)
-    tokens, points, res, _ = self._decode(batch, max_len, num_beams)
+    tokens, points, res, (sam_emb, visual) = self._decode(batch, max_len, num_beams)
     eos = len(tokens) - 1  # hidden[t] predicted tokens[t]; the last one is EOS (or the cut-off)
     box = self._to_image(points[eos], geom)[0]
     body = tokens[:-1] if tokens and tokens[-1] == self.tok.eos_id else tokens
-    return ReferringResult(text=self.tok.decode(body), box=box, score=float(res.scores[0]))
+    result = ReferringResult(text=self.tok.decode(body), box=box, score=float(res.scores[0]))
+    if self.model.cfg.refseg:
+      logits, iou = _box_mask(self.model, jnp.asarray(points[eos][None]), visual, res.hidden, sam_emb)
+      result.mask = self._mask_to_image(np.asarray(logits)[:1], geom, image.shape[:2])[0]
+      result.mask_score = float(iou[0])
+    return result
+
+  def _mask_to_image(self, logits: np.ndarray, geom: T.Geometry, hw: tuple[int, int]) -> np.ndarray:
+    """(K, S, S) model-input mask logits → (K, H, W) bool masks of the original image."""
+    vh, vw = geom.valid
+    crop = jnp.asarray(logits[:, :vh, :vw], jnp.float32)  # drop the padding
+    return np.asarray(jax.image.resize(crop, (crop.shape[0],) + tuple(hw), "bilinear")) > 0
 
   def segment(self, image, question: str, *, max_len: int = 40) -> Segmentation:
     """LISA: answer `question`; one mask per `[SEG]` in the answer (original image resolution)."""
@@ -162,7 +180,7 @@ class Predictor:
     image = _check_image(image)
     _check_text(question, "question")
     batch, geom = self._inputs(image, question, None)
-    tokens, _, res, sam_emb = self._decode(batch, max_len, 1)
+    tokens, _, res, (sam_emb, _) = self._decode(batch, max_len, 1)
     seg_id = self.model.cfg.seg_token_id
     positions = [t for t, tok in enumerate(tokens) if tok == seg_id]
     h, w = image.shape[:2]
@@ -170,10 +188,8 @@ class Predictor:
     if not positions:
       return Segmentation(self.tok.decode(body), np.zeros((0, h, w), bool), np.zeros(0, np.float32))
     logits, iou = _masks(self.model, res.hidden, jnp.asarray([positions], jnp.int32), sam_emb)
-    vh, vw = geom.valid
-    crop = np.asarray(logits[0, :, :vh, :vw], np.float32)  # drop the padding, back to (H, W)
-    resized = jax.image.resize(jnp.asarray(crop), (len(positions), h, w), "bilinear")
-    return Segmentation(self.tok.decode(body), np.asarray(resized) > 0, np.asarray(iou[0]))
+    masks = self._mask_to_image(np.asarray(logits[0]), geom, (h, w))
+    return Segmentation(self.tok.decode(body), masks, np.asarray(iou[0]))
 
 
 @nnx.jit

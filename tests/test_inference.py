@@ -92,6 +92,16 @@ def test_output_structures_and_bad_calls(overfit):
     pred.segment(image, "the red one")
 
 
+def test_referring_mask_structure():
+  tok = load_tokenizer("tiny")
+  model = P.PixelLLM(P.tiny_config(vocab_size=tok.vocab_size, refseg=True), rngs=nnx.Rngs(0))
+  pred = inference.Predictor(model, tok, max_prompt_len=PROMPT_LEN)
+  image = np.random.default_rng(1).integers(0, 255, (40, 90, 3), dtype=np.uint8)
+  out = pred.referring(image, "the blue square", max_len=5)
+  assert out.box.shape == (4,) and out.mask.shape == (40, 90) and out.mask.dtype == bool
+  assert isinstance(out.mask_score, float)
+
+
 def test_lisa_segment_structure():
   tok = load_tokenizer("tiny")
   cfg = P.tiny_config(vocab_size=tok.vocab_size, seg_token_id=tok.token_id("[SEG]"), lisa=True)

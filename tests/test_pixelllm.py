@@ -19,6 +19,7 @@ from pixelground.models import pixelllm as P
 from tfds_builders import build_grounded_shapes
 from tfds_builders.localized_narratives import LocalizedNarratives
 from tfds_builders.reasonseg import ReasonSeg
+from tfds_builders.refcoco import RefCoco
 
 S = 64
 
@@ -34,10 +35,12 @@ def setup(tmp_path_factory):
   conv = tasks.Converters(tcfg, tok)
   ln = LocalizedNarratives(data_dir=str(root / "tfds"), config="grounded_shapes").as_data_source("train")
   rs = ReasonSeg(data_dir=str(root / "tfds"), config="grounded_shapes").as_data_source("train")
+  ref = RefCoco(data_dir=str(root / "tfds"), config="grounded_shapes").as_data_source("train")
   stack = lambda rows: {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
   return {"tok": tok,
           "ln": stack([conv.ln(ln[i], np.random.default_rng(i)) for i in range(4)]),
-          "lisa": stack([conv.reason_seg(rs[i], np.random.default_rng(i)) for i in range(4)])}
+          "lisa": stack([conv.reason_seg(rs[i], np.random.default_rng(i)) for i in range(4)]),
+          "refseg": stack([conv.referring(ref[i], np.random.default_rng(i)) for i in range(4)])}
 
 
 def _train(cfg, batch, steps, lr=3e-3):
@@ -79,6 +82,19 @@ def test_lisa_seg_overfit(setup):
   assert all(np.isfinite(v) for h in hist for v in h.values())
   assert last["total"] <= 0.2 * first["total"], (first, last)
   assert last["mask_dice"] < 0.7 * first["mask_dice"] and last["mask_bce"] < 0.2 * first["mask_bce"]
+
+
+def test_referring_box_and_mask_overfit(setup):
+  tok = setup["tok"]
+  cfg = P.tiny_config(vocab_size=tok.vocab_size, refseg=True)
+  batch = setup["refseg"]
+  assert bool(batch["seg_valid"][:, 0].all()) and bool(batch["token_box_valid"].any(axis=1).all())
+  _, hist = _train(cfg, batch, 80)
+  first, last = hist[0], hist[-1]
+  print("refseg first", first, "last", last)
+  assert all(np.isfinite(v) for h in hist for v in h.values())
+  assert last["total"] <= 0.2 * first["total"], (first, last)
+  assert last["point_l1"] < 0.3 * first["point_l1"] and last["ref_focal"] < 0.5 * first["ref_focal"]
 
 
 def test_frozen_weights_bit_identical_after_10_steps(setup):

@@ -64,6 +64,9 @@ class PixelLLMConfig(ModelConfig):
   loc_hidden: int = 512
   loc_layers: int = 4
   lisa: bool = False          # `[SEG]` → SAM mask decoder path (needs `sam`)
+  refseg: bool = False        # referring segmentation: predicted box → SAM mask decoder (+ adapter)
+  adapter_depth: int = 2
+  adapter_heads: int = 8
   seg_token_id: int = -1      # the tokenizer's `[SEG]` id (LISA)
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -71,6 +74,8 @@ class PixelLLMConfig(ModelConfig):
   def __post_init__(self):
     if self.sam is None and self.eva is None:
       raise ValueError("PixelLLMConfig: at least one image encoder (sam or eva) is needed.")
+    if self.refseg and self.sam is None:
+      raise ValueError("PixelLLMConfig: refseg=True needs the SAM encoder.")
     if self.lisa and self.sam is None:
       raise ValueError("PixelLLMConfig: lisa=True needs the SAM encoder (its mask decoder reads SAM's "
                        "image embedding).")
@@ -171,6 +176,30 @@ class SegProjection(nnx.Module):
     return self.fc2(jax.nn.relu(self.fc1(h)))
 
 
+class MaskAdapter(nnx.Module):
+  """SPEC 1.8: 2 learned tokens through a two-way transformer over [visual tokens; decoder states],
+  projected to the prompt dim and gated by tanh(α) (α = 0 at init: SAM's box prompt is unchanged at
+  the start) → added to the 2 box-corner tokens."""
+
+  def __init__(self, cfg: PixelLLMConfig, *, rngs: nnx.Rngs):
+    d = cfg.t5.d_model
+    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.tokens = make_param(rngs, normal(0.02), (2, d), (None, "embed"), cfg.weight_dtype)
+    self.transformer = dec_lib.TwoWayTransformer(cfg.adapter_depth, d, cfg.adapter_heads, 2 * d, 2,
+                                                 **common)
+    self.proj = Projection((d,), (cfg.prompt.prompt_dim,), ("embed",), (None,), use_bias=True, **common)
+    self.alpha = make_param(rngs, zeros, (), (), jnp.float32)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, visual: jax.Array, hidden: jax.Array) -> jax.Array:
+    """visual (B, Q, d) visual tokens; hidden (B, T, d) decoder states → (B, 2, P) additive update."""
+    b = visual.shape[0]
+    keys = jnp.concatenate([visual.astype(self.dtype), hidden.astype(self.dtype)], axis=1)
+    tokens = jnp.broadcast_to(self.tokens[...].astype(self.dtype)[None], (b,) + self.tokens.shape)
+    out, _ = self.transformer(tokens, keys, jnp.zeros(keys.shape[1:], self.dtype))
+    return self.proj(out) * jnp.tanh(self.alpha[...]).astype(self.dtype)
+
+
 def _normalise(image: jax.Array, mask: jax.Array, mean: np.ndarray, std: np.ndarray) -> jax.Array:
   x = (image.astype(jnp.float32) - mean) / std
   return jnp.where(mask[..., None], x, 0.0)
@@ -196,11 +225,11 @@ class PixelLLM(nnx.Module):
     self.t5 = t5_lib.T5(cfg.t5, rngs=rngs)
     common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
     self.loc_head = LocationHead(cfg.t5.d_model, cfg.loc_hidden, cfg.loc_layers, **common)
-    if cfg.lisa:
-      self.seg_proj = SegProjection(cfg.t5.d_model, cfg.prompt.prompt_dim, **common)
-      self.mask_decoder = dec_lib.MaskDecoder(cfg.prompt, rngs=rngs)
-    else:
-      self.seg_proj = self.mask_decoder = None
+    self.seg_proj = (SegProjection(cfg.t5.d_model, cfg.prompt.prompt_dim, **common) if cfg.lisa
+                     else None)
+    self.mask_adapter = MaskAdapter(cfg, rngs=rngs) if cfg.refseg else None
+    self.mask_decoder = (dec_lib.MaskDecoder(cfg.prompt, rngs=rngs) if cfg.lisa or cfg.refseg
+                         else None)
 
   # -- vision ----------------------------------------------------------------------------------------
   def image_features(self, image: jax.Array, image_mask: jax.Array, *, rng: jax.Array | None = None
@@ -230,12 +259,12 @@ class PixelLLM(nnx.Module):
     return self.extractor(fused, pe, sparse, dense)
 
   def encode(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None):
-    """→ (encoder_out (B, Q + Le, d), encoder_mask (B, Q + Le), SAM embedding or None)."""
+    """→ (encoder_out (B, Q + Le, d), encoder_mask (B, Q + Le), SAM embedding or None, visual tokens)."""
     fused, sam_emb = self.image_features(batch["image"], batch["image_mask"], rng=rng)
     visual = self.visual_tokens(fused, batch["prompt_box"])
     prompt_ids = batch["prompt_ids"]
     enc, mask = self.t5.encode(prompt_ids, prompt_ids != self.cfg.t5.pad_id, prefix_embeds=visual)
-    return enc, mask, sam_emb
+    return enc, mask, sam_emb, visual
 
   # -- heads -----------------------------------------------------------------------------------------
   def points(self, hidden: jax.Array, image_mask: jax.Array) -> jax.Array:
@@ -267,7 +296,7 @@ class PixelLLM(nnx.Module):
     """Teacher-forced outputs for a training batch (fields of `pixelground.data.tasks.schema`):
     logits (B, T, V) f32, hidden (B, T, d), points (B, T, 4) pixels, and with `lisa` seg_logits
     (B, K, S, S) and seg_iou (B, K)."""
-    enc, enc_mask, sam_emb = self.encode(batch, rng=rng)
+    enc, enc_mask, sam_emb, visual = self.encode(batch, rng=rng)
     targets = batch["target_ids"]
     start = jnp.full(targets.shape[:1] + (1,), self.cfg.t5.decoder_start_id, targets.dtype)
     dec_in = jnp.concatenate([start, targets[:, :-1]], axis=1)
@@ -275,7 +304,30 @@ class PixelLLM(nnx.Module):
     out = {"logits": logits, "hidden": hidden, "points": self.points(hidden, batch["image_mask"])}
     if self.cfg.lisa:
       out["seg_logits"], out["seg_iou"] = self.seg_masks(hidden, batch["seg_positions"], sam_emb)
+    if self.cfg.refseg:
+      eos = jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1
+      box = jnp.take_along_axis(out["points"], eos[:, None, None], axis=1)[:, 0]
+      out["ref_logits"], out["ref_iou"] = self.box_mask(box, visual, hidden, sam_emb)
     return out
+
+  def box_mask(self, box: jax.Array, visual: jax.Array, hidden: jax.Array, sam_emb: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    """Referring segmentation (SPEC 1.8): the predicted box (B, 4) [x0, y0, x1, y1] model-input pixels
+    (gradient stopped: the box head trains on its own L1) prompts SAM's mask decoder, its 2 corner
+    tokens shifted by the gated adapter → (mask logits (B, S, S), IoU (B,))."""
+    b = box.shape[0]
+    x0, y0, x1, y1 = jnp.split(jax.lax.stop_gradient(box), 4, axis=-1)
+    xyxy = jnp.concatenate([jnp.minimum(x0, x1), jnp.minimum(y0, y1), jnp.maximum(x0, x1),
+                            jnp.maximum(y0, y1)], axis=-1)
+    sparse = self.prompt_encoder.embed_boxes(xyxy)  # (B, 2, P)
+    sparse = sparse + self.mask_adapter(visual, hidden).astype(sparse.dtype)
+    gs = sam_emb.shape[1:3]
+    dense = jnp.broadcast_to(self.prompt_encoder.no_mask_embed[...].astype(sam_emb.dtype),
+                             sam_emb.shape)
+    masks, iou = self.mask_decoder(sam_emb, self.prompt_encoder.pe.dense_pe(gs), sparse, dense,
+                                   multimask_output=False)
+    s = self.cfg.image_size
+    return jax.image.resize(masks[:, 0].astype(jnp.float32), (b, s, s), "bilinear"), iou[:, 0]
 
 
 def num_params(cfg: PixelLLMConfig) -> dict[str, int]:
@@ -302,6 +354,9 @@ class LossConfig:
   point_weight: float = 0.1
   mask_bce_weight: float = 2.0
   mask_dice_weight: float = 0.5
+  ref_focal_weight: float = 20.0   # PixelLLM referring segmentation: focal × 20 + dice + IoU MSE
+  ref_dice_weight: float = 1.0
+  ref_iou_weight: float = 1.0
   task_weights: tuple[float, ...] = ()
 
 
@@ -334,6 +389,15 @@ def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax
     dice = L.dice_loss(out["seg_logits"], masks, batch["seg_valid"], ignore=ignore)
     terms.update(mask_bce=bce, mask_dice=dice)
     total = total + loss_cfg.mask_bce_weight * bce + loss_cfg.mask_dice_weight * dice
+  if cfg.refseg and "seg_masks" in batch:
+    target = batch["seg_masks"][:, 0].astype(jnp.float32)
+    valid = batch["seg_valid"][:, 0]
+    focal = L.sigmoid_focal_loss(out["ref_logits"], target, valid)
+    rdice = L.dice_loss(out["ref_logits"], target, valid)
+    riou = L.iou_mse(out["ref_iou"], out["ref_logits"], target, valid)
+    terms.update(ref_focal=focal, ref_dice=rdice, ref_iou_mse=riou)
+    total = (total + loss_cfg.ref_focal_weight * focal + loss_cfg.ref_dice_weight * rdice
+             + loss_cfg.ref_iou_weight * riou)
   terms["total"] = total
   return total, terms
 
@@ -341,7 +405,8 @@ def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax
 # Trained in the PixelLLM LN/referring recipes (SPEC §3): EVA02, the prompt extractor (+ projection),
 # the location head, LoRA factors; the LISA projection and mask decoder when present. Everything
 # else (SAM encoder, prompt encoder, T5 base weights) is frozen.
-TRAINABLE = (r"^eva\.", r"^extractor\.", r"^loc_head\.", r"^seg_proj\.", r"^mask_decoder\.")
+TRAINABLE = (r"^eva\.", r"^extractor\.", r"^loc_head\.", r"^seg_proj\.", r"^mask_decoder\.",
+             r"^mask_adapter\.")
 
 
 def trainable_filter(patterns: tp.Sequence[str] = TRAINABLE, *, lora: bool = True):
@@ -364,7 +429,7 @@ def trainable_filter(patterns: tp.Sequence[str] = TRAINABLE, *, lora: bool = Tru
 
 
 def tiny_config(*, vocab_size: int, seg_token_id: int = -1, lisa: bool = False, image_size: int = 64,
-                use_sam: bool = True, use_eva: bool = True) -> PixelLLMConfig:
+                use_sam: bool = True, use_eva: bool = True, refseg: bool = False) -> PixelLLMConfig:
   """A CPU-sized PixelLLM for tests and the demo: the same structure, every width tiny."""
   grid = image_size // 16
   sam = (sam_lib.SamEncoderConfig(image_size=image_size, width=32, depth=2, num_heads=2, window_size=2,
@@ -379,4 +444,5 @@ def tiny_config(*, vocab_size: int, seg_token_id: int = -1, lisa: bool = False, 
                        lora_targets=t5_lib.LORA_TARGETS)
   return PixelLLMConfig(image_size=image_size, sam=sam, eva=eva, prompt=prompt, t5=t5, num_queries=8,
                         extractor_width=32, extractor_depth=2, extractor_heads=2, extractor_mlp=64,
-                        query_hidden=48, loc_hidden=32, lisa=lisa, seg_token_id=seg_token_id)
+                        query_hidden=48, loc_hidden=32, lisa=lisa, seg_token_id=seg_token_id,
+                        refseg=refseg, adapter_heads=2)
