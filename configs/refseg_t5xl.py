@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer = recipes.optimizer_config(lr=5e-5, steps=60_000, warmup=500, batch_size=64,
                                          lr_multipliers={"mask_adapter": 10.0})
   c.trainable = (r"^mask_adapter\.", r"^loc_head\.")
+  c.train_lora = False
   c.tasks = ml_collections.ConfigDict({
       "referring_seg": {"dataset": "refcoco/refcoco_unc", "weight": 1.0}})
   c.data = ml_collections.ConfigDict({"image_size": 384, "scale_range": (0.75, 1.25),

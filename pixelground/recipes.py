@@ -109,15 +109,17 @@ def count(config_path: str) -> dict[str, tp.Any]:
   spec = importlib.util.spec_from_file_location("cfg", config_path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = build_model_config(module.get_config().model)
+  full = module.get_config()
+  cfg = build_model_config(full.model)
+  keep = P.trainable_filter(tuple(full.get("trainable", P.TRAINABLE)), lora=full.get("train_lora", True))
   model = nnx.eval_shape(lambda: P.PixelLLM(cfg, rngs=nnx.Rngs(0)))
   parts: dict[str, int] = {}
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     parts[str(path[0])] = parts.get(str(path[0]), 0) + math.prod(var.shape)
   lora = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
-  trainable = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(model, P.trainable_filter())))
+  trainable = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(model, keep)))
   return {"parts": parts, "lora": lora, "total": sum(parts.values()), "trainable": trainable,
-          "t5_base": parts.get("t5", 0) - lora}
+          "t5_base": parts.get("t5", 0) - lora, "train_lora": full.get("train_lora", True)}
 
 
 def main(argv: list[str]) -> None:
@@ -131,7 +133,8 @@ def main(argv: list[str]) -> None:
     print(f"{name:16s} {n:15,d}{note}")
   print(f"{'  of which LoRA':16s} {r['lora']:15,d}")
   print(f"{'total':16s} {r['total']:15,d}")
-  print(f"{'trainable':16s} {r['trainable']:15,d}   (EVA02 + extractor + projection + LoRA + heads)")
+  print(f"{'trainable':16s} {r['trainable']:15,d}   (the config's `trainable` patterns"
+        f"{' + LoRA' if r['train_lora'] else ''})")
 
 
 if __name__ == "__main__":

@@ -177,27 +177,29 @@ class SegProjection(nnx.Module):
 
 
 class MaskAdapter(nnx.Module):
-  """SPEC 1.8: 2 learned tokens through a two-way transformer over [visual tokens; decoder states],
-  projected to the prompt dim and gated by tanh(α) (α = 0 at init: SAM's box prompt is unchanged at
-  the start) → added to the 2 box-corner tokens."""
+  """SPEC 1.8: 2 learned tokens through a two-way transformer over [visual tokens; decoder states]
+  (both projected to the prompt dim P first: the adapter stays small, ~1M parameters at P = 256),
+  then a P → P projection gated by tanh(α) (α = 0 at init: SAM's box prompt is unchanged at the start)
+  → added to the 2 box-corner tokens."""
 
   def __init__(self, cfg: PixelLLMConfig, *, rngs: nnx.Rngs):
-    d = cfg.t5.d_model
+    d, p = cfg.t5.d_model, cfg.prompt.prompt_dim
     common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-    self.tokens = make_param(rngs, normal(0.02), (2, d), (None, "embed"), cfg.weight_dtype)
-    self.transformer = dec_lib.TwoWayTransformer(cfg.adapter_depth, d, cfg.adapter_heads, 2 * d, 2,
+    self.proj_in = Projection((d,), (p,), ("embed",), (None,), use_bias=True, **common)
+    self.tokens = make_param(rngs, normal(0.02), (2, p), (None, None), cfg.weight_dtype)
+    self.transformer = dec_lib.TwoWayTransformer(cfg.adapter_depth, p, cfg.adapter_heads, 2 * p, 2,
                                                  **common)
-    self.proj = Projection((d,), (cfg.prompt.prompt_dim,), ("embed",), (None,), use_bias=True, **common)
+    self.proj_out = Projection((p,), (p,), (None,), (None,), use_bias=True, **common)
     self.alpha = make_param(rngs, zeros, (), (), jnp.float32)
     self.dtype = cfg.compute_dtype
 
   def __call__(self, visual: jax.Array, hidden: jax.Array) -> jax.Array:
     """visual (B, Q, d) visual tokens; hidden (B, T, d) decoder states → (B, 2, P) additive update."""
     b = visual.shape[0]
-    keys = jnp.concatenate([visual.astype(self.dtype), hidden.astype(self.dtype)], axis=1)
+    keys = self.proj_in(jnp.concatenate([visual.astype(self.dtype), hidden.astype(self.dtype)], axis=1))
     tokens = jnp.broadcast_to(self.tokens[...].astype(self.dtype)[None], (b,) + self.tokens.shape)
     out, _ = self.transformer(tokens, keys, jnp.zeros(keys.shape[1:], self.dtype))
-    return self.proj(out) * jnp.tanh(self.alpha[...]).astype(self.dtype)
+    return self.proj_out(out) * jnp.tanh(self.alpha[...]).astype(self.dtype)
 
 
 def _normalise(image: jax.Array, mask: jax.Array, mean: np.ndarray, std: np.ndarray) -> jax.Array:
