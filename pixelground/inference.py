@@ -11,6 +11,7 @@ is resized so its long side is the model input size and padded (the evaluation g
                       score (sum log-prob); with a refseg model also mask (H, W) bool + mask_score
     Segmentation      text (the answer), masks (K, H, W) bool — one per `[SEG]` in the answer,
                       mask_scores (K,) (SAM's IoU head)
+    DenseCaption      box (4,), score (proposal heatmap peak, sigmoid), text — a list, best first
 
 Bad calls raise ValueError naming the problem: an image that is not (H, W, 3) / (H, W), an empty text,
 a box that is not xyxy inside the image.
@@ -48,6 +49,13 @@ class ReferringResult:
   score: float
   mask: np.ndarray | None = None  # (H, W) bool with a refseg model (SAM prompted by the box)
   mask_score: float | None = None
+
+
+@dataclasses.dataclass
+class DenseCaption:
+  box: np.ndarray   # (4,) float32 xyxy, original-image pixels
+  score: float      # proposal score in (0, 1)
+  text: str
 
 
 @dataclasses.dataclass
@@ -90,6 +98,21 @@ def _generate(model, batch, *, max_len: int, num_beams: int, no_repeat_previous:
                           num_beams=num_beams, length_penalty=0.6 if num_beams > 1 else 1.0,
                           no_repeat_previous=no_repeat_previous, prefix_embeds=visual)
   return res, model.points(res.hidden, batch["image_mask"]), (sam_emb, visual)
+
+
+@functools.partial(nnx.jit, static_argnames=("k", "max_len"))
+def _dense(model, batch, *, k: int, max_len: int):
+  """Proposals (top-k heatmap peaks) → one caption per proposal, decoded as a batch of k."""
+  from pixelground.models import proposals as prop_lib
+
+  fused, _ = model.image_features(batch["image"], batch["image_mask"])
+  heat, ltrb = model.proposal_head(fused)
+  boxes, scores = prop_lib.top_proposals(heat, ltrb, k)  # (1, k, 4) normalised, (1, k)
+  visual = model.visual_tokens(jnp.repeat(fused, k, axis=0), boxes[0])
+  ids = jnp.repeat(batch["prompt_ids"], k, axis=0)
+  res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
+                          prefix_embeds=visual)
+  return boxes[0], scores[0], res.tokens, res.lengths
 
 
 @nnx.jit
@@ -172,6 +195,23 @@ class Predictor:
     vh, vw = geom.valid
     crop = jnp.asarray(logits[:, :vh, :vw], jnp.float32)  # drop the padding
     return np.asarray(jax.image.resize(crop, (crop.shape[0],) + tuple(hw), "bilinear")) > 0
+
+  def dense_captions(self, image, *, k: int = 10, max_len: int = 40) -> list[DenseCaption]:
+    """Dense captioning: the proposal head's top-k boxes, each captioned ("an object of")."""
+    if not self.model.cfg.proposals:
+      raise ValueError("dense_captions() needs a model built with proposals=True")
+    if k < 1:
+      raise ValueError(f"k must be ≥ 1, got {k}")
+    image = _check_image(image)
+    batch, geom = self._inputs(image, task_lib.REGION_CAPTION, None)
+    boxes, scores, tokens, lengths = _dense(self.model, batch, k=k, max_len=max_len)
+    boxes = self._to_image(np.asarray(boxes) * self.size, geom)
+    out = []
+    for i in range(boxes.shape[0]):
+      toks = [int(t) for t in np.asarray(tokens[i, : int(lengths[i])])]
+      body = toks[:-1] if toks and toks[-1] == self.tok.eos_id else toks
+      out.append(DenseCaption(box=boxes[i], score=float(scores[i]), text=self.tok.decode(body)))
+    return out
 
   def segment(self, image, question: str, *, max_len: int = 40) -> Segmentation:
     """LISA: answer `question`; one mask per `[SEG]` in the answer (original image resolution)."""

@@ -40,6 +40,7 @@ def model_config(size: str = "xl", *, lisa: bool = False, image_size: int = 384,
   c.image_size = image_size
   c.lisa = lisa
   c.refseg = False
+  c.proposals = False
   c.seg_token_id = seg_token_id if lisa else -1
   c.vocab_size = vocab_size
   if size == "tiny":
@@ -74,7 +75,8 @@ def build_model_config(c: ml_collections.ConfigDict) -> P.PixelLLMConfig:
   """ConfigDict (see `model_config`) → PixelLLMConfig. Unknown fields raise, naming the key."""
   if c.size == "tiny":
     return P.tiny_config(vocab_size=c.vocab_size, seg_token_id=c.seg_token_id, lisa=c.lisa,
-                         image_size=c.image_size, refseg=c.get("refseg", False))
+                         image_size=c.image_size, refseg=c.get("refseg", False),
+                         proposals=c.get("proposals", False))
   for key, cls in (("sam", sam_lib.SamEncoderConfig), ("eva", eva_lib.Eva02Config),
                    ("t5", t5_lib.T5Config)):
     if key in c and c[key] is not None:  # validate field names (did-you-mean errors)
@@ -87,8 +89,8 @@ def build_model_config(c: ml_collections.ConfigDict) -> P.PixelLLMConfig:
   prompt = dec_lib.SamDecoderConfig(image_size=c.image_size, grid_size=grid)
   extra = c.extractor.to_dict() if "extractor" in c else {}
   return P.PixelLLMConfig(image_size=c.image_size, sam=sam, eva=eva, prompt=prompt, t5=t5,
-                          lisa=c.lisa, refseg=c.get("refseg", False), seg_token_id=c.seg_token_id,
-                          **extra)
+                          lisa=c.lisa, refseg=c.get("refseg", False),
+                          proposals=c.get("proposals", False), seg_token_id=c.seg_token_id, **extra)
 
 
 def optimizer_config(*, lr: float, steps: int, warmup: int, weight_decay: float = 0.0,

@@ -102,6 +102,20 @@ def test_referring_mask_structure():
   assert isinstance(out.mask_score, float)
 
 
+def test_dense_captions_structure():
+  tok = load_tokenizer("tiny")
+  model = P.PixelLLM(P.tiny_config(vocab_size=tok.vocab_size, proposals=True), rngs=nnx.Rngs(0))
+  pred = inference.Predictor(model, tok, max_prompt_len=PROMPT_LEN)
+  image = np.random.default_rng(2).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+  out = pred.dense_captions(image, k=3, max_len=5)
+  assert len(out) == 3 and all(isinstance(d.text, str) for d in out)
+  assert all(d.box.shape == (4,) and 0 <= d.box[0] <= d.box[2] <= 80 and 0 <= d.box[1] <= d.box[3] <= 48
+             for d in out)
+  assert [d.score for d in out] == sorted([d.score for d in out], reverse=True)
+  with pytest.raises(ValueError, match="k must be"):
+    pred.dense_captions(image, k=0)
+
+
 def test_lisa_segment_structure():
   tok = load_tokenizer("tiny")
   cfg = P.tiny_config(vocab_size=tok.vocab_size, seg_token_id=tok.token_id("[SEG]"), lisa=True)

@@ -19,6 +19,7 @@ from pixelground.models import pixelllm as P
 from tfds_builders import build_grounded_shapes
 from tfds_builders.localized_narratives import LocalizedNarratives
 from tfds_builders.reasonseg import ReasonSeg
+from tfds_builders.coco_panoptic import CocoPanoptic
 from tfds_builders.refcoco import RefCoco
 
 S = 64
@@ -31,16 +32,28 @@ def setup(tmp_path_factory):
                                   num_test=0, seed=1)
   tok = load_tokenizer("tiny")
   tcfg = tasks.TaskConfig(image_size=S, train=False, max_target_len=48, max_prompt_len=8, max_seg=2,
-                          max_entities=2)
+                          max_entities=2, max_regions=4, max_region_len=6)
   conv = tasks.Converters(tcfg, tok)
   ln = LocalizedNarratives(data_dir=str(root / "tfds"), config="grounded_shapes").as_data_source("train")
   rs = ReasonSeg(data_dir=str(root / "tfds"), config="grounded_shapes").as_data_source("train")
   ref = RefCoco(data_dir=str(root / "tfds"), config="grounded_shapes").as_data_source("train")
+  pan = CocoPanoptic(data_dir=str(root / "tfds"), config="grounded_shapes")
+  names = {i: c["name"] for i, c in enumerate(pan.info.metadata["categories"])}
+  pan_src = pan.as_data_source("train")
+
+  def dense_example(ex):  # VG-style regions from the panoptic segments: box + category name
+    xywh = np.asarray(ex["segments"]["bbox_xywh"])
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    return {"image": ex["image"], "boxes": boxes,
+            "phrases": [names[int(c)].encode() for c in ex["segments"]["category"]]}
+
   stack = lambda rows: {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
   return {"tok": tok,
           "ln": stack([conv.ln(ln[i], np.random.default_rng(i)) for i in range(4)]),
           "lisa": stack([conv.reason_seg(rs[i], np.random.default_rng(i)) for i in range(4)]),
-          "refseg": stack([conv.referring(ref[i], np.random.default_rng(i)) for i in range(4)])}
+          "refseg": stack([conv.referring(ref[i], np.random.default_rng(i)) for i in range(4)]),
+          "dense": stack([conv.dense_caption(dense_example(pan_src[i]), np.random.default_rng(i))
+                          for i in range(4)])}
 
 
 def _train(cfg, batch, steps, lr=3e-3):
@@ -95,6 +108,26 @@ def test_referring_box_and_mask_overfit(setup):
   assert all(np.isfinite(v) for h in hist for v in h.values())
   assert last["total"] <= 0.2 * first["total"], (first, last)
   assert last["point_l1"] < 0.3 * first["point_l1"] and last["ref_focal"] < 0.5 * first["ref_focal"]
+
+
+def test_dense_caption_proposals_overfit(setup):
+  tok = setup["tok"]
+  cfg = P.tiny_config(vocab_size=tok.vocab_size, proposals=True)
+  batch = {k: v for k, v in setup["dense"].items() if k not in ("target_ids", "target_mask")}
+  batch["target_ids"] = jnp.zeros((4, 4), jnp.int32)  # no main-text target for this task
+  batch["target_mask"] = jnp.zeros((4, 4), bool)
+  assert int(batch["region_valid"].sum()) >= 8
+  model, hist = _train(cfg, batch, 80)
+  first, last = hist[0], hist[-1]
+  print("dense first", first, "last", last)
+  assert all(np.isfinite(v) for h in hist for v in h.values())
+  assert last["total"] <= 0.2 * first["total"], (first, last)
+  from pixelground.models import proposals
+  fused, _ = model.image_features(batch["image"], batch["image_mask"])
+  heat, ltrb = model.proposal_head(fused)
+  boxes, scores = proposals.top_proposals(heat, ltrb, 4)
+  assert boxes.shape == (4, 4, 4) and scores.shape == (4, 4)
+  assert np.all(np.diff(np.asarray(scores), axis=1) <= 0)
 
 
 def test_frozen_weights_bit_identical_after_10_steps(setup):

@@ -33,6 +33,7 @@ from flax import nnx
 
 from pixelground.configlib import ModelConfig
 from pixelground.models import eva02 as eva_lib
+from pixelground.models import proposals as prop_lib
 from pixelground.models import sam_decoder as dec_lib
 from pixelground.models import sam_encoder as sam_lib
 from pixelground.models import t5 as t5_lib
@@ -67,6 +68,8 @@ class PixelLLMConfig(ModelConfig):
   refseg: bool = False        # referring segmentation: predicted box → SAM mask decoder (+ adapter)
   adapter_depth: int = 2
   adapter_heads: int = 8
+  proposals: bool = False     # dense captioning: class-agnostic proposal head + per-region captions
+  proposal_width: int = 256
   seg_token_id: int = -1      # the tokenizer's `[SEG]` id (LISA)
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -230,6 +233,8 @@ class PixelLLM(nnx.Module):
     self.seg_proj = (SegProjection(cfg.t5.d_model, cfg.prompt.prompt_dim, **common) if cfg.lisa
                      else None)
     self.mask_adapter = MaskAdapter(cfg, rngs=rngs) if cfg.refseg else None
+    self.proposal_head = (prop_lib.ProposalHead(cfg.feature_dim, cfg.proposal_width, **common)
+                          if cfg.proposals else None)
     self.mask_decoder = (dec_lib.MaskDecoder(cfg.prompt, rngs=rngs) if cfg.lisa or cfg.refseg
                          else None)
 
@@ -261,12 +266,26 @@ class PixelLLM(nnx.Module):
     return self.extractor(fused, pe, sparse, dense)
 
   def encode(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None):
-    """→ (encoder_out (B, Q + Le, d), encoder_mask (B, Q + Le), SAM embedding or None, visual tokens)."""
+    """→ (encoder_out (B, Q + Le, d), encoder_mask (B, Q + Le), SAM embedding or None, visual tokens,
+    fused map)."""
     fused, sam_emb = self.image_features(batch["image"], batch["image_mask"], rng=rng)
     visual = self.visual_tokens(fused, batch["prompt_box"])
     prompt_ids = batch["prompt_ids"]
     enc, mask = self.t5.encode(prompt_ids, prompt_ids != self.cfg.t5.pad_id, prefix_embeds=visual)
-    return enc, mask, sam_emb, visual
+    return enc, mask, sam_emb, visual, fused
+
+  def region_captions(self, fused: jax.Array, boxes: jax.Array, prompt_ids: jax.Array,
+                      region_ids: jax.Array) -> jax.Array:
+    """Teacher-forced captions of R regions per image: fused (B, g, g, C), boxes (B, R, 4) normalised,
+    prompt_ids (B, Le), region_ids (B, R, Lr) → logits (B, R, Lr, V)."""
+    b, r = boxes.shape[:2]
+    visual = self.visual_tokens(jnp.repeat(fused, r, axis=0), boxes.reshape(b * r, 4))
+    ids = jnp.repeat(prompt_ids, r, axis=0)
+    enc, mask = self.t5.encode(ids, ids != self.cfg.t5.pad_id, prefix_embeds=visual)
+    targets = region_ids.reshape(b * r, -1)
+    start = jnp.full((b * r, 1), self.cfg.t5.decoder_start_id, targets.dtype)
+    logits, _ = self.t5.decode(jnp.concatenate([start, targets[:, :-1]], axis=1), enc, mask)
+    return logits.reshape(b, r, targets.shape[-1], -1)
 
   # -- heads -----------------------------------------------------------------------------------------
   def points(self, hidden: jax.Array, image_mask: jax.Array) -> jax.Array:
@@ -298,7 +317,7 @@ class PixelLLM(nnx.Module):
     """Teacher-forced outputs for a training batch (fields of `pixelground.data.tasks.schema`):
     logits (B, T, V) f32, hidden (B, T, d), points (B, T, 4) pixels, and with `lisa` seg_logits
     (B, K, S, S) and seg_iou (B, K)."""
-    enc, enc_mask, sam_emb, visual = self.encode(batch, rng=rng)
+    enc, enc_mask, sam_emb, visual, fused = self.encode(batch, rng=rng)
     targets = batch["target_ids"]
     start = jnp.full(targets.shape[:1] + (1,), self.cfg.t5.decoder_start_id, targets.dtype)
     dec_in = jnp.concatenate([start, targets[:, :-1]], axis=1)
@@ -306,6 +325,10 @@ class PixelLLM(nnx.Module):
     out = {"logits": logits, "hidden": hidden, "points": self.points(hidden, batch["image_mask"])}
     if self.cfg.lisa:
       out["seg_logits"], out["seg_iou"] = self.seg_masks(hidden, batch["seg_positions"], sam_emb)
+    if self.cfg.proposals and "region_boxes" in batch:
+      out["heat"], out["ltrb"] = self.proposal_head(fused)
+      out["region_logits"] = self.region_captions(fused, batch["region_boxes"], batch["prompt_ids"],
+                                                  batch["region_ids"])
     if self.cfg.refseg:
       eos = jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1
       box = jnp.take_along_axis(out["points"], eos[:, None, None], axis=1)[:, 0]
@@ -359,6 +382,7 @@ class LossConfig:
   ref_focal_weight: float = 20.0   # PixelLLM referring segmentation: focal × 20 + dice + IoU MSE
   ref_dice_weight: float = 1.0
   ref_iou_weight: float = 1.0
+  proposal_weight: float = 1.0     # heatmap focal + GIoU
   task_weights: tuple[float, ...] = ()
 
 
@@ -391,6 +415,17 @@ def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax
     dice = L.dice_loss(out["seg_logits"], masks, batch["seg_valid"], ignore=ignore)
     terms.update(mask_bce=bce, mask_dice=dice)
     total = total + loss_cfg.mask_bce_weight * bce + loss_cfg.mask_dice_weight * dice
+  if cfg.proposals and "region_logits" in out:
+    valid = batch["region_valid"]
+    terms.update(prop_lib.losses(out["heat"], out["ltrb"], batch["region_boxes"], valid))
+    rids = batch["region_ids"]
+    rmask = (rids != cfg.t5.pad_id) & valid[..., None]  # EOS (id 1) is a scored token, pad is not
+    b, r, lr, v = out["region_logits"].shape
+    terms["region_ce"], _ = L.text_cross_entropy(out["region_logits"].reshape(b * r, lr, v),
+                                                 rids.reshape(b * r, lr), rmask.reshape(b * r, lr),
+                                                 label_smoothing=loss_cfg.label_smoothing)
+    total = (total + loss_cfg.proposal_weight * (terms["proposal_heatmap"] + terms["proposal_giou"])
+             + terms["region_ce"])
   if cfg.refseg and "seg_masks" in batch:
     target = batch["seg_masks"][:, 0].astype(jnp.float32)
     valid = batch["seg_valid"][:, 0]
@@ -408,7 +443,7 @@ def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax
 # the location head, LoRA factors; the LISA projection and mask decoder when present. Everything
 # else (SAM encoder, prompt encoder, T5 base weights) is frozen.
 TRAINABLE = (r"^eva\.", r"^extractor\.", r"^loc_head\.", r"^seg_proj\.", r"^mask_decoder\.",
-             r"^mask_adapter\.")
+             r"^mask_adapter\.", r"^proposal_head\.")
 
 
 def trainable_filter(patterns: tp.Sequence[str] = TRAINABLE, *, lora: bool = True):
@@ -431,7 +466,8 @@ def trainable_filter(patterns: tp.Sequence[str] = TRAINABLE, *, lora: bool = Tru
 
 
 def tiny_config(*, vocab_size: int, seg_token_id: int = -1, lisa: bool = False, image_size: int = 64,
-                use_sam: bool = True, use_eva: bool = True, refseg: bool = False) -> PixelLLMConfig:
+                use_sam: bool = True, use_eva: bool = True, refseg: bool = False,
+                proposals: bool = False) -> PixelLLMConfig:
   """A CPU-sized PixelLLM for tests and the demo: the same structure, every width tiny."""
   grid = image_size // 16
   sam = (sam_lib.SamEncoderConfig(image_size=image_size, width=32, depth=2, num_heads=2, window_size=2,
@@ -447,4 +483,4 @@ def tiny_config(*, vocab_size: int, seg_token_id: int = -1, lisa: bool = False, 
   return PixelLLMConfig(image_size=image_size, sam=sam, eva=eva, prompt=prompt, t5=t5, num_queries=8,
                         extractor_width=32, extractor_depth=2, extractor_heads=2, extractor_mlp=64,
                         query_hidden=48, loc_hidden=32, lisa=lisa, seg_token_id=seg_token_id,
-                        refseg=refseg, adapter_heads=2)
+                        refseg=refseg, adapter_heads=2, proposals=proposals, proposal_width=32)
