@@ -37,6 +37,8 @@ def setup(tmp_path_factory):
   ln = LocalizedNarratives(data_dir=str(root / "tfds"), config="grounded_shapes").as_data_source("train")
   rs = ReasonSeg(data_dir=str(root / "tfds"), config="grounded_shapes").as_data_source("train")
   ref = RefCoco(data_dir=str(root / "tfds"), config="grounded_shapes").as_data_source("train")
+  from tfds_builders.coco_captions import CocoCaptions
+  caps = CocoCaptions(data_dir=str(root / "tfds"), config="grounded_shapes").as_data_source("train")
   pan = CocoPanoptic(data_dir=str(root / "tfds"), config="grounded_shapes")
   names = {i: c["name"] for i, c in enumerate(pan.info.metadata["categories"])}
   pan_src = pan.as_data_source("train")
@@ -52,6 +54,9 @@ def setup(tmp_path_factory):
           "ln": stack([conv.ln(ln[i], np.random.default_rng(i)) for i in range(4)]),
           "lisa": stack([conv.reason_seg(rs[i], np.random.default_rng(i)) for i in range(4)]),
           "refseg": stack([conv.referring(ref[i], np.random.default_rng(i)) for i in range(4)]),
+          "caption": stack([conv.caption(caps[i], np.random.default_rng(i)) for i in range(4)]),
+          "region_caption": stack([conv.region_caption(ref[i], np.random.default_rng(i))
+                                   for i in range(4)]),
           "dense": stack([conv.dense_caption(dense_example(pan_src[i]), np.random.default_rng(i))
                           for i in range(4)])}
 
@@ -128,6 +133,18 @@ def test_dense_caption_proposals_overfit(setup):
   boxes, scores = proposals.top_proposals(heat, ltrb, 4)
   assert boxes.shape == (4, 4, 4) and scores.shape == (4, 4)
   assert np.all(np.diff(np.asarray(scores), axis=1) <= 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["caption", "region_caption"])
+def test_caption_tasks_overfit(setup, task):
+  tok = setup["tok"]
+  cfg = P.tiny_config(vocab_size=tok.vocab_size)
+  _, hist = _train(cfg, setup[task], 60)
+  first, last = hist[0], hist[-1]
+  print(task, "first", first, "last", last)
+  assert all(np.isfinite(v) for h in hist for v in h.values())
+  assert last["total"] <= 0.2 * first["total"], (first, last)
 
 
 def test_frozen_weights_bit_identical_after_10_steps(setup):
