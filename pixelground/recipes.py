@@ -93,6 +93,15 @@ def build_model_config(c: ml_collections.ConfigDict) -> P.PixelLLMConfig:
                           proposals=c.get("proposals", False), seg_token_id=c.seg_token_id, **extra)
 
 
+def loss_config(c: ml_collections.ConfigDict) -> P.LossConfig:
+  """`config.loss` (any LossConfig field; unknown keys raise naming the key) + per-task text-loss
+  weights from `config.tasks[name].loss_weight` (default 1), in task order = task_id order."""
+  fields = dict(c.loss.to_dict()) if "loss" in c else {}
+  if "tasks" in c:
+    fields["task_weights"] = tuple(float(t.get("loss_weight", 1.0)) for t in c.tasks.values())
+  return from_config(P.LossConfig, ml_collections.ConfigDict(fields), where="config.loss")
+
+
 def optimizer_config(*, lr: float, steps: int, warmup: int, weight_decay: float = 0.0,
                      batch_size: int, **extra) -> ml_collections.ConfigDict:
   """AdamW (default betas), no clipping, no weight decay on 1-D params, LR = base × linear warm-up ×

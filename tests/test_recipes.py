@@ -38,3 +38,36 @@ def test_unknown_model_key_is_named():
   c.t5.lora_rnak = 4
   with pytest.raises(Exception, match="lora_rnak"):
     recipes.build_model_config(c)
+
+
+def test_loss_config_and_task_weights():
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+
+  c = ml_collections.ConfigDict({"loss": {"point_weight": 0.5},
+                                 "tasks": {"a": {"weight": 1.0}, "b": {"weight": 1.0, "loss_weight": 3.0}}})
+  lc = recipes.loss_config(c)
+  assert lc.point_weight == 0.5 and lc.task_weights == (1.0, 3.0)
+  c.loss.pointweight = 1.0
+  with pytest.raises(Exception, match="pointweight"):
+    recipes.loss_config(c)
+  # compute_losses: per-example text CE weighted by the row's task (task 1 counts 3×).
+  cfg = pixelllm.tiny_config(vocab_size=8)
+  logits = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 8)), jnp.float32)
+  batch = {"target_ids": jnp.asarray([[1, 2, 0], [3, 1, 0]]), "target_mask": jnp.asarray([[1, 1, 0], [1, 1, 0]], bool),
+           "task_id": jnp.asarray([0, 1])}
+  plain, _ = pixelllm.compute_losses(cfg, pixelllm.LossConfig(label_smoothing=0.0), {"logits": logits}, batch)
+  weighted, terms = pixelllm.compute_losses(cfg, pixelllm.LossConfig(label_smoothing=0.0,
+                                                                     task_weights=(1.0, 3.0)),
+                                            {"logits": logits}, batch)
+  lp = np.asarray(jax_log_softmax(logits))
+  ce = [-(lp[b, 0, batch["target_ids"][b, 0]] + lp[b, 1, batch["target_ids"][b, 1]]) / 2 for b in range(2)]
+  np.testing.assert_allclose(float(plain), (ce[0] + ce[1]) / 2, rtol=1e-5)
+  np.testing.assert_allclose(float(weighted), (ce[0] + 3 * ce[1]) / 2, rtol=1e-5)
+  assert set(terms) >= {"text_ce", "token_accuracy", "total"}
+
+
+def jax_log_softmax(x):
+  import jax
+  return jax.nn.log_softmax(x, axis=-1)
