@@ -190,3 +190,17 @@ def test_config_errors():
   model = P.PixelLLM(cfg, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"expects images \(B, 64, 64, 3\)"):
     model.image_features(jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 32, 32), bool))
+
+
+@pytest.mark.slow  # ~30 s each on 2 cores; the default run stays under 15 min
+@pytest.mark.parametrize("encoders", [dict(use_eva=False), dict(use_sam=False)])
+def test_single_encoder_variants(encoders):
+  """SAM-only (fused = SAM map, grid S/16) and EVA02-only (grid S//14) models run end to end."""
+  cfg = P.tiny_config(vocab_size=128, **encoders)
+  model = P.PixelLLM(cfg, rngs=nnx.Rngs(0))
+  batch = {"image": jnp.zeros((1, S, S, 3), jnp.uint8), "image_mask": jnp.ones((1, S, S), bool),
+           "prompt_box": jnp.asarray([[0.0, 0.0, 1.0, 1.0]]), "prompt_ids": jnp.ones((1, 4), jnp.int32),
+           "target_ids": jnp.ones((1, 5), jnp.int32)}
+  out = model(batch)
+  assert out["logits"].shape == (1, 5, 128) and out["points"].shape == (1, 5, 4)
+  assert cfg.feature_dim == 32 and np.isfinite(np.asarray(out["points"])).all()
