@@ -72,3 +72,11 @@ class ModelConfig:
 
   def replace(self, **kw):
     return dataclasses.replace(self, **kw)
+
+
+def preset_config(cls: type[T], presets: dict[str, dict[str, tp.Any]], name: str, kind: str,
+                  **overrides) -> T:
+  """`cls(**presets[name], **overrides)`; an unknown name is an error listing the known ones."""
+  if name not in presets:
+    raise ValueError(f"Unknown {kind} preset {name!r}; known: {sorted(presets)}.")
+  return cls(**{**presets[name], **overrides})

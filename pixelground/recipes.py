@@ -12,7 +12,6 @@ Command line (the README's parameter-count check, nothing allocated — `nnx.eva
 
 from __future__ import annotations
 
-import math
 import sys
 import typing as tp
 
@@ -115,22 +114,13 @@ def count(config_path: str) -> dict[str, tp.Any]:
   """Parameter counts of the config's model from `nnx.eval_shape` (nothing is allocated)."""
   import importlib.util
 
-  from flax import nnx
-
   spec = importlib.util.spec_from_file_location("cfg", config_path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   full = module.get_config()
   cfg = build_model_config(full.model)
   keep = P.trainable_filter(tuple(full.get("trainable", P.TRAINABLE)), lora=full.get("train_lora", True))
-  model = nnx.eval_shape(lambda: P.PixelLLM(cfg, rngs=nnx.Rngs(0)))
-  parts: dict[str, int] = {}
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    parts[str(path[0])] = parts.get(str(path[0]), 0) + math.prod(var.shape)
-  lora = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
-  trainable = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(model, keep)))
-  return {"parts": parts, "lora": lora, "total": sum(parts.values()), "trainable": trainable,
-          "t5_base": parts.get("t5", 0) - lora, "train_lora": full.get("train_lora", True)}
+  return {**P.param_counts(cfg, keep), "train_lora": full.get("train_lora", True)}
 
 
 def main(argv: list[str]) -> None:

@@ -79,14 +79,21 @@ def _train(cfg, batch, steps, lr=3e-3):
   return model, [{k: float(v) for k, v in t.items()} for t in history]
 
 
+def _overfit(name, cfg, batch, steps):
+  """Trains, prints, and checks what every task must show: finite terms, total loss down ≥ 80%.
+  Returns (first, last) loss terms for the task's own checks."""
+  model, hist = _train(cfg, batch, steps)
+  first, last = hist[0], hist[-1]
+  print(name, "first", first, "last", last)
+  assert all(np.isfinite(v) for h in hist for v in h.values())
+  assert last["total"] <= 0.2 * first["total"], (first, last)
+  return model, first, last
+
+
 def test_ln_caption_and_points_overfit(setup):
   tok = setup["tok"]
   cfg = P.tiny_config(vocab_size=tok.vocab_size)
-  _, hist = _train(cfg, setup["ln"], 120)
-  first, last = hist[0], hist[-1]
-  print("LN first", first, "last", last)
-  assert all(np.isfinite(v) for h in hist for v in h.values())
-  assert last["total"] <= 0.2 * first["total"], (first, last)
+  _, first, last = _overfit("LN", cfg, setup["ln"], 120)
   assert last["point_l1"] < 0.3 * first["point_l1"]
   assert last["token_accuracy"] > 0.9
 
@@ -94,11 +101,7 @@ def test_ln_caption_and_points_overfit(setup):
 def test_lisa_seg_overfit(setup):
   tok = setup["tok"]
   cfg = P.tiny_config(vocab_size=tok.vocab_size, seg_token_id=tok.token_id("[SEG]"), lisa=True)
-  _, hist = _train(cfg, setup["lisa"], 60)
-  first, last = hist[0], hist[-1]
-  print("LISA first", first, "last", last)
-  assert all(np.isfinite(v) for h in hist for v in h.values())
-  assert last["total"] <= 0.2 * first["total"], (first, last)
+  _, first, last = _overfit("LISA", cfg, setup["lisa"], 60)
   assert last["mask_dice"] < 0.7 * first["mask_dice"] and last["mask_bce"] < 0.2 * first["mask_bce"]
 
 
@@ -107,11 +110,7 @@ def test_referring_box_and_mask_overfit(setup):
   cfg = P.tiny_config(vocab_size=tok.vocab_size, refseg=True)
   batch = setup["refseg"]
   assert bool(batch["seg_valid"][:, 0].all()) and bool(batch["token_box_valid"].any(axis=1).all())
-  _, hist = _train(cfg, batch, 80)
-  first, last = hist[0], hist[-1]
-  print("refseg first", first, "last", last)
-  assert all(np.isfinite(v) for h in hist for v in h.values())
-  assert last["total"] <= 0.2 * first["total"], (first, last)
+  _, first, last = _overfit("refseg", cfg, batch, 80)
   assert last["point_l1"] < 0.3 * first["point_l1"] and last["ref_focal"] < 0.5 * first["ref_focal"]
 
 
@@ -122,11 +121,7 @@ def test_dense_caption_proposals_overfit(setup):
   batch["target_ids"] = jnp.zeros((4, 4), jnp.int32)  # no main-text target for this task
   batch["target_mask"] = jnp.zeros((4, 4), bool)
   assert int(batch["region_valid"].sum()) >= 8
-  model, hist = _train(cfg, batch, 80)
-  first, last = hist[0], hist[-1]
-  print("dense first", first, "last", last)
-  assert all(np.isfinite(v) for h in hist for v in h.values())
-  assert last["total"] <= 0.2 * first["total"], (first, last)
+  model, first, last = _overfit("dense", cfg, batch, 80)
   from pixelground.models import proposals
   fused, _ = model.image_features(batch["image"], batch["image_mask"])
   heat, ltrb = model.proposal_head(fused)
@@ -140,11 +135,7 @@ def test_dense_caption_proposals_overfit(setup):
 def test_caption_tasks_overfit(setup, task):
   tok = setup["tok"]
   cfg = P.tiny_config(vocab_size=tok.vocab_size)
-  _, hist = _train(cfg, setup[task], 60)
-  first, last = hist[0], hist[-1]
-  print(task, "first", first, "last", last)
-  assert all(np.isfinite(v) for h in hist for v in h.values())
-  assert last["total"] <= 0.2 * first["total"], (first, last)
+  _overfit(task, cfg, setup[task], 60)
 
 
 def test_frozen_weights_bit_identical_after_10_steps(setup):

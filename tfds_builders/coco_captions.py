@@ -58,14 +58,7 @@ class CocoCaptions(common.Builder):
   HOMEPAGE = "https://cocodataset.org/#captions-2015"
   DESCRIPTION = ("COCO captions: about five human-written captions per image for the COCO images "
                  "(Chen et al., 2015). One example per image with all its captions.")
-  CITATION = r"""@inproceedings{lin2014microsoft,
-  title={Microsoft {COCO}: Common Objects in Context},
-  author={Lin, Tsung-Yi and Maire, Michael and Belongie, Serge and Hays, James and Perona, Pietro and
-          Ramanan, Deva and Doll{\'a}r, Piotr and Zitnick, C. Lawrence},
-  booktitle={European Conference on Computer Vision (ECCV)},
-  pages={740--755},
-  year={2014}
-}
+  CITATION = common.COCO_CITATION + r"""
 @article{chen2015microsoft,
   title={Microsoft {COCO} Captions: Data Collection and Evaluation Server},
   author={Chen, Xinlei and Fang, Hao and Lin, Tsung-Yi and Vedantam, Ramakrishna and Gupta, Saurabh and

@@ -38,14 +38,7 @@ _CITATION = r"""
   booktitle = {CVPR},
   year      = {2019}
 }
-@inproceedings{lin2014microsoft,
-  title     = {Microsoft {COCO}: Common Objects in Context},
-  author    = {Lin, Tsung-Yi and Maire, Michael and Belongie, Serge and Hays, James and Perona, Pietro and
-               Ramanan, Deva and Doll{\'a}r, Piotr and Zitnick, C. Lawrence},
-  booktitle = {ECCV},
-  year      = {2014}
-}
-"""
+""" + common.COCO_CITATION
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,17 @@ SKIP_KINDS = (
     "zero_area_box",      # a box with zero (or negative) width or height
     "missing_segment",    # a segment id listed in the JSON but absent from the panoptic PNG
 )
-_LOG_FIRST = 5  # full log lines per kind; the rest are only counted
+_LOG_FIRST = 5
+
+# Every builder over COCO images cites COCO itself.
+COCO_CITATION = r"""@inproceedings{lin2014microsoft,
+  title={Microsoft {COCO}: Common Objects in Context},
+  author={Lin, Tsung-Yi and Maire, Michael and Belongie, Serge and Hays, James and Perona, Pietro and
+          Ramanan, Deva and Doll{\'a}r, Piotr and Zitnick, C. Lawrence},
+  booktitle={European Conference on Computer Vision (ECCV)},
+  pages={740--755},
+  year={2014}
+}"""  # full log lines per kind; the rest are only counted
 
 
 class ManualFileError(FileNotFoundError):

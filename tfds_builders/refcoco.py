@@ -205,14 +205,7 @@ class RefCoco(common.Builder):
   booktitle={European Conference on Computer Vision (ECCV)},
   year={2016}
 }
-@inproceedings{lin2014microsoft,
-  title={Microsoft {COCO}: Common Objects in Context},
-  author={Lin, Tsung-Yi and Maire, Michael and Belongie, Serge and Hays, James and Perona, Pietro and
-          Ramanan, Deva and Doll{\'a}r, Piotr and Zitnick, C. Lawrence},
-  booktitle={European Conference on Computer Vision (ECCV)},
-  pages={740--755},
-  year={2014}
-}"""
+""" + common.COCO_CITATION
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Nothing is downloaded. Put under manual_dir:
   refcoco/refs(unc).p, refcoco/refs(google).p, refcoco/instances.json,

@@ -26,7 +26,6 @@ Identical blocks → the stack is scanned by default (`scan_layers`), with remat
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing as tp
 
 import jax
@@ -34,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelground.configlib import ModelConfig
-from pixelground.models.layers import LayerNorm, LayerStack, Projection, make_param, normal, zeros
+from pixelground.configlib import ModelConfig, preset_config
+from pixelground.models.layers import count_params, LayerNorm, LayerStack, Projection, make_param, normal, zeros
 from pixelground.models.resize import resize_bicubic
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # on the 0-1 scale
@@ -90,9 +89,7 @@ PRESETS: dict[str, dict[str, tp.Any]] = {
 
 def preset(name: str, **overrides) -> Eva02Config:
   """`Eva02Config` for a named preset ("eva02-b-14", "eva02-l-14"), with overrides."""
-  if name not in PRESETS:
-    raise ValueError(f"Unknown EVA02 preset {name!r}; known: {sorted(PRESETS)}.")
-  return Eva02Config(**{**PRESETS[name], **overrides})
+  return preset_config(Eva02Config, PRESETS, name, "EVA02", **overrides)
 
 
 def rope_angles(cfg: Eva02Config, h: int, w: int) -> np.ndarray:
@@ -244,5 +241,4 @@ class Eva02(nnx.Module):
 
 def num_params(cfg: Eva02Config) -> int:
   """Parameter count (no allocation)."""
-  model = nnx.eval_shape(lambda: Eva02(cfg, rngs=nnx.Rngs(0)))
-  return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return count_params(nnx.eval_shape(lambda: Eva02(cfg, rngs=nnx.Rngs(0))))

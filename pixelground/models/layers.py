@@ -43,6 +43,11 @@ def make_param(rngs: nnx.Rngs, init: Initializer, shape: tp.Sequence[int], axes:
   return kind(init(rngs.params(), shape, dtype), **{AXES_KEY: tuple(axes)})
 
 
+def count_params(model: nnx.Module, wrt: tp.Any = nnx.Param) -> int:
+  """Number of parameters of `model` matching the NNX filter `wrt` (works on `nnx.eval_shape` models)."""
+  return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(model, wrt)))
+
+
 class RMSNorm(nnx.Module):
   """T5 layer norm: x / sqrt(mean(x²) + eps) * scale; no mean subtraction, no bias. Computed in float32."""
 

@@ -37,7 +37,7 @@ from pixelground.models import proposals as prop_lib
 from pixelground.models import sam_decoder as dec_lib
 from pixelground.models import sam_encoder as sam_lib
 from pixelground.models import t5 as t5_lib
-from pixelground.models.layers import LayerNorm, Projection, make_param, normal, zeros
+from pixelground.models.layers import LayerNorm, count_params, Projection, make_param, normal, zeros
 from pixelground.models.resize import resize_bicubic
 
 IMAGENET_MEAN = np.asarray([123.675, 116.28, 103.53], np.float32)
@@ -355,16 +355,18 @@ class PixelLLM(nnx.Module):
     return jax.image.resize(masks[:, 0].astype(jnp.float32), (b, s, s), "bilinear"), iou[:, 0]
 
 
-def num_params(cfg: PixelLLMConfig) -> dict[str, int]:
-  """Parameter counts per top-level part (no allocation)."""
+def param_counts(cfg: PixelLLMConfig, trainable: tp.Any = None) -> dict[str, tp.Any]:
+  """Parameter counts from `nnx.eval_shape` (nothing allocated): {"parts": {top-level part: n},
+  "lora", "t5_base", "total", "trainable"} — `trainable` is an NNX filter (default `trainable_filter()`).
+  LoRA factors are `nnx.LoRAParam` (a Param subclass): counted inside "t5" and on their own."""
   model = nnx.eval_shape(lambda: PixelLLM(cfg, rngs=nnx.Rngs(0)))
-  counts: dict[str, int] = {}
+  parts: dict[str, int] = {}
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    counts[str(path[0])] = counts.get(str(path[0]), 0) + math.prod(var.shape)
-  # LoRA factors are nnx.LoRAParam (a Param subclass): inside "t5" above, and listed on their own here.
-  counts["t5_lora"] = sum(math.prod(v.shape)
-                          for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
-  return counts
+    parts[str(path[0])] = parts.get(str(path[0]), 0) + math.prod(var.shape)
+  lora = count_params(model, nnx.LoRAParam)
+  return {"parts": parts, "lora": lora, "t5_base": parts.get("t5", 0) - lora,
+          "total": sum(parts.values()),
+          "trainable": count_params(model, trainable if trainable is not None else trainable_filter())}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ block.
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing as tp
 
 import jax
@@ -34,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelground.configlib import ModelConfig
-from pixelground.models.layers import LayerNorm, LayerStack, Projection, make_param, normal, zeros
+from pixelground.configlib import ModelConfig, preset_config
+from pixelground.models.layers import count_params, LayerNorm, LayerStack, Projection, make_param, normal, zeros
 from pixelground.models.resize import linear_matrix, resize_bicubic
 
 
@@ -93,9 +92,7 @@ PRESETS: dict[str, dict[str, tp.Any]] = {
 
 def preset(name: str, **overrides) -> SamEncoderConfig:
   """`SamEncoderConfig` for a named preset ("sam-vit-b", "sam-vit-l", "sam-vit-h"), with overrides."""
-  if name not in PRESETS:
-    raise ValueError(f"Unknown SAM preset {name!r}; known: {sorted(PRESETS)}.")
-  return SamEncoderConfig(**{**PRESETS[name], **overrides})
+  return preset_config(SamEncoderConfig, PRESETS, name, "SAM", **overrides)
 
 
 def relative_table(table: jax.Array, size: int) -> jax.Array:
@@ -305,5 +302,4 @@ class SamImageEncoder(nnx.Module):
 
 def num_params(cfg: SamEncoderConfig) -> int:
   """Parameter count (no allocation)."""
-  model = nnx.eval_shape(lambda: SamImageEncoder(cfg, rngs=nnx.Rngs(0)))
-  return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return count_params(nnx.eval_shape(lambda: SamImageEncoder(cfg, rngs=nnx.Rngs(0))))

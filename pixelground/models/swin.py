@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelground.configlib import ModelConfig
+from pixelground.configlib import ModelConfig, preset_config
 from pixelground.models.layers import LayerNorm, Projection, make_param, normal
 
 MASK_VALUE = -100.0  # the reference's additive mask for cross-region pairs in shifted windows
@@ -80,9 +80,7 @@ PRESETS: dict[str, dict[str, tp.Any]] = {
 
 def preset(name: str, **overrides) -> SwinConfig:
   """`SwinConfig` for a named preset (e.g. "swin-tiny"), with field overrides."""
-  if name not in PRESETS:
-    raise ValueError(f"Unknown Swin preset {name!r}; known: {sorted(PRESETS)}.")
-  return SwinConfig(**{**PRESETS[name], **overrides})
+  return preset_config(SwinConfig, PRESETS, name, "Swin", **overrides)
 
 
 def config_from_hf(hf: dict[str, tp.Any], **overrides) -> SwinConfig:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelground.configlib import ModelConfig
+from pixelground.configlib import ModelConfig, preset_config
 from pixelground.models.layers import LayerStack, Projection, RMSNorm, make_param, normal
 
 NEG_INF = -1e9  # additive mask value; finite so fully masked rows stay NaN-free.
@@ -103,9 +103,7 @@ for _size in ("small", "base", "large", "xl", "xxl"):
 
 def preset(name: str, **overrides) -> T5Config:
   """`T5Config` for a named preset (e.g. "flan-t5-xl"), with field overrides."""
-  if name not in PRESETS:
-    raise ValueError(f"Unknown T5 preset {name!r}; known: {sorted(PRESETS)}.")
-  return T5Config(**{**PRESETS[name], **overrides})
+  return preset_config(T5Config, PRESETS, name, "T5", **overrides)
 
 
 def config_from_hf(hf: tp.Mapping[str, tp.Any], **overrides) -> T5Config:
