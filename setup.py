@@ -42,6 +42,8 @@ EXTRAS_REQUIRE = {
         "transformers>=5.0,<6",
         # The Beam path of the image_text builder is tested with the DirectRunner.
         "apache-beam>=2.60",
+        # pixelground.metric_writers' event files are checked with TensorBoard's own reader (no TF needed).
+        "tensorboard>=2.16",
     ],
 }
 

@@ -73,9 +73,10 @@ def _sub(section: ml_collections.ConfigDict | None, presets: tp.Callable, cls, w
 def build_model_config(c: ml_collections.ConfigDict) -> P.PixelLLMConfig:
   """ConfigDict (see `model_config`) → PixelLLMConfig. Unknown fields raise, naming the key."""
   if c.size == "tiny":
-    return P.tiny_config(vocab_size=c.vocab_size, seg_token_id=c.seg_token_id, lisa=c.lisa,
-                         image_size=c.image_size, refseg=c.get("refseg", False),
-                         proposals=c.get("proposals", False))
+    cfg = P.tiny_config(vocab_size=c.vocab_size, seg_token_id=c.seg_token_id, lisa=c.lisa,
+                        image_size=c.image_size, refseg=c.get("refseg", False),
+                        proposals=c.get("proposals", False))
+    return _override(cfg, c.get("tiny", None), "config.model.tiny")
   for key, cls in (("sam", sam_lib.SamEncoderConfig), ("eva", eva_lib.Eva02Config),
                    ("t5", t5_lib.T5Config)):
     if key in c and c[key] is not None:  # validate field names (did-you-mean errors)
@@ -90,6 +91,23 @@ def build_model_config(c: ml_collections.ConfigDict) -> P.PixelLLMConfig:
   return P.PixelLLMConfig(image_size=c.image_size, sam=sam, eva=eva, prompt=prompt, t5=t5,
                           lisa=c.lisa, refseg=c.get("refseg", False),
                           proposals=c.get("proposals", False), seg_token_id=c.seg_token_id, **extra)
+
+
+def _override(cfg, section, where: str):
+  """Applies `section` ({field: value, sub-config: {field: value}}) to a config dataclass; unknown
+  fields raise naming the key."""
+  import dataclasses
+
+  if not section:
+    return cfg
+  fields = {f.name for f in dataclasses.fields(cfg)}
+  top, subs = {}, {}
+  for k, v in (section.to_dict() if hasattr(section, "to_dict") else dict(section)).items():
+    if k not in fields:
+      raise ValueError(f"{where}.{k}: not a field of {type(cfg).__name__} (fields: {sorted(fields)})")
+    (subs if isinstance(v, dict) else top)[k] = tuple(v) if isinstance(v, list) else v
+  sub_cfgs = {k: _override(getattr(cfg, k), v, f"{where}.{k}") for k, v in subs.items()}
+  return cfg.replace(**top, **sub_cfgs)
 
 
 def loss_config(c: ml_collections.ConfigDict) -> P.LossConfig:

@@ -41,11 +41,14 @@ Schema = dict[str, tuple[tuple[int, ...], tp.Any]]
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """One task of a mixture: a random-access `source`, its converter, its sampling weight."""
+  """One task of a mixture: a random-access `source`, its converter, its sampling weight, and optionally
+  its own batch `schema` (per-batch mixing only: the task's batches then carry just its fields, so a
+  per-task compiled step computes only what the task needs)."""
   name: str
   source: tp.Any
   convert: Converter
   weight: float = 1.0
+  schema: Schema | None = None
 
 
 def _pad_to_schema(row: dict[str, np.ndarray], schema: Schema, task_id: int, task: str
@@ -103,7 +106,10 @@ class Loader:
     if self.shuffle:
       ds = ds.shuffle(seed=self.seed + 7919 * task_id)  # reshuffled every epoch once repeated
     ds = ds.repeat(self.num_epochs)
-    schema, name = self.schema, task.name
+    if task.schema is not None and self.mixing != "batch":
+      raise ValueError(f"task '{task.name}': a per-task schema needs mixing='batch' (a mixed batch has "
+                       f"one schema)")
+    schema, name = (task.schema or self.schema), task.name
     convert = task.convert
 
     def convert_row(example, rng):
@@ -138,3 +144,50 @@ def process_shard() -> tuple[int, int]:
   """(this process's index, number of processes) from JAX — the shard a multi-host loader reads."""
   import jax
   return jax.process_index(), jax.process_count()
+
+
+class ShardGroup:
+  """This process's part of a global batch, read as `num_shards` fixed *input shards* (not processes).
+
+  The global batch of step t is always input shards 0..n-1's batches t, concatenated in shard order,
+  whatever the number of processes: process p of P reads shards [p·n/P, (p+1)·n/P). So 1 process × 8
+  devices and 2 processes × 4 devices see exactly the same global batches, and a run may resume on
+  another process count (n must stay divisible by it). The iterator state (bytes of JSON: one Grain state
+  per shard) is what `grain.checkpoint.CheckpointHandler` saves per process.
+  """
+
+  def __init__(self, make_loader: tp.Callable[[int, int], Loader], *, num_shards: int,
+               process_index: int, process_count: int):
+    if num_shards % process_count:
+      raise ValueError(f"config.data.num_shards={num_shards} must be a multiple of the number of "
+                       f"processes ({process_count}).")
+    per = num_shards // process_count
+    self.shards = list(range(process_index * per, (process_index + 1) * per))
+    self.iters = [iter(make_loader(s, num_shards)) for s in self.shards]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self.iters]
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+  def get_state(self) -> bytes:
+    import json
+    return json.dumps({"shards": self.shards, "states": [it.get_state() for it in self.iters]}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    import json
+    d = json.loads(state.decode() if isinstance(state, bytes) else state)
+    if d["shards"] != self.shards:
+      raise ValueError(f"input-pipeline state holds shards {d['shards']}, this process reads "
+                       f"{self.shards} (restore with the same config.data.num_shards and process count)")
+    for it, s in zip(self.iters, d["states"]):
+      it.set_state(s)
+
+  def start_prefetch(self) -> None:
+    for it in self.iters:
+      if hasattr(it, "start_prefetch"):
+        it.start_prefetch()

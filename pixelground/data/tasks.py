@@ -84,6 +84,31 @@ def schema(cfg: TaskConfig) -> dict[str, tuple[tuple[int, ...], tp.Any]]:
   }
 
 
+_IMAGE = ("image", "image_mask", "prompt_box", "prompt_ids")
+_TEXT = ("target_ids", "target_mask")
+_BOXES = ("token_boxes", "token_box_valid")
+_SEG = ("seg_positions", "seg_masks", "seg_valid")
+_ENTITIES = ("entity_masks", "entity_valid", "association")
+# The fields each converter produces (`task_schema`); a referring example without a mask gets zeros.
+# Caption tasks carry (empty) per-token boxes too: they then share LN's compiled train step.
+TASK_FIELDS = {"ln": _IMAGE + _TEXT + _BOXES, "caption": _IMAGE + _TEXT + _BOXES,
+               "region_caption": _IMAGE + _TEXT + _BOXES, "referring": _IMAGE + _TEXT + _BOXES + _SEG,
+               "reason_seg": _IMAGE + _TEXT + _SEG + ("ignore_mask",),
+               "narrative_grounding": _IMAGE + _TEXT + _SEG + _ENTITIES,
+               "panoptic": _IMAGE + _TEXT + _SEG + _ENTITIES,
+               "dense_caption": _IMAGE + ("region_boxes", "region_ids", "region_valid")}
+
+
+def task_schema(cfg: TaskConfig, converter: str) -> dict[str, tuple[tuple[int, ...], tp.Any]]:
+  """The part of `schema(cfg)` that converter `converter` fills (for single-task batches)."""
+  if converter not in TASK_FIELDS:
+    raise ValueError(f"no field list for converter '{converter}' (known: {sorted(TASK_FIELDS)})")
+  fields = set(TASK_FIELDS[converter])
+  if cfg.host_normalize:
+    fields = (fields - {"image"}) | {f"image_{enc}" for enc in cfg.host_normalize}
+  return {k: v for k, v in schema(cfg).items() if k in fields}
+
+
 def _text(v) -> str:
   return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
@@ -313,6 +338,12 @@ class Converters:
   def dense_caption(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """vg_densecap examples (`boxes` pixel xyxy, `phrases`). Regions cropped away are dropped; at most
     `max_regions` are kept (a random subset when training)."""
+    if "segments" in ex:  # a coco_panoptic example: its "thing" segments, named by category
+      seg = ex["segments"]
+      things = np.flatnonzero(np.asarray(seg["isthing"], bool))
+      xywh = np.asarray(seg["bbox_xywh"], np.float32).reshape(-1, 4)[things]
+      ex = {"image": ex["image"], "boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+            "phrases": [self.categories[int(c)]["name"] for c in np.asarray(seg["category"])[things]]}
     texts = [_text(t) for t in ex["phrases"]]
     boxes = np.asarray(ex["boxes"], np.float32).reshape(-1, 4)
     geom = self.geometry(rng, ex["image"], texts)

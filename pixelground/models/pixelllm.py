@@ -312,28 +312,42 @@ class PixelLLM(nnx.Module):
     return masks.reshape(b, k, s, s), iou.reshape(b, k)
 
   # -- teacher-forced forward ------------------------------------------------------------------------
-  def __call__(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None
-               ) -> dict[str, jax.Array]:
+  def __call__(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None,
+               heads: tp.Collection[str] | None = None) -> dict[str, jax.Array]:
     """Teacher-forced outputs for a training batch (fields of `pixelground.data.tasks.schema`):
-    logits (B, T, V) f32, hidden (B, T, d), points (B, T, 4) pixels, and with `lisa` seg_logits
-    (B, K, S, S) and seg_iou (B, K)."""
+    logits (B, T, V) f32, hidden (B, T, d), points (B, T, 4) pixels; with the "lisa" head seg_logits
+    (B, K, S, S) and seg_iou (B, K); "refseg": ref_logits (B, S, S), ref_iou (B,); "proposals": heat,
+    ltrb, region_logits (B, R, Lr, V).
+
+    `heads` picks which of the configured heads run (see `TASK_HEADS`: a single-task batch only pays for
+    its own); None runs every configured head whose inputs are in the batch. Without `target_ids`
+    (dense captioning) the main caption decode is skipped."""
+    enabled = self.heads if heads is None else set(heads) & self.heads
     enc, enc_mask, sam_emb, visual, fused = self.encode(batch, rng=rng)
-    targets = batch["target_ids"]
-    start = jnp.full(targets.shape[:1] + (1,), self.cfg.t5.decoder_start_id, targets.dtype)
-    dec_in = jnp.concatenate([start, targets[:, :-1]], axis=1)
-    logits, hidden = self.t5.decode(dec_in, enc, enc_mask)
-    out = {"logits": logits, "hidden": hidden, "points": self.points(hidden, batch["image_mask"])}
-    if self.cfg.lisa:
-      out["seg_logits"], out["seg_iou"] = self.seg_masks(hidden, batch["seg_positions"], sam_emb)
-    if self.cfg.proposals and "region_boxes" in batch:
+    out: dict[str, jax.Array] = {}
+    if "target_ids" in batch:
+      targets = batch["target_ids"]
+      start = jnp.full(targets.shape[:1] + (1,), self.cfg.t5.decoder_start_id, targets.dtype)
+      dec_in = jnp.concatenate([start, targets[:, :-1]], axis=1)
+      logits, hidden = self.t5.decode(dec_in, enc, enc_mask)
+      out.update(logits=logits, hidden=hidden, points=self.points(hidden, batch["image_mask"]))
+      if "lisa" in enabled and "seg_positions" in batch:
+        out["seg_logits"], out["seg_iou"] = self.seg_masks(hidden, batch["seg_positions"], sam_emb)
+      if "refseg" in enabled:
+        eos = jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1
+        box = jnp.take_along_axis(out["points"], eos[:, None, None], axis=1)[:, 0]
+        out["ref_logits"], out["ref_iou"] = self.box_mask(box, visual, hidden, sam_emb)
+    if "proposals" in enabled and "region_boxes" in batch:
       out["heat"], out["ltrb"] = self.proposal_head(fused)
       out["region_logits"] = self.region_captions(fused, batch["region_boxes"], batch["prompt_ids"],
                                                   batch["region_ids"])
-    if self.cfg.refseg:
-      eos = jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1
-      box = jnp.take_along_axis(out["points"], eos[:, None, None], axis=1)[:, 0]
-      out["ref_logits"], out["ref_iou"] = self.box_mask(box, visual, hidden, sam_emb)
     return out
+
+  @property
+  def heads(self) -> set[str]:
+    """The optional heads this model was built with."""
+    return {h for h, on in (("lisa", self.cfg.lisa), ("refseg", self.cfg.refseg),
+                            ("proposals", self.cfg.proposals)) if on}
 
   def box_mask(self, box: jax.Array, visual: jax.Array, hidden: jax.Array, sam_emb: jax.Array
                ) -> tuple[jax.Array, jax.Array]:
@@ -397,27 +411,32 @@ def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax
   """
   from pixelground import losses as L
 
-  ce, per_example = L.text_cross_entropy(out["logits"], batch["target_ids"], batch["target_mask"],
-                                         label_smoothing=loss_cfg.label_smoothing)
-  if loss_cfg.task_weights and "task_id" in batch:
-    w = jnp.asarray(loss_cfg.task_weights, jnp.float32)[batch["task_id"]]
-    has = jnp.any(batch["target_mask"], axis=-1).astype(jnp.float32)
-    ce = jnp.sum(w * per_example * has) / jnp.maximum(jnp.sum(has), 1.0)
-  terms = {"text_ce": ce,
-           "token_accuracy": L.token_accuracy(out["logits"], batch["target_ids"], batch["target_mask"])}
-  total = ce
-  if "token_boxes" in batch:  # batches of a single converter may lack other tasks' fields
+  terms: dict[str, jax.Array] = {}
+  total = jnp.zeros((), jnp.float32)
+  if "logits" in out:  # absent for dense-captioning batches (no main caption)
+    ce, per_example = L.text_cross_entropy(out["logits"], batch["target_ids"], batch["target_mask"],
+                                           label_smoothing=loss_cfg.label_smoothing)
+    if loss_cfg.task_weights and "task_id" in batch:
+      w = jnp.asarray(loss_cfg.task_weights, jnp.float32)[batch["task_id"]]
+      has = jnp.any(batch["target_mask"], axis=-1).astype(jnp.float32)
+      ce = jnp.sum(w * per_example * has) / jnp.maximum(jnp.sum(has), 1.0)
+    terms["text_ce"] = ce
+    terms["token_accuracy"] = L.token_accuracy(out["logits"], batch["target_ids"], batch["target_mask"])
+    total = total + ce
+  if "points" in out and "token_boxes" in batch:  # single-task batches may lack other tasks' fields
     target_px = batch["token_boxes"].astype(jnp.float32) * cfg.image_size
     terms["point_l1"] = L.point_l1(out["points"], target_px, batch["token_box_valid"])
     total = total + loss_cfg.point_weight * terms["point_l1"]
-  if cfg.lisa and "seg_masks" in batch:
+  if "seg_logits" in out and "seg_masks" in batch:
     masks = batch["seg_masks"].astype(jnp.float32)
-    ignore = jnp.broadcast_to(batch["ignore_mask"][:, None], masks.shape)
-    bce = L.mask_bce(out["seg_logits"], masks, batch["seg_valid"], ignore=ignore)
-    dice = L.dice_loss(out["seg_logits"], masks, batch["seg_valid"], ignore=ignore)
+    ignore = (jnp.broadcast_to(batch["ignore_mask"][:, None], masks.shape) if "ignore_mask" in batch
+              else jnp.zeros(masks.shape, bool))
+    valid = seg_rows(cfg, batch)
+    bce = L.mask_bce(out["seg_logits"], masks, valid, ignore=ignore)
+    dice = L.dice_loss(out["seg_logits"], masks, valid, ignore=ignore)
     terms.update(mask_bce=bce, mask_dice=dice)
     total = total + loss_cfg.mask_bce_weight * bce + loss_cfg.mask_dice_weight * dice
-  if cfg.proposals and "region_logits" in out:
+  if "region_logits" in out:
     valid = batch["region_valid"]
     terms.update(prop_lib.losses(out["heat"], out["ltrb"], batch["region_boxes"], valid))
     rids = batch["region_ids"]
@@ -428,9 +447,9 @@ def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax
                                                  label_smoothing=loss_cfg.label_smoothing)
     total = (total + loss_cfg.proposal_weight * (terms["proposal_heatmap"] + terms["proposal_giou"])
              + terms["region_ce"])
-  if cfg.refseg and "seg_masks" in batch:
+  if "ref_logits" in out and "seg_masks" in batch:
     target = batch["seg_masks"][:, 0].astype(jnp.float32)
-    valid = batch["seg_valid"][:, 0]
+    valid = refseg_rows(batch)
     focal = L.sigmoid_focal_loss(out["ref_logits"], target, valid)
     rdice = L.dice_loss(out["ref_logits"], target, valid)
     riou = L.iou_mse(out["ref_iou"], out["ref_logits"], target, valid)
@@ -439,6 +458,24 @@ def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax
              + loss_cfg.ref_iou_weight * riou)
   terms["total"] = total
   return total, terms
+
+
+def seg_rows(cfg: PixelLLMConfig, batch: dict[str, jax.Array]) -> jax.Array:
+  """(B, K) bool: `[SEG]` slots whose target token really is `[SEG]` (LISA / narrative grounding rows;
+  a referring row's slot 0 marks its EOS for the box-prompted mask instead)."""
+  at = jnp.take_along_axis(batch["target_ids"], batch["seg_positions"], axis=1)
+  return batch["seg_valid"] & (at == cfg.seg_token_id)
+
+
+def refseg_rows(batch: dict[str, jax.Array]) -> jax.Array:
+  """(B,) bool: referring-segmentation rows (a mask target and a box target at the EOS)."""
+  return batch["seg_valid"][:, 0] & jnp.any(batch["token_box_valid"], axis=-1)
+
+
+# Heads each task needs (`PixelLLM.__call__(batch, heads=...)`); anything else is not computed.
+TASK_HEADS = {"ln": (), "caption": (), "region_caption": (), "referring": ("refseg",),
+              "reason_seg": ("lisa",), "narrative_grounding": ("lisa",), "panoptic": ("lisa",),
+              "dense_caption": ("proposals",)}
 
 
 # Trained in the PixelLLM LN/referring recipes (SPEC §3): EVA02, the prompt extractor (+ projection),

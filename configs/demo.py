@@ -1,0 +1,51 @@
+r"""The embedded demo (the README's main-job command): a tiny PixelLLM + LISA trained on CPU.
+
+    python -m pixelground.train --config=configs/demo.py --workdir=workdir/demo
+
+On first use it generates the synthetic "grounded shapes" datasets and builds them with the real TFDS
+builders into a cache (~/.cache/pixelground or $PIXELGROUND_CACHE). One model with every head — per-word
+trace points (Localized Narratives), captions, referring boxes + box-prompted masks (RefCOCO format),
+location-conditioned captions, dense captioning (proposal head + region captions) and LISA `[SEG]`
+masks — trains on all six tasks (one task per batch, sampled by weight), is evaluated on held-out images
+and draws WORKDIR/demo.png: a generated caption with its per-word trace, a referring box and mask, and a
+`[SEG]` mask.
+"""
+
+import ml_collections
+
+from pixelground import recipes
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  image_size = 64
+  c.model = recipes.model_config("tiny", lisa=True, image_size=image_size, vocab_size=896,
+                                 seg_token_id=3)
+  c.model.refseg = True
+  c.model.proposals = True
+  c.weights = ml_collections.ConfigDict({"sam": "", "eva": "", "t5": ""})
+  c.tokenizer = "tiny"
+  c.optimizer = recipes.optimizer_config(lr=2e-3, steps=1500, warmup=50, batch_size=32,
+                                         weight_decay=0.01, grad_clip_norm=1.0)
+  c.loss = ml_collections.ConfigDict({"label_smoothing": 0.0})
+  c.tasks = ml_collections.ConfigDict({
+      "ln": {"dataset": "localized_narratives/grounded_shapes", "weight": 2.0},
+      "caption": {"dataset": "coco_captions/grounded_shapes", "weight": 1.0},
+      "referring": {"dataset": "refcoco/grounded_shapes", "weight": 2.0},
+      "region_caption": {"dataset": "refcoco/grounded_shapes", "weight": 0.5},
+      "dense_caption": {"dataset": "coco_panoptic/grounded_shapes", "weight": 0.5},
+      "reason_seg": {"dataset": "reasonseg/grounded_shapes", "weight": 1.0}})
+  c.data = ml_collections.ConfigDict({
+      "image_size": image_size, "scale_range": (0.8, 1.2), "max_target_len": 40, "max_prompt_len": 12,
+      "max_seg": 1, "max_regions": 4, "max_region_len": 6, "mixing": "batch", "num_workers": 0,
+      "tfds_dir": "",
+      "grounded_shapes": {"num_train": 2000, "num_validation": 200, "seed": 0, "size": 128}})
+  c.eval = ml_collections.ConfigDict({"tasks": ("ln", "caption", "referring", "reason_seg"),
+                                      "batch_size": 50, "max_examples": 200})
+  c.eval_every = 500
+  c.log_every = 50
+  c.checkpoint_every = 500
+  c.visualize = ml_collections.ConfigDict({"enabled": True, "num_images": 3})
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  return c

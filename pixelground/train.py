@@ -1,0 +1,214 @@
+r"""The main job: trains PixelLLM (+ LISA) from an ml_collections config, sharded, multi-host, resumable.
+
+    python -m pixelground.train --config=configs/demo.py --workdir=workdir/demo
+    python -m pixelground.train --config=configs/ln_t5xl.py --workdir=gs://... \
+        --config.weights.sam=/w/sam_vit_h.pth --config.optimizer.total_steps=20000
+
+Any config field can be overridden with `--config.key=value`. Running the same command again resumes
+from the newest checkpoint in `WORKDIR/checkpoints` (model, optimizer, step and input-pipeline state),
+on any mesh shape. SIGTERM (TPU preemption) → every host saves at the next step boundary and exits 0.
+
+Multi-host: on TPU VMs `jax.distributed.initialize()` finds everything itself (`--multihost`); elsewhere
+pass `--coordinator_address=host:port --num_processes=N --process_id=i` (or the env variables
+PIXELGROUND_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID). Each process reads a disjoint shard of every
+dataset and feeds its slice of the global batch.
+
+Writes in WORKDIR: checkpoints/, tensorboard/ (event files, no TensorFlow needed), metrics.jsonl (every
+logged step and every evaluation), eval.json (the last evaluation) and, for configs with
+`config.visualize`, demo.png. The last printed line is the final evaluation as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and outputs go here.", required=True)
+_COORD = flags.DEFINE_string("coordinator_address", os.environ.get("PIXELGROUND_COORDINATOR"),
+                             "host:port of process 0 (multi-process runs off TPU VMs).")
+_NPROC = flags.DEFINE_integer("num_processes", int(os.environ.get("PIXELGROUND_NUM_PROCESSES", "0") or 0),
+                              "Number of processes (hosts).")
+_PID = flags.DEFINE_integer("process_id", int(os.environ.get("PIXELGROUND_PROCESS_ID", "-1") or -1),
+                            "This process's index.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with no arguments "
+                               "(TPU VMs and clusters JAX detects).")
+_MAX_STEPS = flags.DEFINE_integer("stop_after", 0, "Stop (with a checkpoint) after this many steps of "
+                                  "this run — for tests and debugging; 0 = run to the end.")
+
+
+def _init_distributed() -> None:
+  import jax
+  if _COORD.value and _NPROC.value > 1:
+    jax.distributed.initialize(_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
+  elif _MULTIHOST.value:
+    jax.distributed.initialize()
+
+
+class _Preemption:
+  """SIGTERM → a flag; `requested()` agrees across hosts (any host's flag stops every host)."""
+
+  def __init__(self):
+    self.flag = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving at the next step boundary")
+    self.flag = True
+
+  def requested(self) -> bool:
+    import jax
+    if jax.process_count() == 1:
+      return self.flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
+
+
+def main(argv):
+  del argv
+  _init_distributed()
+  import jax
+
+  from pixelground import flops as flops_lib, metric_writers, sharding, train_lib
+  from pixelground.data import pipeline, tokenizer as tok_lib
+  from pixelground.recipes import loss_config
+
+  config = _CONFIG.value
+  workdir = _WORKDIR.value
+  pid, nproc = jax.process_index(), jax.process_count()
+  os.makedirs(workdir, exist_ok=True)
+  if pid == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+  # Data: (build the demo's dataset on first use,) tokenizer, per-process shards of every task.
+  train_lib.prepare_data(config)
+  tokenizer = tok_lib.load_tokenizer(config.tokenizer)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  setup = train_lib.build_setup(config, mesh)
+  batch_size = int(config.optimizer.batch_size)
+  if batch_size % nproc:
+    raise ValueError(f"config.optimizer.batch_size={batch_size} must divide by the {nproc} processes.")
+  mixing = config.data.get("mixing", "batch")
+  tasks = train_lib.data_tasks(config, tokenizer)
+  names = [t.name for t in tasks]
+  from pixelground.data.tasks import schema as full_schema
+  num_shards = int(config.data.get("num_shards", 0) or nproc)
+  if batch_size % num_shards:
+    raise ValueError(f"config.optimizer.batch_size={batch_size} must divide by config.data.num_shards="
+                     f"{num_shards}.")
+  schema = full_schema(train_lib.task_config(config, train=True))
+  data_iter = pipeline.ShardGroup(
+      lambda shard, count: pipeline.Loader(tasks, schema, batch_size=batch_size // count, seed=config.seed,
+                                           mixing=mixing, shard_index=shard, shard_count=count,
+                                           num_workers=config.data.get("num_workers", 0)),
+      num_shards=num_shards, process_index=pid, process_count=nproc)
+
+  # State: resume from the newest checkpoint, or initialise (+ import pretrained weights).
+  ckpt = train_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every,
+                                keep=config.get("checkpoint_keep", 3),
+                                async_save=config.get("async_checkpoint", True))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, data_iter = ckpt.restore(latest, setup, data_iter)
+    logging.info("resumed from step %d (%s)", latest, ckpt.manager.directory)
+    print(f"Resumed from the checkpoint at step {latest}", flush=True)
+  else:
+    state = train_lib.init_state(setup)
+    state, imported = train_lib.import_weights(setup, state, config.get("weights", None))
+    if imported:
+      print(f"Imported pretrained weights: {', '.join(imported)}", flush=True)
+  n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
+  n_all = n_train + sum(x.size for x in jax.tree.leaves(state["frozen"]))
+
+  train_step = train_lib.make_train_step(setup, loss_config(config), seed=config.seed,
+                                         accum_steps=config.optimizer.get("grad_accum_steps", 1))
+  evaluator = train_lib.Evaluator(config, setup, tokenizer)
+  writers = metric_writers.create_writers(workdir, enabled=True)
+  preempt = _Preemption()
+  total = int(config.optimizer.total_steps)
+  step = int(jax.device_get(state["step"]))
+  peak = flops_lib.peak_flops(jax.devices()[0]) if hasattr(flops_lib, "peak_flops") else None
+  step_flops = train_lib.StepFlops(config, setup, batch_size)
+  log_every = int(config.log_every)
+  print(f"Training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters for {total} steps "
+        f"(from step {step}) on mesh {dict(mesh.shape)}, {nproc} process(es); tasks {names}", flush=True)
+
+  t_start = time.perf_counter()
+  window = {"t": time.perf_counter(), "data": 0.0, "steps": 0, "flops": 0.0}
+  run_steps = 0
+  with jax.set_mesh(mesh):
+    while step < total:
+      t0 = time.perf_counter()
+      local = next(data_iter)
+      task = train_lib.task_of_batch(local, names) if mixing == "batch" else None
+      batch = sharding.global_batch(local, mesh, setup.rules)
+      window["data"] += time.perf_counter() - t0
+      state, metrics = train_step(state, batch, train_lib.heads_of(config, task))
+      step += 1
+      run_steps += 1
+      window["steps"] += 1
+      window["flops"] += step_flops(task)
+      if step % log_every == 0 or step == total:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        dt = time.perf_counter() - window["t"]
+        per_dev = window["flops"] / dt / jax.device_count()
+        m.update({"steps_per_s": window["steps"] / dt, "examples_per_s": window["steps"] * batch_size / dt,
+                  "data_wait": window["data"] / dt, "tflops_per_device": per_dev / 1e12})
+        if peak:
+          m["mfu"] = per_dev / peak
+        writers.write_scalars(step, {f"train/{k}": v for k, v in m.items()} | ({"train/task": names.index(task)}
+                                                                                  if task else {}))
+        terms = "  ".join(f"{k} {m[k]:.4f}" for k in sorted(metrics) if k not in ("lr",))
+        mfu = f"  MFU {m['mfu'] * 100:.1f}%" if "mfu" in m else ""
+        print(f"step {step:6d}/{total} [{task or 'mixed'}] {terms}  lr {m['lr']:.2e}  "
+              f"{m['steps_per_s']:.2f} steps/s  {m['examples_per_s']:.1f} ex/s  "
+              f"{m['tflops_per_device']:.3f} TFLOP/s/dev{mfu}  data {m['data_wait'] * 100:.0f}%", flush=True)
+        window = {"t": time.perf_counter(), "data": 0.0, "steps": 0, "flops": 0.0}
+      stop = preempt.requested() or (_MAX_STEPS.value and run_steps >= _MAX_STEPS.value)
+      if step % config.checkpoint_every == 0 or step == total or stop:
+        ckpt.save(step, state, data_iter, force=True)
+      if config.eval_every and step % config.eval_every == 0 and step < total and not stop:
+        result = evaluator.run(state)
+        writers.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+        print(f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
+      if stop:
+        ckpt.wait()
+        writers.close()
+        print(f"Stopped at step {step} ({'SIGTERM' if preempt.flag else '--stop_after'}); checkpoint "
+              f"saved.", flush=True)
+        ckpt.close()
+        return
+    ckpt.wait()
+    result = evaluator.run(state)
+    result.update(step=step, train_seconds=round(time.perf_counter() - t_start, 1),
+                  trainable_params=int(n_train), params=int(n_all))
+    writers.write_scalars(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
+    if pid == 0:
+      with open(os.path.join(workdir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    if config.get("visualize", None) and config.visualize.get("enabled", False):
+      path = os.path.join(workdir, "demo.png")
+      if nproc == 1:
+        from pixelground import visualize
+        visualize.demo_figure(config, train_lib.make_model(setup, state), tokenizer, path)
+        print(f"Wrote {path}", flush=True)
+        result["figure"] = path
+      else:
+        logging.info("demo figure skipped: multi-process run")
+  writers.close()
+  ckpt.close()
+  print(json.dumps(result), flush=True)
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)

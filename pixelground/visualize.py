@@ -1,0 +1,131 @@
+"""Drawing predictions: per-word traces, boxes, masks (PIL only). Used by the demo and the notebooks.
+
+    panel = draw_caption(image, caption)            # trace: each word's box centre, joined in word order
+    panel = draw_referring(image, expr, result, gt_box=None, gt_mask=None)
+    panel = draw_segmentation(image, question, seg, gt_mask=None)
+    save_grid([[panel, ...], ...], "out.png")
+
+Boxes are xyxy in pixels of `image`; masks are (H, W) bool of `image`.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import typing as tp
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SCALE = 4          # panels are drawn at 4× the (tiny) demo images
+TEXT_H = 64        # caption strip under each panel, pixels
+COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60)]
+
+
+def _canvas(image: np.ndarray, scale: int) -> Image.Image:
+  img = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+  return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def _overlay(img: Image.Image, mask: np.ndarray, colour, alpha: float = 0.45) -> Image.Image:
+  m = Image.fromarray((np.asarray(mask, bool) * int(255 * alpha)).astype(np.uint8)).resize(img.size,
+                                                                                        Image.NEAREST)
+  return Image.composite(Image.new("RGB", img.size, colour), img, m)
+
+
+def _with_text(img: Image.Image, text: str) -> Image.Image:
+  out = Image.new("RGB", (img.width, img.height + TEXT_H), "white")
+  out.paste(img, (0, 0))
+  lines = textwrap.wrap(text, width=max(10, img.width // 6))[:5]
+  ImageDraw.Draw(out).multiline_text((3, img.height + 2), "\n".join(lines), fill="black", spacing=1)
+  return out
+
+
+def draw_caption(image: np.ndarray, text: str, pieces: tp.Sequence[str], boxes: np.ndarray,
+                 scale: int = SCALE) -> Image.Image:
+  """Caption with its trace: `boxes` (T, 4) xyxy image pixels, one per piece (token); a dot at each
+  word-start piece's box centre, lines joining them in order, the first letters of the word beside it."""
+  img = _canvas(image, scale)
+  draw = ImageDraw.Draw(img)
+  centres, labels = [], []
+  for piece, box in zip(pieces, np.asarray(boxes).reshape(-1, 4)):
+    if not piece.startswith("\u2581"):  # continuation piece of the same word
+      continue
+    cx, cy = (box[0] + box[2]) / 2 * scale, (box[1] + box[3]) / 2 * scale
+    centres.append((cx, cy))
+    labels.append(piece[1:4])
+  for i, (a, b) in enumerate(zip(centres[:-1], centres[1:])):
+    draw.line([a, b], fill=COLOURS[i % len(COLOURS)], width=2)
+  for i, ((cx, cy), lab) in enumerate(zip(centres, labels)):
+    c = COLOURS[i % len(COLOURS)]
+    draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=c)
+    draw.text((cx + 4, cy - 5), lab, fill=c)
+  return _with_text(img, "caption: " + text)
+
+
+def draw_referring(image: np.ndarray, expression: str, box: np.ndarray, mask: np.ndarray | None,
+                   gt_box: np.ndarray | None = None, scale: int = SCALE) -> Image.Image:
+  """Predicted box (red) and mask (red tint), ground-truth box (green, dashed-looking thin)."""
+  img = _canvas(image, scale)
+  if mask is not None:
+    img = _overlay(img, mask, (230, 25, 75))
+  draw = ImageDraw.Draw(img)
+  if gt_box is not None:
+    draw.rectangle(list(np.asarray(gt_box, float) * scale), outline=(60, 200, 75), width=1)
+  draw.rectangle(list(np.asarray(box, float) * scale), outline=(230, 25, 75), width=2)
+  return _with_text(img, f"referring: {expression}")
+
+
+def draw_segmentation(image: np.ndarray, question: str, answer: str, masks: np.ndarray,
+                      scale: int = SCALE) -> Image.Image:
+  """LISA: every `[SEG]` mask tinted, the question and the generated answer under it."""
+  img = _canvas(image, scale)
+  for i, m in enumerate(np.asarray(masks)):
+    img = _overlay(img, m, COLOURS[(i + 2) % len(COLOURS)])
+  return _with_text(img, f"Q: {question}  A: {answer}")
+
+
+def save_grid(rows: tp.Sequence[tp.Sequence[Image.Image]], path: str) -> None:
+  w = max(sum(p.width for p in r) for r in rows)
+  h = sum(max(p.height for p in r) for r in rows)
+  out = Image.new("RGB", (w, h), "white")
+  y = 0
+  for r in rows:
+    x = 0
+    for p in r:
+      out.paste(p, (x, y))
+      x += p.width
+    y += max(p.height for p in r)
+  out.save(path)
+
+
+def demo_figure(config, model, tokenizer, path: str) -> None:
+  """The demo's figure: for `config.visualize.num_images` held-out images, one row each — the
+  generated LN caption with its trace, a referring expression's box + mask, and a ReasonSeg `[SEG]` mask
+  (its own held-out image)."""
+  from pixelground import inference, train_lib
+
+  predictor = inference.Predictor(model, tokenizer, max_prompt_len=int(config.data.max_prompt_len))
+  n = int(config.visualize.get("num_images", 3))
+  src = {}
+  for name in ("ln", "referring", "reason_seg"):
+    t = config.tasks[name]
+    builder = train_lib.open_builder(t.dataset, config.data.tfds_dir, f"config.tasks.{name}")
+    src[name] = builder.as_data_source(t.get("eval_split", "validation"))
+  rows = []
+  for i in range(n):
+    ex = src["ln"][i]
+    cap = predictor.caption(np.asarray(ex["image"]), max_len=int(config.data.max_target_len))
+    ref = src["referring"][i]
+    expr = ref["sentences"][0]
+    expr = expr.decode() if isinstance(expr, bytes) else str(expr)
+    r = predictor.referring(np.asarray(ref["image"]), expr)
+    rs = src["reason_seg"][i]
+    q = rs["queries"][0]
+    q = q.decode() if isinstance(q, bytes) else str(q)
+    seg = predictor.segment(np.asarray(rs["image"]), q)
+    rows.append([draw_caption(np.asarray(ex["image"]), cap.text, cap.pieces, cap.boxes),
+                 draw_referring(np.asarray(ref["image"]), expr, r.box, r.mask,
+                                gt_box=np.asarray(ref["box_xyxy"]).reshape(4)),
+                 draw_segmentation(np.asarray(rs["image"]), q, seg.text, seg.masks)])
+  save_grid(rows, path)
