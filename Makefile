@@ -19,9 +19,9 @@ $(STAMP): setup.py Makefile
 
 setup: $(STAMP)
 
-# The main job on embedded data (see README: until the demo trainer lands it runs the T5 LM demo).
+# The main job on embedded data: the PixelLLM + LISA demo (builds its synthetic datasets on first use).
 demo: $(STAMP)
-	$(PY) -m pixelground.lm_demo --config=configs/t5_lm_demo.py --workdir=$(WORKDIR)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pixelground.train --config=configs/demo.py --workdir=$(WORKDIR)
 
 # Default test run: everything except @pytest.mark.slow. `make test-all` (or pytest --runslow) runs all.
 test: $(STAMP)

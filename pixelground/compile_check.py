@@ -33,6 +33,7 @@ The report (stdout; the last line is one JSON object with every number):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -216,14 +217,40 @@ def _instr_flops(ins: _Instr, shapes: dict[str, str]) -> float:
     contracting = _int_list(re.search(r"lhs_contracting_dims=\{([^}]*)\}", ins.attrs).group(1)
                             if "lhs_contracting_dims" in ins.attrs else "")
     return 2.0 * math.prod(out) * math.prod(lhs[d] for d in contracting)
-  # convolution: every output element is a sum over the kernel's spatial window × its input features
-  # (per feature group): all rhs dimensions but the output-feature one.
-  m = re.search(r"dim_labels=([\w]+)_([\w]+)->([\w]+)", ins.attrs)
-  if rhs is None or not m:
+  # convolution: each output element sums, over the window taps that land on a real input element
+  # (not padding, not a hole of lhs dilation), the input features of its group (rhs "i" dimension).
+  # Batched matmuls are often written as convolutions whose batch dims are spatial dims with a window
+  # as wide as the dim, lhs_dilate = window size and stride = size − 1: one real tap per output.
+  m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+  if lhs is None or rhs is None or not m:
     return 0.0
-  rhs_labels = m.group(2)
-  per_out = math.prod(size for size, lab in zip(rhs, rhs_labels) if lab != "o")
-  return 2.0 * math.prod(out) * per_out
+  lhs_l, rhs_l, out_l = m.groups()
+  spatial = sorted(c for c in rhs_l if c.isdigit())
+  win = _window(ins.attrs, len(spatial))
+  macs = math.prod(out[out_l.index(c)] for c in "bf") * rhs[rhs_l.index("i")]
+  for j, c in enumerate(spatial):
+    macs *= _taps(lhs[lhs_l.index(c)], out[out_l.index(c)], rhs[rhs_l.index(c)], *win[j])
+  return 2.0 * macs
+
+
+def _window(attrs: str, n: int) -> list[tuple[int, int, int, int]]:
+  """Per spatial dim of a convolution's `window={...}`: (stride, pad_low, lhs_dilate, rhs_dilate)."""
+  m = re.search(r"window=\{([^}]*)\}", attrs)
+  fields = dict(kv.split("=", 1) for kv in m.group(1).split()) if m else {}
+
+  def per_dim(key, default):
+    return [int(v) for v in fields[key].split("x")] if key in fields else [default] * n
+
+  pads = [int(p.split("_")[0]) for p in fields["pad"].split("x")] if "pad" in fields else [0] * n
+  return list(zip(per_dim("stride", 1), pads, per_dim("lhs_dilate", 1), per_dim("rhs_dilate", 1)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _taps(n_in: int, n_out: int, size: int, stride: int, pad_lo: int, lhs_dil: int, rhs_dil: int) -> int:
+  """(output position, window tap) pairs of one spatial dim that read a real input element."""
+  import numpy as np
+  pos = np.arange(n_out)[:, None] * stride + np.arange(size)[None, :] * rhs_dil - pad_lo
+  return int(((pos >= 0) & (pos <= (n_in - 1) * lhs_dil) & (pos % lhs_dil == 0)).sum())
 
 
 def _const_value(ins: _Instr | None) -> int | None:
@@ -287,50 +314,70 @@ def _trip_count(ins: _Instr, comps: dict[str, list[_Instr]], caller: dict[str, _
   return None
 
 
-def hlo_flops(text: str) -> dict[str, tp.Any]:
+def hlo_flops(text: str, top: int = 0) -> dict[str, tp.Any]:
   """Matmul + convolution FLOPs of an (optimized, per-device) HLO module's entry computation, each
   computation counted as often as it runs: fusions / calls once per call, `while` bodies × trip count,
-  conditionals by their most expensive branch. → {"flops", "loops": [trip counts],
-  "unknown_loops": n} (loops whose trip count could not be read count once)."""
+  every branch of a conditional once (an upper bound; train steps rarely have them).
+
+  → {"flops", "loops": [trip count of every while], "unknown_loops": n (trip count unreadable: counted
+  once), "top": the `top` most expensive contractions [{"flops" (× runs), "runs", "op", "shape",
+  "op_name"}]}."""
   comps, entry = parse_hlo(text)
   if entry is None:
     raise ValueError("hlo_flops: no ENTRY computation in the HLO text")
-  info = {"loops": [], "unknown_loops": 0}
-  memo: dict[str, float] = {}
-
-  def total(name: str, stack: tuple[str, ...] = ()) -> float:
-    if name in memo:
-      return memo[name]
-    if name in stack or name not in comps:
-      return 0.0
-    instrs = comps[name]
-    shapes = {i.name: i.shape for i in instrs}
+  loops: list[int] = []
+  unknown = 0
+  edges: dict[str, list[tuple[str, int]]] = {}
+  for name, instrs in comps.items():
     by_name = {i.name: i for i in instrs}
-    flops = 0.0
+    out = edges.setdefault(name, [])
     for ins in instrs:
-      flops += _instr_flops(ins, shapes)
       if ins.op == "while":
-        body = (_attr(ins.attrs, "body") or "").lstrip("%")
         n = _trip_count(ins, comps, by_name)
         if n is None:
-          info["unknown_loops"] += 1
+          unknown += 1
           n = 1
-        info["loops"].append(n)
-        flops += n * total(body, stack + (name,))
+        loops.append(n)
+        out.append(((_attr(ins.attrs, "body") or "").lstrip("%"), n))
         continue
       branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
       if branches:
-        flops += max((total(b.strip().lstrip("%"), stack + (name,))
-                      for b in branches.group(1).split(",")), default=0.0)
+        out.extend((b.strip().lstrip("%"), 1) for b in branches.group(1).split(","))
       for key in ("calls", "true_computation", "false_computation"):
         callee = _attr(ins.attrs, key)
         if callee:
-          for c in re.findall(r"%?([\w.\-]+)", callee):
-            flops += total(c, stack + (name,))
-    memo[name] = flops
-    return flops
+          out.extend((c, 1) for c in re.findall(r"%?([\w.\-]+)", callee))
+  # Runs of each computation reachable from the entry: callers before callees (the call graph is a DAG).
+  order, seen = [], set()
 
-  return {"flops": total(entry), **info}
+  def visit(name):
+    seen.add(name)
+    for callee, _ in edges.get(name, ()):
+      if callee in comps and callee not in seen:
+        visit(callee)
+    order.append(name)
+
+  visit(entry)
+  runs = {name: 0 for name in order}
+  runs[entry] = 1
+  for name in reversed(order):
+    for callee, n in edges.get(name, ()):
+      if callee in runs:
+        runs[callee] += runs[name] * n
+  flops, rows = 0.0, []
+  for name in order:
+    shapes = {i.name: i.shape for i in comps[name]}
+    for ins in comps[name]:
+      f = _instr_flops(ins, shapes)
+      if f and runs[name]:
+        flops += f * runs[name]
+        if top:
+          meta = re.search(r'op_name="([^"]*)"', ins.attrs)
+          rows.append({"flops": f * runs[name], "runs": runs[name], "op": ins.op,
+                       "shape": ins.shape.split("{")[0], "op_name": meta.group(1) if meta else ""})
+  rows.sort(key=lambda r: -r["flops"])
+  # Loop trip counts as listed per while instruction (a loop in a computation called twice is listed once).
+  return {"flops": flops, "loops": loops, "unknown_loops": unknown, "top": rows[:top]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -364,9 +411,11 @@ def topology_devices(topology: str) -> list:
 
 
 def _default_task(config) -> str | None:
+  """The most weighted task (ties: the first) for single-task batches, None for mixed batches."""
   if config.data.get("mixing", "batch") != "batch" or not config.get("tasks"):
     return None
-  return next(iter(config.tasks.keys()))
+  names = list(config.tasks.keys())
+  return max(names, key=lambda n: (float(config.tasks[n].get("weight", 1.0)), -names.index(n)))
 
 
 def abstract_batch(config, setup, batch_size: int, task: str | None) -> dict:
@@ -459,10 +508,11 @@ def _oom_bytes(message: str) -> tuple[int | None, int | None]:
 
 def compile_check(config, *, topology: str, batch_size: int | None = None,
                   mesh_axes: tp.Mapping[str, int] | None = None, task: str | None = "",
-                  hlo_out: str | None = None) -> dict[str, tp.Any]:
+                  hlo_out: str | None = None, top: int = 8) -> dict[str, tp.Any]:
   """Compiles the config's train step for `topology` (no TPU needed) → the report dict (see module
-  docstring). `task`: "" = the config's first task when batches are single-task
-  (config.data.mixing="batch"), else the mixed-task batch; "mixed" forces the latter."""
+  docstring). `task`: "" = the config's most weighted task when batches are single-task
+  (config.data.mixing="batch"), else the mixed-task batch; "mixed" forces the latter. `top`: list
+  that many of the most expensive contractions of the compiled program."""
   import jax
 
   from pixelground import sharding, train_lib
@@ -531,10 +581,11 @@ def compile_check(config, *, topology: str, batch_size: int | None = None,
   if hlo_out:
     with open(hlo_out, "w") as f:
       f.write(text)
-  counted = hlo_flops(text)
+  counted = hlo_flops(text, top=top)
   report["xla_cost_analysis_flops"] = _xla_cost_flops(compiled)
   report["hlo_loops"] = counted["loops"]
   report["hlo_unknown_loops"] = counted["unknown_loops"]
+  report["top_contractions"] = counted["top"]
   _add_flops(report, analytic_flops(config, setup, batch_size, task), counted["flops"], n, kind)
   return report
 
@@ -600,6 +651,10 @@ def format_report(r: dict[str, tp.Any]) -> str:
                f"{r['expected_ratio_with_remat']:.3f} expected)")
   if r.get("flops_ratio") is not None:
     lines.append(f"  ratio         {r['flops_ratio']:.3f}   compiled / analytic")
+  if r.get("top_contractions"):
+    lines.append("Most expensive contractions per chip (FLOPs × runs, shape, op):")
+    for t in r["top_contractions"]:
+      lines.append(f"  {_tf(t['flops']):>16}  ×{t['runs']:<4d} {t['shape']:<24s} {t['op_name'][-80:]}")
   if r["peak_tflops"]:
     lines.append(f"Step time     {r['step_seconds_at_100_mfu']:.4g} s at 100% MFU, "
                  f"{r['step_seconds_at_50_mfu']:.4g} s at 50% MFU ({r['peak_tflops']} TFLOP/s peak)")
@@ -617,7 +672,7 @@ def main(argv):
   try:
     report = compile_check(config, topology=_TOPOLOGY.value, batch_size=_BATCH.value or None,
                            mesh_axes=parse_mesh(_MESH.value) if _MESH.value else None,
-                           task=_TASK.value, hlo_out=_HLO_OUT.value or None)
+                           task=_TASK.value, hlo_out=_HLO_OUT.value or None, top=_TOP.value)
   except TopologyUnavailable as e:
     print(f"compile_check: {e}", file=sys.stderr, flush=True)
     sys.exit(3)
@@ -636,5 +691,6 @@ if __name__ == "__main__":
   _TASK = flags.DEFINE_string("task", "", "Task whose batch to compile for (default: the config's first "
                               "task for single-task batches; 'mixed': the full schema, every head).")
   _HLO_OUT = flags.DEFINE_string("hlo_out", "", "Write the optimized per-chip HLO text here.")
+  _TOP = flags.DEFINE_integer("top", 8, "List this many of the most expensive contractions.")
   flags.mark_flag_as_required("config")
   app.run(main)

@@ -289,6 +289,62 @@ def make_eval_step(setup: Setup):
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------
 
+class ShardStateHandler:
+  """Orbax handler for the input-pipeline state, stored per *input shard* (`pipeline.ShardGroup`), not
+  per process: each process writes its own shards' files, and a restore on another process count reads
+  the shards it now owns. (Grain's handler keys files by process.)"""
+
+  def save(self, directory, item=None, args=None):
+    item = item or args.item
+    for s, st in item.shard_states().items():
+      (directory / f"shard_{s}-of-{item.num_shards}.json").write_text(json.dumps(st))
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    states = {}
+    for s in item.shards:
+      f = directory / f"shard_{s}-of-{item.num_shards}.json"
+      if not f.exists():
+        raise FileNotFoundError(f"{f}: no input-pipeline state for shard {s} of {item.num_shards} "
+                                f"(was config.data.num_shards changed?)")
+      states[s] = json.loads(f.read_text())
+    item.load_shard_states(states)
+    item.start_prefetch()
+    return item
+
+  def structure(self, directory):
+    return None
+
+  def metadata(self, directory):
+    return None
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+  @classmethod
+  def typestr(cls):
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _shard_state_args():
+  import orbax.checkpoint as ocp
+
+  @ocp.args.register_with_handler(ShardStateHandler, for_save=True)
+  @dataclasses.dataclass
+  class ShardStateSave(ocp.args.CheckpointArgs):
+    item: tp.Any
+
+  @ocp.args.register_with_handler(ShardStateHandler, for_restore=True)
+  @dataclasses.dataclass
+  class ShardStateRestore(ocp.args.CheckpointArgs):
+    item: tp.Any
+
+  return ShardStateSave, ShardStateRestore
+
+
 class Checkpointer:
   """Orbax CheckpointManager over {state (sharded arrays), data (each process's Grain iterator state)}.
 
@@ -302,9 +358,9 @@ class Checkpointer:
     self.every = every
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                         create=True)
-    import grain
     handlers = {"state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler()}
+                "data": ShardStateHandler()}
+    self.save_args, self.restore_args = _shard_state_args()
     self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=opts,
                                          item_handlers=handlers)
 
@@ -312,17 +368,14 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
-    import grain
-    args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
-                                   data=grain.checkpoint.CheckpointSave(data_iter))
+    args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(state), data=self.save_args(data_iter))
     return self.manager.save(step, args=args, force=force)
 
   def restore(self, step: int, setup: Setup, data_iter):
-    import grain
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           setup.abstract_state, setup.state_shardings)
     args = self.ocp.args.Composite(state=self.ocp.args.StandardRestore(target),
-                                   data=grain.checkpoint.CheckpointRestore(data_iter))
+                                   data=self.restore_args(data_iter))
     out = self.manager.restore(step, args=args)
     return out["state"], out["data"]
 

@@ -162,6 +162,7 @@ class ShardGroup:
       raise ValueError(f"config.data.num_shards={num_shards} must be a multiple of the number of "
                        f"processes ({process_count}).")
     per = num_shards // process_count
+    self.num_shards = num_shards
     self.shards = list(range(process_index * per, (process_index + 1) * per))
     self.iters = [iter(make_loader(s, num_shards)) for s in self.shards]
 
@@ -186,6 +187,15 @@ class ShardGroup:
                        f"{self.shards} (restore with the same config.data.num_shards and process count)")
     for it, s in zip(self.iters, d["states"]):
       it.set_state(s)
+
+  def shard_states(self) -> dict[int, tp.Any]:
+    """{input shard: its Grain iterator state} — saved one file per shard, so a checkpoint can be
+    restored by any number of processes."""
+    return {s: it.get_state() for s, it in zip(self.shards, self.iters)}
+
+  def load_shard_states(self, states: tp.Mapping[int, tp.Any]) -> None:
+    for s, it in zip(self.shards, self.iters):
+      it.set_state(states[s])
 
   def start_prefetch(self) -> None:
     for it in self.iters:

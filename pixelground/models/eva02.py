@@ -46,6 +46,7 @@ class Eva02Config(ModelConfig):
   """EVA02 hyper-parameters. Defaults are EVA02-L/14 at 224 px (timm `eva02_large_patch14_224`)."""
   image_size: int = 224      # pretraining size: the position table is (image_size/patch)²
   patch_size: int = 14
+  pos_embed_init: float = 0.02  # std of the position table at init (pretrained weights replace it)
   width: int = 1024
   depth: int = 24
   num_heads: int = 16
@@ -195,7 +196,8 @@ class Eva02(nnx.Module):
     self.patch_embed_bias = make_param(rngs, zeros, (d,), ("embed",), pd)
     self.cls_token = make_param(rngs, normal(0.02), (d,), ("embed",), pd)
     self.cls_pos_embed = make_param(rngs, normal(0.02), (d,), ("embed",), pd)
-    self.pos_embed = make_param(rngs, normal(0.02), (1, g, g, d), (None, "height", "width", "embed"), pd)
+    self.pos_embed = make_param(rngs, normal(cfg.pos_embed_init), (1, g, g, d),
+                                (None, "height", "width", "embed"), pd)
     self.blocks = LayerStack(lambda r: Block(cfg, rngs=r), cfg.depth, scan=cfg.scan_layers,
                              remat=cfg.remat, rngs=rngs)
     self.norm = (LayerNorm(d, "embed", eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype,

@@ -43,6 +43,7 @@ class SamEncoderConfig(ModelConfig):
   """SAM image-encoder hyper-parameters. Defaults are SAM ViT-H at 1024 px."""
   image_size: int = 1024   # native input size: the position embedding is (image_size/patch)²
   patch_size: int = 16
+  pos_embed_init: float = 0.02  # std of the position table at init (pretrained weights replace it)
   width: int = 1280
   depth: int = 32
   num_heads: int = 16
@@ -270,7 +271,8 @@ class SamImageEncoder(nnx.Module):
     self.patch_embed_kernel = make_param(rngs, normal((3 * p * p) ** -0.5), (p, p, 3, d),
                                          ("patch", "patch", "channels", "embed"), pd)
     self.patch_embed_bias = make_param(rngs, zeros, (d,), ("embed",), pd)
-    self.pos_embed = make_param(rngs, normal(0.02), (1, g, g, d), (None, "height", "width", "embed"), pd)
+    self.pos_embed = make_param(rngs, normal(cfg.pos_embed_init), (1, g, g, d),
+                                (None, "height", "width", "embed"), pd)
     self.blocks = LayerStack(lambda r, i: Block(cfg, i, rngs=r), cfg.depth, scan=False,
                              remat=cfg.remat, indexed=True, rngs=rngs)
     self.neck = Neck(cfg, rngs=rngs)

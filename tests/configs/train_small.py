@@ -1,0 +1,33 @@
+r"""The demo config cut down for the trainer's tests: two text tasks that share one compiled step (LN
+traces + captions), a 64-image grounded-shapes cache, batch 8, two input shards (so 1 and 2 processes see
+the same global batches), every step logged."""
+
+import importlib.util
+import os
+
+_DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.py")
+
+
+def get_config():
+  spec = importlib.util.spec_from_file_location("demo_config", _DEMO)
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  c = demo.get_config()
+  for name in list(c.tasks.keys()):
+    if name not in ("ln", "caption"):
+      del c.tasks[name]
+  c.optimizer.batch_size = 8
+  c.optimizer.total_steps = 40
+  c.optimizer.warmup_steps = 5
+  c.data.num_shards = 2
+  c.data.grounded_shapes.num_train = 48
+  c.data.grounded_shapes.num_validation = 8
+  c.data.grounded_shapes.size = 64
+  c.eval.tasks = ("ln",)
+  c.eval.batch_size = 8
+  c.eval.max_examples = 8
+  c.eval_every = 0
+  c.log_every = 1
+  c.checkpoint_every = 10
+  c.visualize.enabled = False
+  return c
