@@ -2,7 +2,8 @@ r"""Deviceless TPU compile of the full train step: does a config fit, and how ma
 
     python -m pixelground.compile_check --config=configs/ln_t5xl.py --topology=v5e:4x4
     python -m pixelground.compile_check --config=configs/ln_t5xl.py --topology=v5p:2x2x2 \
-        [--batch=256] [--mesh=data:1,fsdp:8,tensor:1] [--task=ln] [--config.key=value ...]
+        [--batch=256] [--mesh=data:1,fsdp:8,tensor:1] [--task=ln|mixed] [--top=8] [--hlo_out=FILE]
+        [--config.key=value ...]
 
 Needs libtpu (`pip install -e .[tpu]`, i.e. `jax[tpu]`), not a TPU: the topology's devices come from
 `jax.experimental.topologies.get_topology_desc`, the mesh is built from `config.mesh` (or `--mesh`;
@@ -15,9 +16,9 @@ The report (stdout; the last line is one JSON object with every number):
   * per-chip memory from `compiled.memory_analysis()`: arguments (the train state + the batch),
     outputs, of which aliased to the (donated) arguments, temporaries (activations, gradients, ...),
     generated code; "total" = arguments + outputs − aliased + temporaries + code is what must fit in
-    the chip's HBM (`HBM_GIB`) → FITS / DOES NOT FIT. A program that does not fit usually fails to
-    compile ("Ran out of memory in memory space hbm"): that is reported the same way, with the
-    compiler's own numbers.
+    the chip's HBM (`HBM_GIB`) → FITS / DOES NOT FIT. A program over the compiler's HBM limit fails
+    to compile (RESOURCE_EXHAUSTED, e.g. "the total memory required for HLO temporaries (387.63G)
+    exceeds available HBM (15.75G)"): that is reported as DOES NOT FIT with the compiler's numbers.
   * compiled FLOPs per chip: the matmul / convolution FLOPs of the optimized per-chip HLO, every
     `while` body (scanned layers, gradient-accumulation micro-batches) counted × its trip count —
     XLA's `cost_analysis()` counts a loop body once, so its "flops" (also printed) is far too low for
@@ -25,6 +26,7 @@ The report (stdout; the last line is one JSON object with every number):
   * analytic model FLOPs per chip (`pixelground.flops.step_flops`, the trainer's MFU numerator) / chips,
     the ratio compiled / analytic, and the analytic count plus the forward recompute of the parts
     under `remat="full"` (which model FLOPs leave out by definition) — the ratio expected from remat;
+  * the most expensive contractions (`--top`), where to look when the ratio is off;
   * the chip's peak bf16 FLOP/s (`PEAK_TFLOPS`) and the step time that 100% / 50% MFU would mean.
 
 `chip_peak(device_kind)` (FLOP/s) is what the trainer divides by for MFU.
@@ -44,7 +46,7 @@ import typing as tp
 
 # Peak dense bf16 TFLOP/s per chip and HBM per chip (GiB), SPEC §8.
 PEAK_TFLOPS: dict[str, float] = {"v4": 275, "v5e": 197, "v5p": 459, "v6e": 918, "h100": 989}
-HBM_GIB: dict[str, float] = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "h100": 80}
+HBM_GIB: dict[str, float] = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "h100": 74.5}  # H100: 80 GB
 
 GIB = 1024 ** 3
 
@@ -265,53 +267,65 @@ def _const_value(ins: _Instr | None) -> int | None:
 
 def _trip_count(ins: _Instr, comps: dict[str, list[_Instr]], caller: dict[str, _Instr]
                 ) -> int | None:
-  """Trip count of a `while`: XLA's known_trip_count annotation, else its condition
-  `counter <cmp> constant` with the counter's initial value from the while's init tuple."""
+  """Trip count of a `while`: XLA's known_trip_count annotation, else read from the loop itself —
+  the condition `counter <cmp> bound`, the counter's initial value (the while's init tuple) and its
+  increment (the body's `counter + step`). Constants may sit in the loop or be passed in through the
+  init tuple (loop-invariant tuple elements)."""
   m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"', ins.attrs)
   if m:
     return int(m.group(1))
   cond = comps.get((_attr(ins.attrs, "condition") or "").lstrip("%"))
-  if not cond:
+  body = comps.get((_attr(ins.attrs, "body") or "").lstrip("%"))
+  if not cond or not body:
     return None
-  local = {i.name: i for i in cond}
+  tup = caller.get(ins.operands[0]) if ins.operands else None
+  init_ops = tup.operands if tup is not None and tup.op == "tuple" else []
+
+  def resolve(local, name):
+    i = local.get(name)
+    while i is not None and i.op in ("copy", "convert", "bitcast") and i.operands:
+      i = local.get(i.operands[0])
+    return i
+
+  def tuple_index(local, name):
+    i = resolve(local, name)
+    return int(_attr(i.attrs, "index") or 0) if i is not None and i.op == "get-tuple-element" else None
+
+  def value(local, name):
+    i = resolve(local, name)
+    v = _const_value(i)
+    if v is None and i is not None and i.op == "get-tuple-element" and local is not caller:
+      j = int(_attr(i.attrs, "index") or 0)       # a loop-invariant value passed in the init tuple
+      if j < len(init_ops):
+        v = _const_value(resolve(caller, init_ops[j]))
+    return v
+
+  c_local = {i.name: i for i in cond}
   root = next((i for i in cond if i.root), None)
   if root is None or root.op != "compare" or len(root.operands) != 2:
     return None
   direction = _attr(root.attrs, "direction")
-
-  def const(name):
-    i = local.get(name)
-    while i is not None and i.op in ("copy", "convert", "bitcast"):
-      i = local.get(i.operands[0])
-    return _const_value(i)
-
-  def counter_index(name):
-    i = local.get(name)
-    while i is not None and i.op in ("copy", "convert", "bitcast"):
-      i = local.get(i.operands[0])
-    if i is not None and i.op == "get-tuple-element":
-      return int(_attr(i.attrs, "index") or 0)
-    return None
-
   a, b = root.operands
-  bound, idx = const(b), counter_index(a)
-  if bound is None:                                   # constant <cmp> counter: flip the direction
-    bound, idx = const(a), counter_index(b)
+  idx, bound = tuple_index(c_local, a), value(c_local, b)
+  if idx is None or bound is None:                    # bound <cmp> counter: flip the direction
+    idx, bound = tuple_index(c_local, b), value(c_local, a)
     direction = {"GT": "LT", "GE": "LE", "LT": "GT", "LE": "GE"}.get(direction, direction)
-  if bound is None:
+  if idx is None or bound is None or direction not in ("LT", "LE", "NE"):
     return None
-  init = 0
-  tup = caller.get(ins.operands[0]) if ins.operands else None
-  if tup is not None and tup.op == "tuple" and idx is not None and idx < len(tup.operands):
-    src = caller.get(tup.operands[idx])
-    while src is not None and src.op in ("copy", "convert", "bitcast"):
-      src = caller.get(src.operands[0])
-    init = _const_value(src) or 0
-  if direction in ("LT", "NE"):
-    return max(bound - init, 0)
-  if direction == "LE":
-    return max(bound - init + 1, 0)
-  return None
+  init = _const_value(resolve(caller, init_ops[idx])) if idx < len(init_ops) else None
+  init = 0 if init is None else init
+  step = 1
+  b_local = {i.name: i for i in body}
+  b_root = next((i for i in body if i.root), None)
+  if b_root is not None and b_root.op == "tuple" and idx < len(b_root.operands):
+    upd = resolve(b_local, b_root.operands[idx])
+    if upd is not None and upd.op == "add" and len(upd.operands) == 2:
+      x, y = upd.operands
+      step = value(b_local, y) if tuple_index(b_local, x) == idx else value(b_local, x)
+      if step is None or step <= 0:
+        return None
+  span = bound - init + (1 if direction == "LE" else 0)
+  return max(-(-span // step), 0)
 
 
 def hlo_flops(text: str, top: int = 0) -> dict[str, tp.Any]:
@@ -494,16 +508,22 @@ def _xla_cost_flops(compiled) -> float | None:
   return None if not ca or "flops" not in ca else float(ca["flops"])
 
 
-_OOM = re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.I)
+# The TPU compiler's out-of-memory messages: "... Used 20.25G of 15.75G hbm ..." (everything) or
+# "... the total memory required for HLO temporaries (387.63G) exceeds available HBM (15.75G)".
+_OOM = (("total_bytes", re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.I)),
+        ("temp_bytes", re.compile(r"temporaries\s*\(([\d.]+)([KMGT]?)\)\s*exceeds available HBM\s*"
+                                  r"\(([\d.]+)([KMGT]?)\)", re.I)))
 
 
-def _oom_bytes(message: str) -> tuple[int | None, int | None]:
-  m = _OOM.search(message)
-  if not m:
-    return None, None
+def _oom_bytes(message: str) -> dict[str, int]:
+  """→ {"total_bytes" or "temp_bytes": what the compiler needed, "compiler_hbm_limit_bytes"}, or {}."""
   unit = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
-  return (int(float(m.group(1)) * unit[m.group(2).upper()]),
-          int(float(m.group(3)) * unit[m.group(4).upper()]))
+  for key, pattern in _OOM:
+    m = pattern.search(message)
+    if m:
+      return {key: int(float(m.group(1)) * unit[m.group(2).upper()]),
+              "compiler_hbm_limit_bytes": int(float(m.group(3)) * unit[m.group(4).upper()])}
+  return {}
 
 
 def compile_check(config, *, topology: str, batch_size: int | None = None,
@@ -565,11 +585,11 @@ def compile_check(config, *, topology: str, batch_size: int | None = None,
   except Exception as e:  # noqa: BLE001 — the TPU compiler reports HBM overflow as an error
     msg = str(e)
     report["compile_seconds"] = round(time.perf_counter() - t0, 1)
-    used, limit = _oom_bytes(msg)
-    if used is None and "memory" not in msg.lower():
+    needed = _oom_bytes(msg)
+    if not needed and "RESOURCE_EXHAUSTED" not in msg:
       raise
-    report.update(fits=False, compile_error=msg.strip().splitlines()[0][:500],
-                  memory={"total_bytes": used, "compiler_hbm_limit_bytes": limit})
+    report.update(fits=False, compile_error=msg.strip().splitlines()[0][:500], memory=needed,
+                  _error_detail=msg.strip().splitlines()[1:25])
     _add_flops(report, analytic_flops(config, setup, batch_size, task), None, n, kind)
     return report
   report["compile_seconds"] = round(time.perf_counter() - t0, 1)
@@ -583,7 +603,7 @@ def compile_check(config, *, topology: str, batch_size: int | None = None,
       f.write(text)
   counted = hlo_flops(text, top=top)
   report["xla_cost_analysis_flops"] = _xla_cost_flops(compiled)
-  report["hlo_loops"] = counted["loops"]
+  report["hlo_loops"] = {str(t): counted["loops"].count(t) for t in sorted(set(counted["loops"]))}
   report["hlo_unknown_loops"] = counted["unknown_loops"]
   report["top_contractions"] = counted["top"]
   _add_flops(report, analytic_flops(config, setup, batch_size, task), counted["flops"], n, kind)
@@ -626,8 +646,11 @@ def format_report(r: dict[str, tp.Any]) -> str:
       f"Compile       lower {r['lower_seconds']} s, compile {r['compile_seconds']} s (this machine's CPU)",
   ]
   if "compile_error" in r:
+    what = "everything" if "total_bytes" in m else "temporaries alone"
     lines += [f"Memory        DOES NOT FIT: the compiler ran out of HBM: {r['compile_error']}",
-              f"              used {_gib(m.get('total_bytes'))} of {_gib(m.get('compiler_hbm_limit_bytes'))}"]
+              f"              needed ({what}) {_gib(m.get('total_bytes', m.get('temp_bytes')))} per chip, "
+              f"the compiler's HBM limit {_gib(m.get('compiler_hbm_limit_bytes'))}"]
+    lines += ["              " + line for line in r.get("_error_detail", [])]
   else:
     verdict = {True: "FITS", False: "DOES NOT FIT", None: "(unknown chip HBM)"}[r["fits"]]
     frac = f" ({100 * m['total_bytes'] / r['hbm_bytes']:.0f}% of HBM)" if r["hbm_bytes"] else ""
@@ -644,6 +667,9 @@ def format_report(r: dict[str, tp.Any]) -> str:
   if r.get("compiled_flops") is not None:
     lines.append(f"  compiled      {_tf(r['compiled_flops'])}   (matmuls/convs of the optimized HLO, loops × "
                  f"trip count; XLA cost_analysis, loop bodies once: {_tf(r['xla_cost_analysis_flops'])})")
+  if r.get("hlo_loops"):
+    lines.append(f"                (while loops, trip count: number of loops: {r['hlo_loops']}; "
+                 f"unreadable trip counts: {r['hlo_unknown_loops']})")
   lines.append(f"  analytic      {_tf(r['analytic_flops'])}   (model FLOPs, pixelground.flops; parts: " +
                ", ".join(f"{k} {_tf(v)}" for k, v in r["analytic_parts"].items()) + ")")
   lines.append(f"  + remat       {_tf(r['analytic_with_remat_flops'])}   (analytic + forward recompute of "
@@ -677,7 +703,7 @@ def main(argv):
     print(f"compile_check: {e}", file=sys.stderr, flush=True)
     sys.exit(3)
   print(format_report(report), flush=True)
-  print(json.dumps(report), flush=True)
+  print(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}), flush=True)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,9 @@ def build_setup(config, mesh: Mesh) -> Setup:
   cfg = recipes.build_model_config(config.model)
   keep = P.trainable_filter(tuple(config.get("trainable", P.TRAINABLE)), lora=config.get("train_lora", True))
   rules = rules_from_config(config)
+  from pixelground.models import layers
+  batch_rule = dict(rules).get("batch")
+  layers.BATCH_AXES[0] = (batch_rule,) if isinstance(batch_rule, str) else tuple(batch_rule or ())
   abstract = nnx.eval_shape(lambda: P.PixelLLM(cfg, rngs=nnx.Rngs(config.seed)))
   graphdef, abs_params, _ = nnx.split(abstract, keep, ...)
   tx, schedule = optim.build(config.optimizer, abs_params, depths=_vit_depths(cfg))

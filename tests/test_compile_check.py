@@ -40,11 +40,15 @@ def test_parse_mesh():
 
 
 def test_oom_message():
+  g = 2 ** 30
   msg = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
          "Used 20.25G of 15.75G hbm. Exceeded hbm capacity by 4.50G.")
-  used, limit = cc._oom_bytes(msg)
-  assert used == int(20.25 * 2 ** 30) and limit == int(15.75 * 2 ** 30)
-  assert cc._oom_bytes("something else") == (None, None)
+  assert cc._oom_bytes(msg) == {"total_bytes": int(20.25 * g), "compiler_hbm_limit_bytes": int(15.75 * g)}
+  # libtpu 0.0.42's wording (ln_t5xl on v5e:4x4 with --config.model.eva.remat=none)
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+         "(387.63G) exceeds available HBM (15.75G).")
+  assert cc._oom_bytes(msg) == {"temp_bytes": int(387.63 * g), "compiler_hbm_limit_bytes": int(15.75 * g)}
+  assert cc._oom_bytes("something else") == {}
 
 
 def _layers(scan: bool):
@@ -149,7 +153,6 @@ def test_compile_tiny_for_v5e():
   mem = report["memory"]
   assert mem["argument_bytes"] > 0 and mem["total_bytes"] > 0 and report["fits"] is True
   assert report["compiled_flops"] > 0 and report["analytic_flops"] > 0
-  # Tiny widths: interpolation matrices and other small contractions weigh more than at full size.
-  assert 0.7 < report["flops_ratio"] < 2.5
+  assert 0.85 < report["flops_ratio"] < 1.25  # 0.998 measured (no remat in the tiny config)
   assert report["peak_tflops"] == 197.0
   assert report["step_seconds_at_50_mfu"] == pytest.approx(2 * report["step_seconds_at_100_mfu"])

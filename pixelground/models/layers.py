@@ -161,6 +161,24 @@ REMAT_POLICIES = {
 }
 
 
+# Mesh axes of the activations' batch dim (the "batch" logical rule); `pixelground.sharding` sets it.
+BATCH_AXES: list[tuple[str, ...]] = [("data", "fsdp")]
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins an activation's leading (batch) dim to the batch mesh axes of the current mesh (no-op without
+  one, or when the batch does not divide). Without it XLA may keep activations sharded over `data` only
+  and split weights' embed dim over `fsdp`, so weight-free ops (attention) run on fsdp× the batch."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes = tuple(a for a in BATCH_AXES[0] if a in mesh.shape and mesh.shape[a] > 1)
+  size = math.prod(mesh.shape[a] for a in axes)
+  if not axes or x.shape[0] % size:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
 class LayerStack(nnx.Module):
   """`num_layers` layers of identical structure, applied in sequence.
 
@@ -193,8 +211,8 @@ class LayerStack(nnx.Module):
       self.layers = nnx.List([make_layer(rngs, i) if indexed else make_layer(rngs)
                               for i in range(num_layers)])
 
-  def _body(self, graphdef, method_name: str):
-    def body(state, x, per_layer, shared):
+  def _body(self, graphdef, method_name: str, shared):
+    def body(state, x, per_layer):  # shared kwargs closed over: Python values stay static under remat
       return getattr(nnx.merge(graphdef, state), method_name)(x, per_layer, **shared)
 
     policy = REMAT_POLICIES[self.remat]
@@ -206,11 +224,12 @@ class LayerStack(nnx.Module):
                **shared) -> tuple[jax.Array, tp.Any]:
     if self.scan:
       graphdef, state = nnx.split(self.layers)
-      body = self._body(graphdef, method_name)
+      body = self._body(graphdef, method_name, shared)
 
       def step(carry, xs):
         layer_state, per_i = xs
-        return body(layer_state, carry, per_i, shared)
+        y, out = body(layer_state, constrain_batch(carry), per_i)
+        return constrain_batch(y), out
 
       return jax.lax.scan(step, x, (state, per_layer))
     outs = []
@@ -220,6 +239,7 @@ class LayerStack(nnx.Module):
         per_i = per_layer[i]
       else:
         per_i = jax.tree.map(lambda a, i=i: a[i], per_layer)
-      x, out = self._body(graphdef, method_name)(state, x, per_i, shared)
+      x, out = self._body(graphdef, method_name, shared)(state, constrain_batch(x), per_i)
+      x = constrain_batch(x)
       outs.append(out)
     return x, (tuple(outs) if outs and outs[0] is not None else None)
