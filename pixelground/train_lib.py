@@ -133,6 +133,7 @@ class Setup:
   rules: tp.Any
   state_shardings: tp.Any
   abstract_state: tp.Any
+  init_fn: tp.Callable[[], tp.Any]
 
 
 def _vit_depths(cfg: P.PixelLLMConfig) -> dict[str, int]:
@@ -163,15 +164,13 @@ def build_setup(config, mesh: Mesh) -> Setup:
 
   abstract_state = jax.eval_shape(init)
   shardings = sharding.state_shardings(abstract_state, mesh, rules)
-  setup = Setup(cfg, graphdef, tx, schedule, keep, mesh, rules, shardings, abstract_state)
-  setup.init_fn = init  # type: ignore[attr-defined]
-  return setup
+  return Setup(cfg, graphdef, tx, schedule, keep, mesh, rules, shardings, abstract_state, init)
 
 
 def init_state(setup: Setup):
   """The train state, every leaf born sharded (jit with out_shardings: no device holds a full copy)."""
   with jax.set_mesh(setup.mesh):
-    return jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()  # type: ignore[attr-defined]
+    return jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
 
 
 def import_weights(setup: Setup, state, weights) -> tuple[tp.Any, list[str]]:
@@ -431,16 +430,8 @@ def prepare_data(config) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("grounded_shapes_ready")
-  with config.unlocked() if hasattr(config, "unlocked") else _null():
+  with config.unlocked():
     config.data.tfds_dir = os.path.join(root, "tfds")
-
-
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
 
 
 class Evaluator:
@@ -473,7 +464,6 @@ class Evaluator:
       rows += [zero] * (num_batches * local - len(rows))
       self.data[task.name] = [{k: np.stack([r[k] for r in rows[b * local:(b + 1) * local]])
                                for k in rows[0]} for b in range(num_batches)]
-      self.data[task.name + "/n"] = n  # type: ignore[assignment]
     self.converters = {name: config.tasks[name].get("converter", name) for name in names}
     self.step = make_eval_step(setup)
 
