@@ -280,6 +280,23 @@ def _mask_decoder(c: _Counter, cfg: P.PixelLLMConfig, n: int, num_sparse: int, g
   c.dense(hid * m, n, w=w_iou, x=h)
 
 
+def _caption(c: _Counter, cfg: P.PixelLLMConfig, n: int, le: int, length: int, g_fused: bool,
+             tr: frozenset[str]) -> tuple[bool, bool]:
+  """Prompt extractor → T5 encoder → decoder over `length` tokens → LM head, for `n` captions (the main
+  caption per image, or one per dense-captioning region). → (gradient flows into the visual tokens,
+  into the decoder states)."""
+  t5 = cfg.t5
+  c.part = "extractor"
+  g_vis = _extractor(c, cfg, n, g_fused, tr)
+  c.part = "t5_encoder"
+  g_enc = _t5_encoder(c, t5, n, le, g_vis or "t5.token_embed" in tr, tr)
+  c.part = "t5_decoder"
+  g_hid = _t5_decoder(c, t5, n, length, le, g_enc, tr)
+  c.part = "lm_head"
+  _lm_head(c, t5, n * length, g_hid, tr)
+  return g_vis, g_hid
+
+
 def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, target_len: int,
                num_seg: int = 0, num_regions: int = 0, region_len: int = 0,
                trainable: tp.Callable | None = None, train: bool = True) -> dict:
@@ -309,14 +326,7 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
     g_eva = _eva(c, cfg, b, "eva" in tr)
   g_fused = g_sam or g_eva
 
-  c.part = "extractor"
-  g_vis = _extractor(c, cfg, b, g_fused, tr)
-  c.part = "t5_encoder"
-  g_enc = _t5_encoder(c, t5, b, le, g_vis or "t5.token_embed" in tr, tr)
-  c.part = "t5_decoder"
-  g_hid = _t5_decoder(c, t5, b, target_len, le, g_enc, tr)
-  c.part = "lm_head"
-  _lm_head(c, t5, b * target_len, g_hid, tr)
+  g_vis, g_hid = _caption(c, cfg, b, le, target_len, g_fused, tr)
 
   c.part = "loc_head"
   w = "loc_head" in tr
@@ -352,14 +362,7 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
     g = c.dense(9 * wp * wp, b * ng, w=w, x=g)
     c.dense(wp * 5, b * ng, w=w, x=g)                         # heatmap + ltrb heads
     n = b * num_regions
-    c.part = "extractor"
-    g_rv = _extractor(c, cfg, n, g_fused, tr)
-    c.part = "t5_encoder"
-    g_re = _t5_encoder(c, t5, n, le, g_rv or "t5.token_embed" in tr, tr)
-    c.part = "t5_decoder"
-    g_rh = _t5_decoder(c, t5, n, region_len, le, g_re, tr)
-    c.part = "lm_head"
-    _lm_head(c, t5, n * region_len, g_rh, tr)
+    _caption(c, cfg, n, le, region_len, g_fused, tr)
 
   return {"total": sum(c.total.values()), "parts": dict(c.total), "forward": sum(c.forward.values())}
 

@@ -120,7 +120,7 @@ def main(argv):
       num_shards=num_shards, process_index=pid, process_count=nproc)
 
   # State: resume from the newest checkpoint, or initialise (+ import pretrained weights).
-  ckpt = train_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every,
+  ckpt = train_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                 keep=config.get("checkpoint_keep", 3),
                                 async_save=config.get("async_checkpoint", True))
   latest = ckpt.latest_step()

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from pixelground import optim, recipes, sharding, train_metrics
 from pixelground.data import pipeline, tasks as task_lib
@@ -350,14 +350,13 @@ def _shard_state_args():
 class Checkpointer:
   """Orbax CheckpointManager over {state (sharded arrays), data (each process's Grain iterator state)}.
 
-  Async saves every `every` steps (and whenever `save` is called), keeps the newest `keep`. Restoring
+  Async saves (the loop decides when), keeps the newest `keep`. Restoring
   places every array by the *current* setup's shardings, so a run may resume on another mesh shape."""
 
-  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
     import orbax.checkpoint as ocp
 
     self.ocp = ocp
-    self.every = every
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                         create=True)
     handlers = {"state": ocp.StandardCheckpointHandler(),
@@ -386,10 +385,6 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
 
 
 __all__ = ["DATASETS", "Setup", "build_setup", "init_state", "import_weights", "make_train_step",

@@ -26,7 +26,7 @@ def test_checkpoint_round_trip_and_other_process_count(tmp_path):
   g = _group()
   for _ in range(3):
     next(g)
-  ck = train_lib.Checkpointer(str(tmp_path), every=1, keep=2)
+  ck = train_lib.Checkpointer(str(tmp_path), keep=2)
   state = {"a": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(3)}
   ck.save(3, state, g, force=True)
   ck.wait()
