@@ -26,6 +26,11 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     # COCO polygon / RLE masks (refcoco, coco instances) — the official rasteriser.
     "pycocotools>=2.0.8",
+    # Caption metrics (BLEU / METEOR / ROUGE-L / CIDEr) exactly as the COCO caption evaluation computes
+    # them; METEOR and its PTB tokenizer run Java (pixelground.metrics.captions explains the fallback).
+    "pycocoevalcap>=1.2",
+    # Hungarian matching (trace LBM distance).
+    "scipy>=1.11",
 ]
 
 EXTRAS_REQUIRE = {

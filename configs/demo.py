@@ -48,7 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
       "image_size": image_size, "scale_range": (0.8, 1.2), "max_target_len": 40, "max_prompt_len": 12,
       "max_seg": 1, "max_regions": 4, "max_region_len": 6, "mixing": "batch", "num_workers": 0,
       "num_shards": 0, "tfds_dir": "",
-      "grounded_shapes": {"num_train": 2000, "num_validation": 200, "seed": 0, "size": 128}})
+      "grounded_shapes": {"num_train": 2000, "num_validation": 200, "seed": 0, "size": 64,
+                          "max_shapes": 3, "scale": 1.6}})
   c.eval = ml_collections.ConfigDict({"tasks": ("ln", "caption", "referring", "reason_seg"),
                                       "batch_size": 50, "max_examples": 200})
   c.eval_every = 400

@@ -7,8 +7,9 @@ is resized so its long side is the model input size and padded (the evaluation g
 
     Caption           text, pieces (per generated token, EOS excluded), points (N, 2, 2) — the two
                       corners each token's location head predicts — and boxes (N, 4) = their min/max
-    ReferringResult   text (the regenerated expression), box (4,) read at the EOS-predicting position,
-                      score (sum log-prob); with a refseg model also mask (H, W) bool + mask_score
+    ReferringResult   text (the expression as scored), box (4,) read at the position predicting its EOS
+                      (teacher-forced, as trained and evaluated), score (its log-likelihood); with a
+                      refseg model also mask (H, W) bool + mask_score
     Segmentation      text (the answer), masks (K, H, W) bool — one per `[SEG]` in the answer,
                       mask_scores (K,) (SAM's IoU head)
     DenseCaption      box (4,), score (proposal heatmap peak, sigmoid), text — a list, best first
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import typing as tp
 
 import jax
@@ -116,8 +118,15 @@ def _dense(model, batch, *, k: int, max_len: int):
 
 
 @nnx.jit
-def _box_mask(model, box, visual, hidden, sam_emb):
-  return model.box_mask(box, visual, hidden.astype(jnp.float32), sam_emb)
+def _refer(model, batch):
+  """Teacher-forced referring: (box (B, 4) model-input pixels at the EOS, log-likelihood (B,), mask
+  logits (B, S, S) and IoU (B,) with a refseg model, else None)."""
+  out = model(batch, heads=("refseg",) if model.cfg.refseg else ())
+  eos = jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1
+  box = jnp.take_along_axis(out["points"], eos[:, None, None], axis=1)[:, 0]
+  logp = jnp.take_along_axis(jax.nn.log_softmax(out["logits"], -1), batch["target_ids"][..., None], -1)[..., 0]
+  score = jnp.sum(jnp.where(batch["target_mask"], logp, 0.0), axis=-1)
+  return box, score, out.get("ref_logits"), out.get("ref_iou")
 
 
 class Predictor:
@@ -127,6 +136,26 @@ class Predictor:
     self.model, self.tok = model, tokenizer
     self.size = model.cfg.image_size
     self.max_prompt_len = max_prompt_len
+    self.truncated = False  # the last call's prompt was longer than max_prompt_len tokens
+
+  @classmethod
+  def from_checkpoint(cls, path: str, config=None, *, mesh=None) -> "Predictor":
+    """A Predictor for a training checkpoint: `path` is a training workdir, its checkpoints/ directory
+    or one step directory (the newest step unless one is named). `config`: the training config (a
+    ConfigDict or a config file path); default: the `config.json` the trainer wrote in the workdir.
+    `mesh` defaults to one device (single-image inference)."""
+    from pixelground import sharding, train_lib
+    from pixelground.data import tokenizer as tok_lib
+
+    root, _ = train_lib.find_checkpoint(path)
+    config = load_config(config if config is not None else os.path.join(os.path.dirname(root),
+                                                                        "config.json"))
+    mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    setup = train_lib.build_setup(config, mesh)
+    state, _ = train_lib.load_state(setup, path)
+    model = train_lib.make_model(setup, state)
+    return cls(model, tok_lib.load_tokenizer(config.tokenizer),
+               max_prompt_len=int(config.data.get("max_prompt_len", 32)))
 
   # -- shared ------------------------------------------------------------------------------------------
   def _inputs(self, image: np.ndarray, prompt: str, box: np.ndarray | None):
@@ -137,7 +166,9 @@ class Predictor:
       prompt_box = np.asarray([0, 0, vw / self.size, vh / self.size], np.float32)
     else:
       prompt_box = (geom.boxes(box[None])[0] / self.size).astype(np.float32)
-    ids = self.tok.encode(prompt)[: self.max_prompt_len]
+    ids = self.tok.encode(prompt)
+    self.truncated = len(ids) > self.max_prompt_len
+    ids = ids[: self.max_prompt_len]
     prompt_ids = np.zeros(self.max_prompt_len, np.int32)
     prompt_ids[: len(ids)] = ids
     batch = {"image": out[None], "image_mask": valid[None], "prompt_box": prompt_box[None],
@@ -173,19 +204,22 @@ class Predictor:
     return self.caption(image, prompt=task_lib.REGION_CAPTION, box=box, max_len=max_len,
                         num_beams=num_beams).text
 
-  def referring(self, image, expression: str, *, max_len: int = 40, num_beams: int = 1
-                ) -> ReferringResult:
-    """Referring localisation: the box read at the position that predicts EOS (SPEC 1.7)."""
+  def referring(self, image, expression: str, *, max_len: int = 40) -> ReferringResult:
+    """Referring localisation as trained and evaluated (SPEC 1.7): the expression is the prompt
+    ("where is …") and the teacher-forced target; the box is the location head's output at the
+    position that predicts its EOS. `text` is the expression as scored (cut to `max_len` − 1 tokens),
+    `score` its log-likelihood under the model. With a refseg model also the box-prompted mask."""
     image = _check_image(image)
     _check_text(expression, "expression")
     batch, geom = self._inputs(image, f"where is {expression}", None)
-    tokens, points, res, (sam_emb, visual) = self._decode(batch, max_len, num_beams)
-    eos = len(tokens) - 1  # hidden[t] predicted tokens[t]; the last one is EOS (or the cut-off)
-    box = self._to_image(points[eos], geom)[0]
-    body = tokens[:-1] if tokens and tokens[-1] == self.tok.eos_id else tokens
-    result = ReferringResult(text=self.tok.decode(body), box=box, score=float(res.scores[0]))
-    if self.model.cfg.refseg:
-      logits, iou = _box_mask(self.model, jnp.asarray(points[eos][None]), visual, res.hidden, sam_emb)
+    ids = self.tok.encode(expression)[: max_len - 1] + [self.tok.eos_id]
+    target = np.zeros((1, max_len), np.int32)
+    target[0, : len(ids)] = ids
+    batch |= {"target_ids": jnp.asarray(target), "target_mask": jnp.asarray(target != 0)}
+    box, score, logits, iou = _refer(self.model, batch)
+    result = ReferringResult(text=self.tok.decode(ids[:-1]), box=self._to_image(np.asarray(box), geom)[0],
+                             score=float(score[0]))
+    if logits is not None:
       result.mask = self._mask_to_image(np.asarray(logits)[:1], geom, image.shape[:2])[0]
       result.mask_score = float(iou[0])
     return result
@@ -230,6 +264,32 @@ class Predictor:
     logits, iou = _masks(self.model, res.hidden, jnp.asarray([positions], jnp.int32), sam_emb)
     masks = self._mask_to_image(np.asarray(logits[0]), geom, (h, w))
     return Segmentation(self.tok.decode(body), masks, np.asarray(iou[0]))
+
+
+def load_config(config):
+  """A ConfigDict, a config file (.py with get_config(), optionally "file.py:arg") or the config.json a
+  training run wrote → ConfigDict."""
+  import json
+
+  import ml_collections
+
+  if isinstance(config, ml_collections.ConfigDict):
+    return config
+  path = str(config)
+  if path.endswith(".json"):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: pass the training config with --config (or config=).")
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  import importlib.util
+
+  file, _, arg = path.partition(":")
+  if not os.path.exists(file):
+    raise FileNotFoundError(f"config file {file} not found")
+  spec = importlib.util.spec_from_file_location("_pixelground_config", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 @nnx.jit

@@ -14,8 +14,9 @@ PIXELGROUND_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID). Each process reads a di
 dataset and feeds its slice of the global batch.
 
 Writes in WORKDIR: checkpoints/, tensorboard/ (event files, no TensorFlow needed), metrics.jsonl (every
-logged step and every evaluation), eval.json (the last evaluation) and, for configs with
-`config.visualize`, demo.png. The last printed line is the final evaluation as JSON.
+logged step and every evaluation), eval_<step>.json + predictions_<step>.jsonl (the final evaluation,
+`pixelground.eval_lib`: the files `pixelground.evaluate` writes for that checkpoint) and, for configs
+with `config.visualize`, demo.png. The last printed line is the final evaluation as JSON.
 """
 
 from __future__ import annotations
@@ -29,28 +30,12 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pixelground import runtime
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and outputs go here.", required=True)
-_COORD = flags.DEFINE_string("coordinator_address", os.environ.get("PIXELGROUND_COORDINATOR"),
-                             "host:port of process 0 (multi-process runs off TPU VMs).")
-_NPROC = flags.DEFINE_integer("num_processes", int(os.environ.get("PIXELGROUND_NUM_PROCESSES", "0") or 0),
-                              "Number of processes (hosts).")
-_PID = flags.DEFINE_integer("process_id", int(os.environ.get("PIXELGROUND_PROCESS_ID", "-1") or -1),
-                            "This process's index.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with no arguments "
-                               "(TPU VMs and clusters JAX detects).")
 _MAX_STEPS = flags.DEFINE_integer("stop_after", 0, "Stop (with a checkpoint) after this many steps of "
                                   "this run — for tests and debugging; 0 = run to the end.")
-
-
-def _init_distributed() -> None:
-  import jax
-  if _COORD.value and _NPROC.value > 1:
-    # Only affects the CPU backend: CPU processes standing in for hosts talk over gloo.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
-  elif _MULTIHOST.value:
-    jax.distributed.initialize()
 
 
 class _Preemption:
@@ -76,10 +61,10 @@ class _Preemption:
 
 def main(argv):
   del argv
-  _init_distributed()
+  runtime.init_distributed()
   import jax
 
-  from pixelground import metric_writers, sharding, train_lib
+  from pixelground import eval_lib, metric_writers, sharding, train_lib
   from pixelground.compile_check import chip_peak
   from pixelground.data import pipeline, tokenizer as tok_lib
   from pixelground.recipes import loss_config
@@ -138,7 +123,7 @@ def main(argv):
 
   train_step = train_lib.make_train_step(setup, loss_config(config), seed=config.seed,
                                          accum_steps=config.optimizer.get("grad_accum_steps", 1))
-  evaluator = train_lib.Evaluator(config, setup, tokenizer)
+  evaluator = eval_lib.Evaluator(config, setup, tokenizer)
   writers = metric_writers.create_writers(workdir, enabled=True)
   preempt = _Preemption()
   total = int(config.optimizer.total_steps)
@@ -186,7 +171,8 @@ def main(argv):
       if config.eval_every and step % config.eval_every == 0 and step < total and not stop:
         result = evaluator.run(state)
         writers.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
-        print(f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
+        print(f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()
+                                              if not k.endswith("/count")), flush=True)
       if stop:
         ckpt.wait()
         writers.close()
@@ -199,9 +185,8 @@ def main(argv):
     result.update(step=step, train_seconds=round(time.perf_counter() - t_start, 1),
                   trainable_params=int(n_train), params=int(n_all))
     writers.write_scalars(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
-    if pid == 0:
-      with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    if pid == 0:  # the same files `pixelground.evaluate` writes for this checkpoint
+      eval_lib.write_outputs(workdir, str(step), result, evaluator.records)
     if config.get("visualize", None) and config.visualize.get("enabled", False):
       path = os.path.join(workdir, "demo.png")
       if nproc == 1:

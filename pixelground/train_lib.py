@@ -225,6 +225,32 @@ def import_weights(setup: Setup, state, weights) -> tuple[tp.Any, list[str]]:
   return state, done
 
 
+def find_checkpoint(path: str) -> tuple[str, int]:
+  """A training workdir, its checkpoints/ directory, or one step directory (checkpoints/1200) →
+  (checkpoints directory, step) — the newest step unless a step directory was given."""
+  path = os.path.abspath(path.rstrip("/"))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--checkpoint: {path} does not exist.")
+  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
+    return os.path.dirname(path), int(os.path.basename(path))
+  root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  steps = [int(d) for d in os.listdir(root) if d.isdigit() and os.path.isdir(os.path.join(root, d, "state"))]
+  if not steps:
+    raise FileNotFoundError(f"--checkpoint: no finished checkpoint under {root} (expected step "
+                            "directories such as checkpoints/1200/state).")
+  return root, max(steps)
+
+
+def load_state(setup: Setup, path: str):
+  """(state, step) restored from `path` (see `find_checkpoint`) onto `setup`'s mesh."""
+  root, step = find_checkpoint(path)
+  ckpt = Checkpointer(root, keep=1 << 30, async_save=False)
+  try:
+    return ckpt.restore_state(step, setup), step
+  finally:
+    ckpt.close()
+
+
 def make_model(setup: Setup, state) -> P.PixelLLM:
   return nnx.merge(setup.graphdef, state["params"], state["frozen"])
 
@@ -380,6 +406,13 @@ class Checkpointer:
     out = self.manager.restore(step, args=args)
     return out["state"], out["data"]
 
+  def restore_state(self, step: int, setup: Setup):
+    """The train state alone (evaluation, export): no input-pipeline state needed."""
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          setup.abstract_state, setup.state_shardings)
+    out = self.manager.restore(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardRestore(target)))
+    return out["state"]
+
   def wait(self):
     self.manager.wait_until_finished()
 
@@ -401,13 +434,16 @@ def cache_dir() -> str:
 
 
 def prepare_data(config) -> None:
-  """`config.data.grounded_shapes` (num_train, num_validation, seed, size) → generates and builds the
-  synthetic datasets once into the cache (keyed by those numbers) and points `config.data.tfds_dir`
-  there. Process 0 builds; the others wait for it."""
+  """`config.data.grounded_shapes` (num_train, num_validation, seed, size[, max_shapes, scale]) →
+  generates and builds the synthetic datasets once into the cache (keyed by those numbers) and points
+  `config.data.tfds_dir` there. Process 0 builds; the others wait for it."""
   gs = config.data.get("grounded_shapes", None)
   if not gs:
     return
+  max_shapes, scale = int(gs.get("max_shapes", 5)), float(gs.get("scale", 1.0))
   key = f"grounded_shapes-{gs.num_train}-{gs.num_validation}-{gs.seed}-{gs.size}"
+  if (max_shapes, scale) != (5, 1.0):
+    key += f"-n{max_shapes}-x{scale:g}"
   root = os.path.join(cache_dir(), key)
   marker = os.path.join(root, "READY")
   if jax.process_index() == 0 and not os.path.exists(marker):
@@ -418,7 +454,8 @@ def prepare_data(config) -> None:
     print(f"Building the grounded-shapes datasets into {root} (first use only)", flush=True)
     report = build_grounded_shapes.build_all(os.path.join(root, "raw"), os.path.join(root, "tfds"),
                                              num_train=gs.num_train, num_validation=gs.num_validation,
-                                             num_test=0, seed=gs.seed, size=gs.size)
+                                             num_test=0, seed=gs.seed, size=gs.size,
+                                             max_shapes=max_shapes, scale=scale)
     shutil.rmtree(os.path.join(root, "raw"), ignore_errors=True)
     with open(marker, "w") as f:
       json.dump(report, f)
@@ -427,52 +464,6 @@ def prepare_data(config) -> None:
     multihost_utils.sync_global_devices("grounded_shapes_ready")
   with config.unlocked():
     config.data.tfds_dir = os.path.join(root, "tfds")
-
-
-class Evaluator:
-  """Held-out teacher-forced metrics (`train_metrics`) over `config.eval.tasks` (default: every task),
-  each on its `eval_split` (default "validation"), at most `config.eval.max_examples` examples.
-
-  The examples are converted once (eval geometry, deterministic) and kept in memory. Each process holds
-  a disjoint shard; shards are padded with all-zero rows (which count nowhere) to whole global batches,
-  so every process runs the same number of steps."""
-
-  def __init__(self, config, setup: Setup, tokenizer):
-    self.setup = setup
-    ev = config.get("eval", None) or {}
-    self.batch_size = int(ev.get("batch_size", 32))
-    names = list(ev.get("tasks", None) or config.tasks.keys())
-    max_n = int(ev.get("max_examples", 0) or 0)
-    pid, nproc = jax.process_index(), jax.process_count()
-    if self.batch_size % nproc:
-      raise ValueError(f"config.eval.batch_size={self.batch_size} must divide by {nproc} processes.")
-    self.data: dict[str, list[dict[str, np.ndarray]]] = {}
-    for task in data_tasks(config, tokenizer, split_key="eval_split", train=False, names=names):
-      n = len(task.source) if not max_n else min(max_n, len(task.source))
-      local = self.batch_size // nproc
-      per_proc = -(-n // nproc)
-      num_batches = -(-per_proc // local)
-      schema = task.schema or task_lib.schema(task_config(config, train=False))
-      rows = [pipeline._pad_to_schema(task.convert(task.source[i], np.random.default_rng(i)), schema,
-                                      names.index(task.name), task.name) for i in range(pid, n, nproc)]
-      zero = {k: np.zeros_like(v) for k, v in rows[0].items()} if rows else None
-      rows += [zero] * (num_batches * local - len(rows))
-      self.data[task.name] = [{k: np.stack([r[k] for r in rows[b * local:(b + 1) * local]])
-                               for k in rows[0]} for b in range(num_batches)]
-    self.converters = {name: config.tasks[name].get("converter", name) for name in names}
-    self.step = make_eval_step(setup)
-
-  def run(self, state) -> dict[str, float]:
-    t0 = time.perf_counter()
-    acc = train_metrics.Accumulator()
-    with jax.set_mesh(self.setup.mesh):
-      for name, conv in self.converters.items():
-        for local in self.data[name]:
-          batch = sharding.global_batch(local, self.setup.mesh, self.setup.rules)
-          acc.add(self.step(state, batch, conv))
-    out = acc.result()
-    out["eval_seconds"] = time.perf_counter() - t0
-    return out
 
 
 class StepFlops:

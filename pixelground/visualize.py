@@ -3,6 +3,7 @@
     panel = draw_caption(image, caption)            # trace: each word's box centre, joined in word order
     panel = draw_referring(image, expr, result, gt_box=None, gt_mask=None)
     panel = draw_segmentation(image, question, seg, gt_mask=None)
+    panel = draw_boxes(image, boxes, labels)           # dense captions
     save_grid([[panel, ...], ...], "out.png")
 
 Boxes are xyxy in pixels of `image`; masks are (H, W) bool of `image`.
@@ -83,6 +84,19 @@ def draw_segmentation(image: np.ndarray, question: str, answer: str, masks: np.n
   for i, m in enumerate(np.asarray(masks)):
     img = _overlay(img, m, COLOURS[(i + 2) % len(COLOURS)])
   return _with_text(img, f"Q: {question}  A: {answer}")
+
+
+def draw_boxes(image: np.ndarray, boxes: tp.Sequence[np.ndarray], labels: tp.Sequence[str],
+               scale: int = 1) -> Image.Image:
+  """Dense captions: each box (xyxy image pixels) outlined in its colour with its label at the corner."""
+  img = _canvas(image, scale)
+  draw = ImageDraw.Draw(img)
+  for i, (box, label) in enumerate(zip(boxes, labels)):
+    c = COLOURS[i % len(COLOURS)]
+    b = [float(v) * scale for v in np.asarray(box).reshape(4)]
+    draw.rectangle(b, outline=c, width=2)
+    draw.text((b[0] + 2, b[1] + 1), label, fill=c, stroke_width=1, stroke_fill=(0, 0, 0))
+  return _with_text(img, "; ".join(labels))
 
 
 def save_grid(rows: tp.Sequence[tp.Sequence[Image.Image]], path: str) -> None:

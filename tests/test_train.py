@@ -66,8 +66,8 @@ def test_sigkill_resume_is_exact_and_sigterm_saves(env, tmp_path):
   ref = tmp_path / "uninterrupted"
   out = _run(env, ref)
   last = json.loads(out.strip().splitlines()[-1])
-  assert last["step"] == 40 and "trace_l1" in last and "ln_token_acc" in last
-  assert (ref / "tensorboard").is_dir() and (ref / "eval.json").is_file()
+  assert last["step"] == 40 and "ln/point_l1" in last and "ln/token_acc" in last
+  assert (ref / "tensorboard").is_dir() and (ref / "eval_40.json").is_file()
   losses = _losses(ref)
   assert sorted(losses) == list(range(1, 41))
   # It learns: the LN task's text loss, first 3 LN batches vs last 3 (tasks alternate by weight).

@@ -1,0 +1,428 @@
+"""Evaluation of every task with the benchmarks' own metrics (SPEC section 6): the library behind
+`python -m pixelground.evaluate` and training's periodic evaluation (the same code, so a checkpoint
+evaluated later reproduces the numbers its training run printed).
+
+Per task (by converter, `config.tasks[name].converter`, default the task name):
+
+  referring       teacher-forced on the given expression (PixelLLM reads the box at the EOS position):
+                  Acc@0.5 (IoU ≥ 0.5) of the box, and with a refseg model the box-prompted mask's
+                  cIoU / gIoU — boxes and masks mapped back to the ORIGINAL image and scored there
+  reason_seg      greedy decoding of the answer; the first generated `[SEG]` gives the mask (none → an
+                  empty mask); cIoU / gIoU on the original image, ReasonSeg's ignore regions excluded
+  ln              teacher-forced on the narrative: per-token point L1 (normalised, the in-training
+                  `trace_l1`), nDTW of the whole trace (the sequence of per-token box centres against
+                  the ground-truth trace boxes' centres) and per word (each token's 2 points against
+                  its trace box's 2 corners), LBM distance of the whole trace
+  caption         greedy decoding; BLEU-4 / METEOR / ROUGE-L / CIDEr against every reference
+                  (pycocoevalcap; `config.eval.java_fallback` skips METEOR where Java is missing)
+  region_caption  greedy decoding for the referred box; the same caption metrics against all its
+                  expressions
+  dense_caption   the proposal head's top-k boxes, each captioned; DenseCap mAP (IoU × METEOR grid,
+                  ground truth merged at IoU 0.7) and detection-only mAP
+
+Every task also reports its teacher-forced token accuracy (`train_metrics`). Examples are split over
+processes (example i → process i mod P); every process runs the same number of global batches (rows
+padded with zeros that count nowhere); per-example records are gathered to every process at the end,
+so metrics do not depend on the process count. Records (one per example, JSON-friendly) are what
+`evaluate` writes as predictions.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import time
+import typing as tp
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pixelground import decoding, sharding, train_metrics
+from pixelground import metrics as M
+from pixelground.data import pipeline
+from pixelground.data import tasks as task_lib
+from pixelground.data import transforms as T
+from pixelground.models import pixelllm as P
+from pixelground.models import proposals as prop_lib
+
+# Converters `Evaluator` knows how to score.
+SUPPORTED = ("referring", "reason_seg", "ln", "caption", "region_caption", "dense_caption")
+# The headline number of each task (the demo's last line, the README tables).
+HEADLINE = {"referring": ("acc50", "mask_giou"), "reason_seg": ("giou",), "ln": ("point_l1", "ndtw"),
+            "caption": ("CIDEr", "token_acc"), "region_caption": ("CIDEr",), "dense_caption": ("map",)}
+
+
+@dataclasses.dataclass
+class EvalOptions:
+  """`config.eval` fields (all optional)."""
+  tasks: tuple[str, ...] = ()      # task names of config.tasks (default: every supported task)
+  batch_size: int = 32             # global batch
+  max_examples: int = 0            # per task, 0 = the whole split
+  max_decode_len: int = 40         # generated tokens (captions, answers)
+  dense_k: int = 10                # proposals per image (dense captioning)
+  java_fallback: bool = False      # caption metrics without Java: no METEOR, Python tokenizer
+
+  @classmethod
+  def from_config(cls, config, **overrides) -> "EvalOptions":
+    ev = dict(config.get("eval", None) or {})
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in ev.items() if k in fields}
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    if "tasks" in kw:
+      kw["tasks"] = tuple(kw["tasks"] or ())
+    return cls(**kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Jitted per-task device functions: (params, frozen, batch) → replicated outputs
+# ----------------------------------------------------------------------------------------------------
+
+def _eos(batch):
+  return jnp.maximum(jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1, 0)
+
+
+def _forward(model: P.PixelLLM, batch, task: str) -> dict[str, jax.Array]:
+  """Teacher-forced outputs a task's scoring needs + its in-training metric sums."""
+  out = model(batch, heads=P.TASK_HEADS.get(task, ()))
+  res = {"tf": train_metrics.batch_metrics(model.cfg, task, out, batch), "index": batch["eval_index"]}
+  if task == "referring":
+    res["box"] = jnp.take_along_axis(out["points"], _eos(batch)[:, None, None], axis=1)[:, 0]
+    if "ref_logits" in out:
+      res["mask_logits"] = out["ref_logits"]
+  elif task == "ln":
+    res["points"] = out["points"]
+  return res
+
+
+def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int) -> dict[str, jax.Array]:
+  """Greedy decoding (cached) for the generative tasks; reason_seg adds the first `[SEG]`'s mask."""
+  fused, sam_emb = model.image_features(batch["image"], batch["image_mask"])
+  ids = batch["prompt_ids"]
+  if task == "dense_caption":
+    heat, ltrb = model.proposal_head(fused)
+    boxes, scores = prop_lib.top_proposals(heat, ltrb, dense_k)  # (B, k, 4) normalised, (B, k)
+    b, k = boxes.shape[:2]
+    visual = model.visual_tokens(jnp.repeat(fused, k, axis=0), boxes.reshape(b * k, 4))
+    ids = jnp.repeat(ids, k, axis=0)
+    res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
+                            prefix_embeds=visual)
+    return {"boxes": boxes, "scores": scores, "tokens": res.tokens.reshape(b, k, -1),
+            "lengths": res.lengths.reshape(b, k)}
+  visual = model.visual_tokens(fused, batch["prompt_box"])
+  res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
+                          prefix_embeds=visual)
+  out = {"tokens": res.tokens, "lengths": res.lengths}
+  if task == "reason_seg":
+    is_seg = (res.tokens == model.cfg.seg_token_id) & (jnp.arange(res.tokens.shape[1]) < res.lengths[:, None])
+    pos = jnp.argmax(is_seg, axis=1).astype(jnp.int32)
+    logits, _ = model.seg_masks(res.hidden.astype(jnp.float32), pos[:, None], sam_emb)
+    out.update(has_seg=jnp.any(is_seg, axis=1), mask_logits=logits[:, 0])
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host-side scoring: one record per example
+# ----------------------------------------------------------------------------------------------------
+
+def _text(v) -> str:
+  return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def _hw(image) -> tuple[int, int]:
+  return int(np.shape(image)[0]), int(np.shape(image)[1])
+
+
+def _mask_to_image(logits: np.ndarray, geom: T.Geometry, hw: tuple[int, int]) -> np.ndarray:
+  """(S, S) model-input mask logits → (H, W) bool mask of the original image (padding dropped,
+  bilinear on the logits, then > 0)."""
+  vh, vw = geom.valid
+  crop = jnp.asarray(logits[:vh, :vw], jnp.float32)
+  return np.asarray(jax.image.resize(crop, hw, "bilinear")) > 0
+
+
+def _plain(mask) -> np.ndarray:
+  m = np.asarray(mask)
+  return (m[..., 0] if m.ndim == 3 else m).astype(bool)
+
+
+def dense_regions(ex: dict, categories) -> tuple[np.ndarray, list[str]]:
+  """Ground-truth regions of a dense-captioning example: (boxes (N, 4) xyxy original pixels,
+  phrases). vg_densecap examples carry them; coco_panoptic ones give their "thing" segments' boxes
+  named by category."""
+  if "segments" in ex:
+    seg = ex["segments"]
+    things = np.flatnonzero(np.asarray(seg["isthing"], bool))
+    xywh = np.asarray(seg["bbox_xywh"], np.float32).reshape(-1, 4)[things]
+    names = [categories[int(c)]["name"] for c in np.asarray(seg["category"])[things]]
+    return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), names
+  return np.asarray(ex["boxes"], np.float32).reshape(-1, 4), [_text(t) for t in ex["phrases"]]
+
+
+class _Scorer:
+  """Turns one task's device outputs + the source examples into per-example records."""
+
+  def __init__(self, task: str, tokenizer, cfg: P.PixelLLMConfig, categories=None):
+    self.task, self.tok, self.cfg, self.categories = task, tokenizer, cfg, categories
+
+  def _words(self, tokens: np.ndarray, length: int) -> str:
+    toks = [int(t) for t in tokens[:length]]
+    if toks and toks[-1] == self.tok.eos_id:
+      toks = toks[:-1]
+    return self.tok.decode(toks)
+
+  def record(self, ex: dict, row: dict[str, np.ndarray], out: dict[str, np.ndarray], i: int) -> dict:
+    hw = _hw(ex["image"])
+    geom = T.resize_pad(hw[0], hw[1], self.cfg.image_size)
+    task = self.task
+    if task == "referring":
+      gt = np.asarray(ex["box_xyxy"], np.float32).reshape(4)
+      box = geom.inverse_boxes(np.asarray(out["box"][i], np.float32)[None])[0]
+      iou = float(M.box_iou(box[None], gt[None])[0])
+      rec = {"expression": _text(ex["sentences"][0]), "box": box.round(2).tolist(),
+             "gt_box": gt.round(2).tolist(), "box_iou": iou}
+      if "mask_logits" in out and "mask" in ex:
+        pred = _mask_to_image(out["mask_logits"][i], geom, hw)
+        inter, union = M.intersection_union(pred, _plain(ex["mask"]))
+        rec.update(mask_inter=int(inter), mask_union=int(union))
+      return rec
+    if task == "reason_seg":
+      answer = self._words(out["tokens"][i], int(out["lengths"][i]))
+      target, ignore = _plain(ex["target_mask"]), _plain(ex["ignore_mask"])
+      pred = (_mask_to_image(out["mask_logits"][i], geom, hw) if out["has_seg"][i]
+              else np.zeros(hw, bool))
+      inter, union = M.intersection_union(pred, target, ignore)
+      return {"query": _text(ex["queries"][0]), "answer": answer, "has_seg": bool(out["has_seg"][i]),
+              "mask_inter": int(inter), "mask_union": int(union)}
+    if task == "ln":
+      valid = row["token_box_valid"] & np.any(row["token_boxes"] != 0, axis=-1)
+      vh, vw = geom.valid
+      scale = np.asarray([vw, vh, vw, vh], np.float32)
+      pred = np.asarray(out["points"][i], np.float32)[valid] / scale          # (N, 4) normalised
+      gt = row["token_boxes"][valid] * self.cfg.image_size / scale            # (N, 4) normalised
+      rec = {"caption": _text(ex["caption"]), "num_points": int(valid.sum())}
+      if valid.any():
+        l1 = M.token_point_l1(pred, gt)
+        centre = lambda b: np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], -1)
+        rec.update(point_l1_sum=float(np.nansum(l1)), ndtw=float(M.ndtw(centre(pred), centre(gt))),
+                   word_ndtw=float(np.mean(M.per_word_ndtw(list(pred.reshape(-1, 2, 2)),
+                                                           list(gt.reshape(-1, 2, 2))))),
+                   lbm=float(M.lbm_distance(centre(pred), centre(gt))),
+                   trace=centre(pred).round(4).tolist())
+      return rec
+    if task == "caption":
+      return {"caption": self._words(out["tokens"][i], int(out["lengths"][i])),
+              "references": [_text(c) for c in ex["captions"]]}
+    if task == "region_caption":
+      return {"caption": self._words(out["tokens"][i], int(out["lengths"][i])),
+              "box": np.asarray(ex["box_xyxy"], np.float32).reshape(4).round(2).tolist(),
+              "references": [_text(s) for s in ex["sentences"]]}
+    if task == "dense_caption":
+      boxes = geom.inverse_boxes(np.asarray(out["boxes"][i], np.float32) * self.cfg.image_size)
+      texts = [self._words(t, int(n)) for t, n in zip(out["tokens"][i], out["lengths"][i])]
+      gt_boxes, gt_phrases = dense_regions(ex, self.categories)
+      return {"boxes": boxes.round(2).tolist(), "scores": np.asarray(out["scores"][i]).round(4).tolist(),
+              "captions": texts, "gt_boxes": gt_boxes.round(2).tolist(), "gt_phrases": gt_phrases}
+    raise ValueError(f"no scorer for task '{task}'")
+
+
+def summarize(task: str, records: list[dict], *, java_fallback: bool = False) -> dict[str, float]:
+  """Per-example records of one task → the task's metrics (names without the task prefix)."""
+  if not records:
+    return {}
+  if task == "referring":
+    out = {"acc50": float(np.mean([r["box_iou"] >= 0.5 for r in records])),
+           "mean_box_iou": float(np.mean([r["box_iou"] for r in records]))}
+    if "mask_inter" in records[0]:
+      out.update(_mask_summary(records, "mask_"))
+    return out
+  if task == "reason_seg":
+    return _mask_summary(records, "") | {"seg_rate": float(np.mean([r["has_seg"] for r in records]))}
+  if task == "ln":
+    scored = [r for r in records if r["num_points"]]
+    n = sum(r["num_points"] for r in scored)
+    return {"point_l1": sum(r["point_l1_sum"] for r in scored) / max(n, 1),
+            "ndtw": float(np.mean([r["ndtw"] for r in scored])) if scored else float("nan"),
+            "word_ndtw": float(np.mean([r["word_ndtw"] for r in scored])) if scored else float("nan"),
+            "lbm": float(np.mean([r["lbm"] for r in scored])) if scored else float("nan")}
+  if task in ("caption", "region_caption"):
+    refs = {i: r["references"] for i, r in enumerate(records)}
+    preds = {i: r["caption"] for i, r in enumerate(records)}
+    scores = M.caption_metrics(refs, preds, java_fallback=java_fallback)
+    return {k: float(v) for k, v in scores.items() if k in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")}
+  if task == "dense_caption":
+    ev = M.DenseCapEvaluator()
+    for r in records:
+      ev.add(np.asarray(r["boxes"], np.float32).reshape(-1, 4), np.asarray(r["scores"], np.float32),
+             r["captions"], np.asarray(r["gt_boxes"], np.float32).reshape(-1, 4), r["gt_phrases"])
+    res = ev.result()
+    return {"map": float(res["map"]), "det_map": float(res["det_map"])}
+  raise ValueError(f"no summary for task '{task}'")
+
+
+def _mask_summary(records: list[dict], prefix: str) -> dict[str, float]:
+  inter = np.asarray([r[f"{prefix}inter"] if f"{prefix}inter" in r else r["mask_inter"] for r in records],
+                     np.float64)
+  union = np.asarray([r[f"{prefix}union"] if f"{prefix}union" in r else r["mask_union"] for r in records],
+                     np.float64)
+  iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+  return {f"{prefix}giou": float(iou.mean()),
+          f"{prefix}ciou": float(inter.sum() / union.sum()) if union.sum() else 1.0}
+
+
+def write_outputs(out_dir: str, tag: str, result: dict, records: dict[str, list[dict]]) -> None:
+  """eval_<tag>.json (the metrics) and predictions_<tag>.jsonl (one line per example) in `out_dir`."""
+  import json
+  import os
+
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"eval_{tag}.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.join(out_dir, f"predictions_{tag}.jsonl"), "w") as f:
+    for task, recs in records.items():
+      for r in recs:
+        f.write(json.dumps({"task": task, **r}) + "\n")
+
+
+def _allgather_objects(obj) -> list:
+  """Every process's `obj` (any picklable), in process order (one entry when single-process)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+
+  data = np.frombuffer(pickle.dumps(obj), np.uint8)
+  sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int64))
+  buf = np.zeros(int(np.max(sizes)), np.uint8)
+  buf[: data.size] = data
+  allbufs = multihost_utils.process_allgather(buf)
+  return [pickle.loads(allbufs[p, : int(sizes[p][0])].tobytes()) for p in range(jax.process_count())]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The evaluator
+# ----------------------------------------------------------------------------------------------------
+
+class Evaluator:
+  """Evaluates a train state on the held-out split of `config.tasks` (each task's `eval_split`,
+  default "validation"). `run(state)` → {"<task>/<metric>": value, ...}; `records` then holds the
+  per-example predictions {task: [record, ...]} (gathered from every process, in example order)."""
+
+  def __init__(self, config, setup, tokenizer, *, options: EvalOptions | None = None,
+               split: str | None = None):
+    from pixelground import train_lib
+
+    self.setup, self.tok = setup, tokenizer
+    self.opts = options or EvalOptions.from_config(config)
+    names = list(self.opts.tasks or [n for n in config.tasks.keys()
+                                     if train_lib.converter_name(config, n) in SUPPORTED])
+    for n in names:
+      if n not in config.tasks:
+        raise ValueError(f"config.eval.tasks: unknown task '{n}' (config.tasks has {list(config.tasks)}).")
+      conv = train_lib.converter_name(config, n)
+      if conv not in SUPPORTED:
+        raise ValueError(f"config.eval.tasks: task '{n}' (converter '{conv}') has no evaluation; "
+                         f"supported: {SUPPORTED}.")
+    if split is not None:
+      config = config.copy_and_resolve_references()
+      with config.unlocked():
+        for n in names:
+          config.tasks[n].eval_split = split
+    nproc = jax.process_count()
+    if self.opts.batch_size % nproc:
+      raise ValueError(f"config.eval.batch_size={self.opts.batch_size} must divide by {nproc} processes.")
+    self.tasks = {t.name: t for t in train_lib.data_tasks(config, tokenizer, split_key="eval_split",
+                                                           train=False, names=names)}
+    self.names = [n for n in names if n in self.tasks]
+    self.conv = {n: train_lib.converter_name(config, n) for n in self.names}
+    self.schema = task_lib.schema(train_lib.task_config(config, train=False))
+    self.records: dict[str, list[dict]] = {}
+    rep = NamedSharding(setup.mesh, PartitionSpec())
+    graphdef, cfg = setup.graphdef, setup.cfg
+
+    def forward(params, frozen, batch, task):
+      return _forward(nnx.merge(graphdef, params, frozen), batch, task)
+
+    def decode(params, frozen, batch, task):
+      return _decode(nnx.merge(graphdef, params, frozen), batch, task, self.opts.max_decode_len,
+                     self.opts.dense_k)
+
+    self._forward = jax.jit(forward, static_argnums=3, out_shardings=rep)
+    self._decode = jax.jit(decode, static_argnums=3, out_shardings=rep)
+    self.scorers = {n: _Scorer(self.conv[n], tokenizer, cfg, self._categories(self.tasks[n]))
+                    for n in self.names}
+
+  @staticmethod
+  def _categories(task):
+    conv = getattr(task.convert, "__self__", None)
+    return getattr(conv, "categories", None)
+
+  def _indices(self, n_total: int) -> tuple[list[int], int]:
+    n = min(n_total, self.opts.max_examples) if self.opts.max_examples else n_total
+    pid, nproc = jax.process_index(), jax.process_count()
+    local = self.opts.batch_size // nproc
+    mine = list(range(pid, n, nproc))
+    num_batches = -(-(-(-n // nproc)) // local)
+    return mine, num_batches
+
+  def run(self, state, *, progress: bool = False) -> dict[str, float]:
+    t0 = time.perf_counter()
+    results: dict[str, float] = {}
+    self.records = {}
+    for name in self.names:
+      recs, tf = self._run_task(name, state, progress)
+      self.records[name] = recs
+      conv = self.conv[name]
+      results.update({f"{name}/{k}": v for k, v in tf.items()})
+      results.update({f"{name}/{k}": v for k, v in
+                      summarize(conv, recs, java_fallback=self.opts.java_fallback).items()})
+      results[f"{name}/count"] = len(recs)
+    results["eval_seconds"] = time.perf_counter() - t0
+    return results
+
+  def _run_task(self, name: str, state, progress: bool) -> tuple[list[dict], dict[str, float]]:
+    task, conv, scorer = self.tasks[name], self.conv[name], self.scorers[name]
+    mine, num_batches = self._indices(len(task.source))
+    local = self.opts.batch_size // jax.process_count()
+    schema = task.schema or self.schema
+    task_id = self.names.index(name)
+    acc = train_metrics.Accumulator()
+    recs: list[tuple[int, dict]] = []
+    bar = None
+    if progress and jax.process_index() == 0:
+      from tqdm import tqdm
+      bar = tqdm(total=num_batches, desc=f"eval {name}", unit="batch", mininterval=2.0)
+    for b in range(num_batches):
+      idx = mine[b * local:(b + 1) * local]
+      exs = [task.source[i] for i in idx]
+      rows = [pipeline._pad_to_schema(task.convert(ex, np.random.default_rng(i)), schema, task_id, name)
+              for i, ex in zip(idx, exs)]
+      zero = {k: np.zeros_like(v) for k, v in rows[0].items()} if rows else self._zero_row(schema, name)
+      padded = rows + [zero] * (local - len(rows))
+      batch = {k: np.stack([r[k] for r in padded]) for k in padded[0]}
+      batch["eval_index"] = np.asarray(idx + [-1] * (local - len(idx)), np.int32)
+      with jax.set_mesh(self.setup.mesh):
+        gb = sharding.global_batch(batch, self.setup.mesh, self.setup.rules)
+        out = self._forward(state["params"], state["frozen"], gb, conv)
+        if conv in ("reason_seg", "caption", "region_caption", "dense_caption"):
+          out |= self._decode(state["params"], state["frozen"], gb, conv)
+      acc.add(out.pop("tf"))
+      host = {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+      where = {int(i): r for r, i in enumerate(host["index"])}  # outputs are replicated: find our rows
+      for j, (i, ex) in enumerate(zip(idx, exs)):
+        rec = scorer.record(ex, rows[j], host, where[i])
+        recs.append((i, {"index": i} | rec))
+      if bar is not None:
+        bar.update(1)
+    if bar is not None:
+      bar.close()
+    gathered = [r for part in _allgather_objects(recs) for r in part]
+    gathered.sort(key=lambda x: x[0])
+    # Of the in-training metrics only the teacher-forced token accuracy is not recomputed here.
+    tf = {"token_acc": v for k, v in acc.result().items() if k.endswith("_acc")}
+    return [r for _, r in gathered], tf
+
+  def _zero_row(self, schema, name):
+    return {k: np.zeros(shape, dtype) for k, (shape, dtype) in schema.items()} | {
+        "task_id": np.zeros((), np.int32)}

@@ -1,0 +1,32 @@
+"""Process start-up shared by the command-line entry points (train, evaluate): the multi-host flags and
+`jax.distributed` initialisation.
+
+On TPU VMs `--multihost` lets `jax.distributed.initialize()` find everything itself; elsewhere pass
+`--coordinator_address/--num_processes/--process_id` (or set PIXELGROUND_COORDINATOR /
+PIXELGROUND_NUM_PROCESSES / PIXELGROUND_PROCESS_ID). CPU processes standing in for hosts talk over gloo.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+
+_COORD = flags.DEFINE_string("coordinator_address", os.environ.get("PIXELGROUND_COORDINATOR"),
+                             "host:port of process 0 (multi-process runs off TPU VMs).")
+_NPROC = flags.DEFINE_integer("num_processes", int(os.environ.get("PIXELGROUND_NUM_PROCESSES", "0") or 0),
+                              "Number of processes (hosts).")
+_PID = flags.DEFINE_integer("process_id", int(os.environ.get("PIXELGROUND_PROCESS_ID", "-1") or -1),
+                            "This process's index.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with no arguments "
+                               "(TPU VMs and clusters JAX detects).")
+
+
+def init_distributed() -> None:
+  import jax
+  if _COORD.value and _NPROC.value > 1:
+    # Only affects the CPU backend: CPU processes standing in for hosts talk over gloo.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
+  elif _MULTIHOST.value:
+    jax.distributed.initialize()

@@ -1,0 +1,94 @@
+"""The evaluation library: task summaries on hand-made records (known answers), and the Evaluator on a
+tiny grounded-shapes split — results independent of the batch size and the mesh, one record per example,
+boxes and masks in original-image pixels."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+import jax
+
+from pixelground import eval_lib, sharding, train_lib
+from pixelground.data import tokenizer as tok_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_summaries_known_answers():
+  ref = [{"box_iou": 0.5, "mask_inter": 3, "mask_union": 4}, {"box_iou": 0.499, "mask_inter": 0, "mask_union": 0},
+         {"box_iou": 0.9, "mask_inter": 1, "mask_union": 6}]
+  s = eval_lib.summarize("referring", ref)
+  assert s["acc50"] == pytest.approx(2 / 3)  # IoU ≥ 0.5 is a hit
+  assert s["mean_box_iou"] == pytest.approx((0.5 + 0.499 + 0.9) / 3)
+  assert s["mask_giou"] == pytest.approx((3 / 4 + 1.0 + 1 / 6) / 3)  # empty vs empty scores 1
+  assert s["mask_ciou"] == pytest.approx(4 / 10)
+  rs = eval_lib.summarize("reason_seg", [{"mask_inter": 2, "mask_union": 8, "has_seg": True},
+                                         {"mask_inter": 0, "mask_union": 5, "has_seg": False}])
+  assert rs == pytest.approx({"giou": 0.125, "ciou": 2 / 13, "seg_rate": 0.5})
+  ln = eval_lib.summarize("ln", [{"num_points": 2, "point_l1_sum": 0.3, "ndtw": 0.5, "word_ndtw": 0.4,
+                                  "lbm": 0.1},
+                                 {"num_points": 0},
+                                 {"num_points": 1, "point_l1_sum": 0.3, "ndtw": 1.0, "word_ndtw": 1.0,
+                                  "lbm": 0.0}])
+  assert ln == pytest.approx({"point_l1": 0.2, "ndtw": 0.75, "word_ndtw": 0.7, "lbm": 0.05})
+  assert eval_lib.summarize("caption", []) == {}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+  os.environ["PIXELGROUND_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "tests", "configs", "train_small.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config()
+  demo = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "configs", "demo.py"))
+  dmod = importlib.util.module_from_spec(demo)
+  demo.loader.exec_module(dmod)
+  full = dmod.get_config()
+  with config.unlocked():
+    for name in ("referring", "reason_seg"):
+      config.tasks[name] = full.tasks[name]
+    config.eval.max_decode_len = 8
+  train_lib.prepare_data(config)
+  tok = tok_lib.load_tokenizer(config.tokenizer)
+  return config, tok
+
+
+def _evaluate(config, tok, mesh_axes, batch_size):
+  mesh = sharding.make_mesh(mesh_axes)
+  setup = train_lib.build_setup(config, mesh)
+  state = train_lib.init_state(setup)
+  opts = eval_lib.EvalOptions.from_config(config, tasks=("referring", "reason_seg", "ln"), max_examples=6,
+                                          batch_size=batch_size)
+  ev = eval_lib.Evaluator(config, setup, tok, options=opts)
+  return ev.run(state), ev.records
+
+
+def test_evaluator_independent_of_batch_and_mesh(small):
+  config, tok = small
+  a, rec_a = _evaluate(config, tok, {"data": 8, "fsdp": 1, "tensor": 1}, 8)   # 1 batch, 2 pad rows
+  b, rec_b = _evaluate(config, tok, {"data": 2, "fsdp": 2, "tensor": 2}, 4)   # 2 batches, one padded
+  for k in a:
+    if k != "eval_seconds":
+      assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+  for task in ("referring", "reason_seg", "ln"):
+    assert [r["index"] for r in rec_a[task]] == list(range(6)) == [r["index"] for r in rec_b[task]]
+    assert a[f"{task}/count"] == 6
+  # Boxes come back in the original image's pixels (the validation images are 64 × 64).
+  for r in rec_a["referring"]:
+    assert len(r["box"]) == 4 and len(r["gt_box"]) == 4 and 0 <= r["box_iou"] <= 1
+    assert r["mask_union"] <= 64 * 64
+  for r in rec_a["reason_seg"]:
+    assert isinstance(r["answer"], str) and r["mask_inter"] <= r["mask_union"]
+  assert 0 < a["ln/point_l1"] < 1 and 0 < a["ln/ndtw"] <= 1
+  assert a["referring/acc50"] == np.mean([r["box_iou"] >= 0.5 for r in rec_a["referring"]])
+
+
+def test_unknown_or_unsupported_task_is_named(small):
+  config, tok = small
+  setup = train_lib.build_setup(config, sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                                                           devices=jax.devices()[:1]))
+  with pytest.raises(ValueError, match="unknown task 'nope'"):
+    eval_lib.Evaluator(config, setup, tok, options=eval_lib.EvalOptions(tasks=("nope",)))
