@@ -183,8 +183,11 @@ def recompute_step_fn(model) -> StepFn:
 def generate(model, input_ids: jax.Array | None, attention_mask: jax.Array | None = None, *,
              max_len: int, num_beams: int = 1, length_penalty: float = 1.0,
              no_repeat_previous: bool = False, early_stopping: bool = False, use_cache: bool = True,
-             prefix_embeds: jax.Array | None = None, prefix_mask: jax.Array | None = None) -> DecodeResult:
+             prefix_embeds: jax.Array | None = None, prefix_mask: jax.Array | None = None,
+             vocab_limit: int | None = None) -> DecodeResult:
   """Encodes the inputs and decodes up to `max_len` tokens (greedy if num_beams == 1, else beam search).
+  `vocab_limit`: ids ≥ it are never generated (the embedding table's padding rows beyond the tokenizer's
+  last id).
 
   Call it inside `jax.jit` (see `pixelground.models.t5` docs); shapes: input_ids (B,S_text),
   prefix_embeds (B,P,D).
@@ -204,6 +207,13 @@ def generate(model, input_ids: jax.Array | None, attention_mask: jax.Array | Non
     cache = {"tokens": jnp.full((b * num_beams, max_len), cfg.pad_id, jnp.int32), "inputs": inputs}
     step = recompute_step_fn(model)
     reorder = lambda c, rows: {**c, "tokens": jnp.take(c["tokens"], rows, axis=0)}
+  if vocab_limit is not None and vocab_limit < cfg.vocab_size:
+    unmasked = step
+
+    def step(cache, tokens, index):
+      logits, hidden, cache = unmasked(cache, tokens, index)
+      keep = jnp.arange(logits.shape[-1]) < vocab_limit
+      return jnp.where(keep, logits, jnp.finfo(logits.dtype).min), hidden, cache
   if num_beams > 1:
     return beam_search(step, cache, reorder, batch_size=b, num_beams=num_beams,
                        length_penalty=length_penalty, early_stopping=early_stopping, **common)

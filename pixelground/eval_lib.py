@@ -97,7 +97,8 @@ def _forward(model: P.PixelLLM, batch, task: str) -> dict[str, jax.Array]:
   return res
 
 
-def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int) -> dict[str, jax.Array]:
+def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int,
+            vocab_limit: int) -> dict[str, jax.Array]:
   """Greedy decoding (cached) for the generative tasks; reason_seg adds the first `[SEG]`'s mask."""
   fused, sam_emb = model.image_features(batch["image"], batch["image_mask"])
   ids = batch["prompt_ids"]
@@ -108,12 +109,12 @@ def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int) -> 
     visual = model.visual_tokens(jnp.repeat(fused, k, axis=0), boxes.reshape(b * k, 4))
     ids = jnp.repeat(ids, k, axis=0)
     res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
-                            prefix_embeds=visual)
+                            prefix_embeds=visual, vocab_limit=vocab_limit)
     return {"boxes": boxes, "scores": scores, "tokens": res.tokens.reshape(b, k, -1),
             "lengths": res.lengths.reshape(b, k)}
   visual = model.visual_tokens(fused, batch["prompt_box"])
   res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
-                          prefix_embeds=visual)
+                          prefix_embeds=visual, vocab_limit=vocab_limit)
   out = {"tokens": res.tokens, "lengths": res.lengths}
   if task == "reason_seg":
     is_seg = (res.tokens == model.cfg.seg_token_id) & (jnp.arange(res.tokens.shape[1]) < res.lengths[:, None])
@@ -146,19 +147,6 @@ def _mask_to_image(logits: np.ndarray, geom: T.Geometry, hw: tuple[int, int]) ->
 def _plain(mask) -> np.ndarray:
   m = np.asarray(mask)
   return (m[..., 0] if m.ndim == 3 else m).astype(bool)
-
-
-def dense_regions(ex: dict, categories) -> tuple[np.ndarray, list[str]]:
-  """Ground-truth regions of a dense-captioning example: (boxes (N, 4) xyxy original pixels,
-  phrases). vg_densecap examples carry them; coco_panoptic ones give their "thing" segments' boxes
-  named by category."""
-  if "segments" in ex:
-    seg = ex["segments"]
-    things = np.flatnonzero(np.asarray(seg["isthing"], bool))
-    xywh = np.asarray(seg["bbox_xywh"], np.float32).reshape(-1, 4)[things]
-    names = [categories[int(c)]["name"] for c in np.asarray(seg["category"])[things]]
-    return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), names
-  return np.asarray(ex["boxes"], np.float32).reshape(-1, 4), [_text(t) for t in ex["phrases"]]
 
 
 class _Scorer:
@@ -222,7 +210,7 @@ class _Scorer:
     if task == "dense_caption":
       boxes = geom.inverse_boxes(np.asarray(out["boxes"][i], np.float32) * self.cfg.image_size)
       texts = [self._words(t, int(n)) for t, n in zip(out["tokens"][i], out["lengths"][i])]
-      gt_boxes, gt_phrases = dense_regions(ex, self.categories)
+      gt_boxes, gt_phrases = task_lib.dense_regions(ex, self.categories)
       return {"boxes": boxes.round(2).tolist(), "scores": np.asarray(out["scores"][i]).round(4).tolist(),
               "captions": texts, "gt_boxes": gt_boxes.round(2).tolist(), "gt_phrases": gt_phrases}
     raise ValueError(f"no scorer for task '{task}'")
@@ -346,7 +334,7 @@ class Evaluator:
 
     def decode(params, frozen, batch, task):
       return _decode(nnx.merge(graphdef, params, frozen), batch, task, self.opts.max_decode_len,
-                     self.opts.dense_k)
+                     self.opts.dense_k, tokenizer.num_ids)
 
     self._forward = jax.jit(forward, static_argnums=3, out_shardings=rep)
     self._decode = jax.jit(decode, static_argnums=3, out_shardings=rep)

@@ -90,20 +90,22 @@ def _check_box(box, height: int, width: int) -> np.ndarray:
   return b
 
 
-@functools.partial(nnx.jit, static_argnames=("max_len", "num_beams", "no_repeat_previous"))
-def _generate(model, batch, *, max_len: int, num_beams: int, no_repeat_previous: bool):
+@functools.partial(nnx.jit, static_argnames=("max_len", "num_beams", "no_repeat_previous", "vocab_limit"))
+def _generate(model, batch, *, max_len: int, num_beams: int, no_repeat_previous: bool,
+              vocab_limit: int | None = None):
   """Visual tokens → cached greedy/beam decode → per-token points (model-input pixels)."""
   fused, sam_emb = model.image_features(batch["image"], batch["image_mask"])
   visual = model.visual_tokens(fused, batch["prompt_box"])
   ids = batch["prompt_ids"]
   res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
                           num_beams=num_beams, length_penalty=0.6 if num_beams > 1 else 1.0,
-                          no_repeat_previous=no_repeat_previous, prefix_embeds=visual)
+                          no_repeat_previous=no_repeat_previous, prefix_embeds=visual,
+                          vocab_limit=vocab_limit)
   return res, model.points(res.hidden, batch["image_mask"]), (sam_emb, visual)
 
 
-@functools.partial(nnx.jit, static_argnames=("k", "max_len"))
-def _dense(model, batch, *, k: int, max_len: int):
+@functools.partial(nnx.jit, static_argnames=("k", "max_len", "vocab_limit"))
+def _dense(model, batch, *, k: int, max_len: int, vocab_limit: int | None = None):
   """Proposals (top-k heatmap peaks) → one caption per proposal, decoded as a batch of k."""
   from pixelground.models import proposals as prop_lib
 
@@ -113,7 +115,7 @@ def _dense(model, batch, *, k: int, max_len: int):
   visual = model.visual_tokens(jnp.repeat(fused, k, axis=0), boxes[0])
   ids = jnp.repeat(batch["prompt_ids"], k, axis=0)
   res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
-                          prefix_embeds=visual)
+                          prefix_embeds=visual, vocab_limit=vocab_limit)
   return boxes[0], scores[0], res.tokens, res.lengths
 
 
@@ -177,7 +179,7 @@ class Predictor:
 
   def _decode(self, batch, max_len, num_beams, no_repeat_previous=False):
     res, points, extras = _generate(self.model, batch, max_len=max_len, num_beams=num_beams,
-                                               no_repeat_previous=no_repeat_previous)
+                                    no_repeat_previous=no_repeat_previous, vocab_limit=self.tok.num_ids)
     n = int(res.lengths[0])
     tokens = [int(t) for t in np.asarray(res.tokens[0, :n])]
     return tokens, np.asarray(points[0, :n]), res, extras
@@ -238,7 +240,8 @@ class Predictor:
       raise ValueError(f"k must be ≥ 1, got {k}")
     image = _check_image(image)
     batch, geom = self._inputs(image, task_lib.REGION_CAPTION, None)
-    boxes, scores, tokens, lengths = _dense(self.model, batch, k=k, max_len=max_len)
+    boxes, scores, tokens, lengths = _dense(self.model, batch, k=k, max_len=max_len,
+                                            vocab_limit=self.tok.num_ids)
     boxes = self._to_image(np.asarray(boxes) * self.size, geom)
     out = []
     for i in range(boxes.shape[0]):

@@ -18,6 +18,7 @@ resized to the model input; the picture is drawn at most 1024 px wide).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -96,6 +97,14 @@ def _scale_mask(mask: np.ndarray, shape) -> np.ndarray:
   return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]))) > 127
 
 
+@functools.lru_cache(maxsize=2)
+def load_predictor(checkpoint: str, config: str | None):
+  """Predictor.from_checkpoint, kept for the process (a notebook or test calling `main` repeatedly
+  restores and compiles once)."""
+  from pixelground.inference import Predictor
+  return Predictor.from_checkpoint(checkpoint, config)
+
+
 def run(predictor, image: np.ndarray, task: str, text: str | None, box: np.ndarray | None,
         top_k: int = 5):
   """→ (result dict (JSON-friendly, image pixels), PIL picture)."""
@@ -111,7 +120,7 @@ def run(predictor, image: np.ndarray, task: str, text: str | None, box: np.ndarr
       from PIL import ImageDraw
       ImageDraw.Draw(pic).rectangle(list(box * f), outline=(255, 255, 255), width=2)
     return res, pic
-  if not text or not text.strip():
+  if task in ("refer", "segment") and (not text or not text.strip()):
     raise InputError(f"--text: task '{task}' needs a non-empty --text")
   if task == "refer":
     r = predictor.referring(image, text)
@@ -141,10 +150,8 @@ def main(argv):
     box = parse_box(_BOX.value)
     if box is not None and _TASK.value != "caption":
       raise InputError("--box: only --task=caption takes a box (a location-conditioned caption)")
-    from pixelground.inference import Predictor
-
     try:
-      predictor = Predictor.from_checkpoint(_CHECKPOINT.value, _CONFIG.value)
+      predictor = load_predictor(_CHECKPOINT.value, _CONFIG.value)
     except FileNotFoundError as e:
       raise InputError(str(e)) from None
     result, picture = run(predictor, image, _TASK.value, _TEXT.value, box, _TOP_K.value)

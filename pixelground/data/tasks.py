@@ -120,6 +120,19 @@ def _hw(image) -> tuple[int, int]:
   return int(image.size[1]), int(image.size[0])
 
 
+def dense_regions(ex: dict, categories=None) -> tuple[np.ndarray, list[str]]:
+  """The regions of a dense-captioning example: (boxes (N, 4) xyxy pixels of the original image,
+  phrases). vg_densecap examples carry them; a coco_panoptic example gives its "thing" segments' boxes,
+  named by category (`categories`: the builder's id → {"name", ...} table)."""
+  if "segments" in ex:
+    seg = ex["segments"]
+    things = np.flatnonzero(np.asarray(seg["isthing"], bool))
+    xywh = np.asarray(seg["bbox_xywh"], np.float32).reshape(-1, 4)[things]
+    names = [categories[int(c)]["name"] for c in np.asarray(seg["category"])[things]]
+    return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), names
+  return np.asarray(ex["boxes"], np.float32).reshape(-1, 4), [_text(t) for t in ex["phrases"]]
+
+
 def _pad(ids: tp.Sequence[int], length: int) -> np.ndarray:
   out = np.zeros(length, np.int32)
   ids = list(ids)[:length]
@@ -338,14 +351,7 @@ class Converters:
   def dense_caption(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """vg_densecap examples (`boxes` pixel xyxy, `phrases`). Regions cropped away are dropped; at most
     `max_regions` are kept (a random subset when training)."""
-    if "segments" in ex:  # a coco_panoptic example: its "thing" segments, named by category
-      seg = ex["segments"]
-      things = np.flatnonzero(np.asarray(seg["isthing"], bool))
-      xywh = np.asarray(seg["bbox_xywh"], np.float32).reshape(-1, 4)[things]
-      ex = {"image": ex["image"], "boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
-            "phrases": [self.categories[int(c)]["name"] for c in np.asarray(seg["category"])[things]]}
-    texts = [_text(t) for t in ex["phrases"]]
-    boxes = np.asarray(ex["boxes"], np.float32).reshape(-1, 4)
+    boxes, texts = dense_regions(ex, self.categories)
     geom = self.geometry(rng, ex["image"], texts)
     out = self.image_fields(ex["image"], geom)
     out["prompt_ids"] = self.prompt(REGION_CAPTION)
