@@ -49,6 +49,11 @@ EXTRAS_REQUIRE = {
         "apache-beam>=2.60",
         # pixelground.metric_writers' event files are checked with TensorBoard's own reader (no TF needed).
         "tensorboard>=2.16",
+        # notebooks/: their plots, and tests/test_notebooks.py executes them headless in a kernel.
+        "matplotlib>=3.8",
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
     ],
 }
 

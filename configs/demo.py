@@ -39,11 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict({"label_smoothing": 0.0, "point_weight": 0.6})
   c.tasks = ml_collections.ConfigDict({
       "ln": {"dataset": "localized_narratives/grounded_shapes", "weight": 2.0},
-      "caption": {"dataset": "coco_captions/grounded_shapes", "weight": 1.0},
+      "caption": {"dataset": "coco_captions/grounded_shapes", "weight": 0.7},
       "referring": {"dataset": "refcoco/grounded_shapes", "weight": 2.0},
       "region_caption": {"dataset": "refcoco/grounded_shapes", "weight": 0.5},
       "dense_caption": {"dataset": "coco_panoptic/grounded_shapes", "weight": 0.5},
-      "reason_seg": {"dataset": "reasonseg/grounded_shapes", "weight": 1.0}})
+      "reason_seg": {"dataset": "reasonseg/grounded_shapes", "weight": 2.0}})
   c.data = ml_collections.ConfigDict({
       "image_size": image_size, "scale_range": (0.8, 1.2), "max_target_len": 40, "max_prompt_len": 12,
       "max_seg": 1, "max_regions": 4, "max_region_len": 6, "mixing": "batch", "num_workers": 0,
@@ -51,8 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
       "grounded_shapes": {"num_train": 2000, "num_validation": 200, "seed": 0, "size": 64,
                           "max_shapes": 3, "scale": 1.6}})
   c.eval = ml_collections.ConfigDict({"tasks": ("ln", "caption", "referring", "reason_seg"),
-                                      "batch_size": 50, "max_examples": 200})
-  c.eval_every = 400
+                                      "batch_size": 50, "max_examples": 200, "max_decode_len": 40})
+  c.eval_every = 600  # each evaluation decodes every eval task (~40 s here)
   c.log_every = 50
   c.checkpoint_every = 400
   c.visualize = ml_collections.ConfigDict({"enabled": True, "num_images": 3})

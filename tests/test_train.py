@@ -74,6 +74,17 @@ def test_sigkill_resume_is_exact_and_sigterm_saves(env, tmp_path):
   task, ce = _losses(ref, "train/task"), _losses(ref, "train/text_ce")
   ln = [ce[s] for s in sorted(ce) if task[s] == task[1]]
   assert np.mean(ln[-3:]) < 0.8 * np.mean(ln[:3]), ln
+  # `pixelground.evaluate` on the final checkpoint reproduces the run's final evaluation exactly.
+  ev = subprocess.run([sys.executable, "-m", "pixelground.evaluate", f"--config={CONFIG}",
+                       f"--checkpoint={ref}", f"--workdir={tmp_path / 'eval'}"], env=env, cwd=ROOT,
+                      capture_output=True, text=True, timeout=600)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  again = json.loads(ev.stdout.strip().splitlines()[-1])
+  trained = json.load(open(ref / "eval_40.json"))
+  for k, v in trained.items():
+    if "/" in k:
+      assert again[k] == v, (k, again[k], v)
+  assert (tmp_path / "eval" / "predictions_40.jsonl").is_file()
 
   # SIGKILL once the step-20 checkpoint is on disk, restart with the same command.
   killed = tmp_path / "killed"
