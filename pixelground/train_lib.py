@@ -10,6 +10,7 @@ Every leaf is placed by the config's logical-axis rules (`pixelground.sharding`)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -357,7 +358,11 @@ class ShardStateHandler:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+@functools.lru_cache(maxsize=None)
 def _shard_state_args():
+  """The save/restore args classes of ShardStateHandler, registered once per process: Orbax resolves a
+  handler's args class from a global registry that keeps the FIRST registration, so classes made anew
+  for every Checkpointer would not match in a process that opens a second one."""
   import orbax.checkpoint as ocp
 
   @ocp.args.register_with_handler(ShardStateHandler, for_save=True)

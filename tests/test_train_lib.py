@@ -47,3 +47,14 @@ def test_checkpoint_round_trip_and_other_process_count(tmp_path):
     _group(count=3)
   with pytest.raises(FileNotFoundError, match="num_shards"):
     handler.restore(epath.Path(tmp_path) / "3" / "data", _group(num_shards=4))
+
+
+def test_second_checkpointer_in_one_process_saves(tmp_path):
+  # Orbax keeps the first args class registered for a handler: a second Checkpointer in the same
+  # process (evaluate, then train, in a notebook) must reuse it, not register new classes.
+  for i in range(2):
+    ck = train_lib.Checkpointer(str(tmp_path / str(i)), keep=1)
+    assert ck.save(1, {"a": jnp.ones(3)}, _group(), force=True)
+    ck.wait()
+    ck.close()
+    assert ck.latest_step() == 1
