@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing as tp
 
 import jax.numpy as jnp
@@ -80,3 +81,29 @@ def preset_config(cls: type[T], presets: dict[str, dict[str, tp.Any]], name: str
   if name not in presets:
     raise ValueError(f"Unknown {kind} preset {name!r}; known: {sorted(presets)}.")
   return cls(**{**presets[name], **overrides})
+
+
+def load_config(config):
+  """A ConfigDict, a config file (.py with get_config(), optionally "file.py:arg") or the config.json a
+  training run wrote → ConfigDict."""
+  import json
+
+  import ml_collections
+
+  if isinstance(config, ml_collections.ConfigDict):
+    return config
+  path = str(config)
+  if path.endswith(".json"):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: pass the training config with --config (or config=).")
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  import importlib.util
+
+  file, _, arg = path.partition(":")
+  if not os.path.exists(file):
+    raise FileNotFoundError(f"config file {file} not found")
+  spec = importlib.util.spec_from_file_location("_pixelground_config", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()

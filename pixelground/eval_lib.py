@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import time
-import typing as tp
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +44,7 @@ from pixelground import metrics as M
 from pixelground.data import pipeline
 from pixelground.data import tasks as task_lib
 from pixelground.data import transforms as T
+from pixelground.inference import mask_to_image
 from pixelground.models import pixelllm as P
 from pixelground.models import proposals as prop_lib
 
@@ -128,22 +128,6 @@ def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int,
 # Host-side scoring: one record per example
 # ----------------------------------------------------------------------------------------------------
 
-def _text(v) -> str:
-  return v.decode("utf-8") if isinstance(v, bytes) else str(v)
-
-
-def _hw(image) -> tuple[int, int]:
-  return int(np.shape(image)[0]), int(np.shape(image)[1])
-
-
-def _mask_to_image(logits: np.ndarray, geom: T.Geometry, hw: tuple[int, int]) -> np.ndarray:
-  """(S, S) model-input mask logits → (H, W) bool mask of the original image (padding dropped,
-  bilinear on the logits, then > 0)."""
-  vh, vw = geom.valid
-  crop = jnp.asarray(logits[:vh, :vw], jnp.float32)
-  return np.asarray(jax.image.resize(crop, hw, "bilinear")) > 0
-
-
 def _plain(mask) -> np.ndarray:
   m = np.asarray(mask)
   return (m[..., 0] if m.ndim == 3 else m).astype(bool)
@@ -162,35 +146,35 @@ class _Scorer:
     return self.tok.decode(toks)
 
   def record(self, ex: dict, row: dict[str, np.ndarray], out: dict[str, np.ndarray], i: int) -> dict:
-    hw = _hw(ex["image"])
+    hw = task_lib.image_hw(ex["image"])
     geom = T.resize_pad(hw[0], hw[1], self.cfg.image_size)
     task = self.task
     if task == "referring":
       gt = np.asarray(ex["box_xyxy"], np.float32).reshape(4)
       box = geom.inverse_boxes(np.asarray(out["box"][i], np.float32)[None])[0]
       iou = float(M.box_iou(box[None], gt[None])[0])
-      rec = {"expression": _text(ex["sentences"][0]), "box": box.round(2).tolist(),
+      rec = {"expression": task_lib.as_text(ex["sentences"][0]), "box": box.round(2).tolist(),
              "gt_box": gt.round(2).tolist(), "box_iou": iou}
       if "mask_logits" in out and "mask" in ex:
-        pred = _mask_to_image(out["mask_logits"][i], geom, hw)
+        pred = mask_to_image(out["mask_logits"][i][None], geom, hw)[0]
         inter, union = M.intersection_union(pred, _plain(ex["mask"]))
         rec.update(mask_inter=int(inter), mask_union=int(union))
       return rec
     if task == "reason_seg":
       answer = self._words(out["tokens"][i], int(out["lengths"][i]))
       target, ignore = _plain(ex["target_mask"]), _plain(ex["ignore_mask"])
-      pred = (_mask_to_image(out["mask_logits"][i], geom, hw) if out["has_seg"][i]
+      pred = (mask_to_image(out["mask_logits"][i][None], geom, hw)[0] if out["has_seg"][i]
               else np.zeros(hw, bool))
       inter, union = M.intersection_union(pred, target, ignore)
-      return {"query": _text(ex["queries"][0]), "answer": answer, "has_seg": bool(out["has_seg"][i]),
-              "mask_inter": int(inter), "mask_union": int(union)}
+      return {"query": task_lib.as_text(ex["queries"][0]), "answer": answer,
+              "has_seg": bool(out["has_seg"][i]), "mask_inter": int(inter), "mask_union": int(union)}
     if task == "ln":
       valid = row["token_box_valid"] & np.any(row["token_boxes"] != 0, axis=-1)
       vh, vw = geom.valid
       scale = np.asarray([vw, vh, vw, vh], np.float32)
       pred = np.asarray(out["points"][i], np.float32)[valid] / scale          # (N, 4) normalised
       gt = row["token_boxes"][valid] * self.cfg.image_size / scale            # (N, 4) normalised
-      rec = {"caption": _text(ex["caption"]), "num_points": int(valid.sum())}
+      rec = {"caption": task_lib.as_text(ex["caption"]), "num_points": int(valid.sum())}
       if valid.any():
         l1 = M.token_point_l1(pred, gt)
         centre = lambda b: np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], -1)
@@ -202,11 +186,11 @@ class _Scorer:
       return rec
     if task == "caption":
       return {"caption": self._words(out["tokens"][i], int(out["lengths"][i])),
-              "references": [_text(c) for c in ex["captions"]]}
+              "references": [task_lib.as_text(c) for c in ex["captions"]]}
     if task == "region_caption":
       return {"caption": self._words(out["tokens"][i], int(out["lengths"][i])),
               "box": np.asarray(ex["box_xyxy"], np.float32).reshape(4).round(2).tolist(),
-              "references": [_text(s) for s in ex["sentences"]]}
+              "references": [task_lib.as_text(s) for s in ex["sentences"]]}
     if task == "dense_caption":
       boxes = geom.inverse_boxes(np.asarray(out["boxes"][i], np.float32) * self.cfg.image_size)
       texts = [self._words(t, int(n)) for t, n in zip(out["tokens"][i], out["lengths"][i])]
@@ -251,10 +235,9 @@ def summarize(task: str, records: list[dict], *, java_fallback: bool = False) ->
 
 
 def _mask_summary(records: list[dict], prefix: str) -> dict[str, float]:
-  inter = np.asarray([r[f"{prefix}inter"] if f"{prefix}inter" in r else r["mask_inter"] for r in records],
-                     np.float64)
-  union = np.asarray([r[f"{prefix}union"] if f"{prefix}union" in r else r["mask_union"] for r in records],
-                     np.float64)
+  """Records with mask_inter / mask_union pixel counts → {prefix}giou, {prefix}ciou."""
+  inter = np.asarray([r["mask_inter"] for r in records], np.float64)
+  union = np.asarray([r["mask_union"] for r in records], np.float64)
   iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
   return {f"{prefix}giou": float(iou.mean()),
           f"{prefix}ciou": float(inter.sum() / union.sum()) if union.sum() else 1.0}
@@ -351,8 +334,8 @@ class Evaluator:
     pid, nproc = jax.process_index(), jax.process_count()
     local = self.opts.batch_size // nproc
     mine = list(range(pid, n, nproc))
-    num_batches = -(-(-(-n // nproc)) // local)
-    return mine, num_batches
+    per_process = -(-n // nproc)  # every process runs as many batches as the fullest one
+    return mine, -(-per_process // local)
 
   def run(self, state, *, progress: bool = False) -> dict[str, float]:
     t0 = time.perf_counter()

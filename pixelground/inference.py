@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from pixelground import decoding
+from pixelground.configlib import load_config  # noqa: F401  (inference.load_config: notebooks)
 from pixelground.data import tasks as task_lib
 from pixelground.data import transforms as T
 
@@ -126,7 +127,8 @@ def _refer(model, batch):
   out = model(batch, heads=("refseg",) if model.cfg.refseg else ())
   eos = jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1
   box = jnp.take_along_axis(out["points"], eos[:, None, None], axis=1)[:, 0]
-  logp = jnp.take_along_axis(jax.nn.log_softmax(out["logits"], -1), batch["target_ids"][..., None], -1)[..., 0]
+  logp = jax.nn.log_softmax(out["logits"], -1)
+  logp = jnp.take_along_axis(logp, batch["target_ids"][..., None], -1)[..., 0]
   score = jnp.sum(jnp.where(batch["target_mask"], logp, 0.0), axis=-1)
   return box, score, out.get("ref_logits"), out.get("ref_iou")
 
@@ -222,15 +224,9 @@ class Predictor:
     result = ReferringResult(text=self.tok.decode(ids[:-1]), box=self._to_image(np.asarray(box), geom)[0],
                              score=float(score[0]))
     if logits is not None:
-      result.mask = self._mask_to_image(np.asarray(logits)[:1], geom, image.shape[:2])[0]
+      result.mask = mask_to_image(np.asarray(logits)[:1], geom, image.shape[:2])[0]
       result.mask_score = float(iou[0])
     return result
-
-  def _mask_to_image(self, logits: np.ndarray, geom: T.Geometry, hw: tuple[int, int]) -> np.ndarray:
-    """(K, S, S) model-input mask logits → (K, H, W) bool masks of the original image."""
-    vh, vw = geom.valid
-    crop = jnp.asarray(logits[:, :vh, :vw], jnp.float32)  # drop the padding
-    return np.asarray(jax.image.resize(crop, (crop.shape[0],) + tuple(hw), "bilinear")) > 0
 
   def dense_captions(self, image, *, k: int = 10, max_len: int = 40) -> list[DenseCaption]:
     """Dense captioning: the proposal head's top-k boxes, each captioned ("an object of")."""
@@ -265,34 +261,15 @@ class Predictor:
     if not positions:
       return Segmentation(self.tok.decode(body), np.zeros((0, h, w), bool), np.zeros(0, np.float32))
     logits, iou = _masks(self.model, res.hidden, jnp.asarray([positions], jnp.int32), sam_emb)
-    masks = self._mask_to_image(np.asarray(logits[0]), geom, (h, w))
+    masks = mask_to_image(np.asarray(logits[0]), geom, (h, w))
     return Segmentation(self.tok.decode(body), masks, np.asarray(iou[0]))
 
 
-def load_config(config):
-  """A ConfigDict, a config file (.py with get_config(), optionally "file.py:arg") or the config.json a
-  training run wrote → ConfigDict."""
-  import json
-
-  import ml_collections
-
-  if isinstance(config, ml_collections.ConfigDict):
-    return config
-  path = str(config)
-  if path.endswith(".json"):
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} not found: pass the training config with --config (or config=).")
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  import importlib.util
-
-  file, _, arg = path.partition(":")
-  if not os.path.exists(file):
-    raise FileNotFoundError(f"config file {file} not found")
-  spec = importlib.util.spec_from_file_location("_pixelground_config", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+def mask_to_image(logits: np.ndarray, geom: T.Geometry, hw: tuple[int, int]) -> np.ndarray:
+  """(K, S, S) model-input mask logits → (K, H, W) bool masks of the original image."""
+  vh, vw = geom.valid
+  crop = jnp.asarray(logits[:, :vh, :vw], jnp.float32)  # drop the padding
+  return np.asarray(jax.image.resize(crop, (crop.shape[0],) + tuple(hw), "bilinear")) > 0
 
 
 @nnx.jit

@@ -130,12 +130,9 @@ def optimizer_config(*, lr: float, steps: int, warmup: int, weight_decay: float 
 
 def count(config_path: str) -> dict[str, tp.Any]:
   """Parameter counts of the config's model from `nnx.eval_shape` (nothing is allocated)."""
-  import importlib.util
+  from pixelground.configlib import load_config
 
-  spec = importlib.util.spec_from_file_location("cfg", config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  full = module.get_config()
+  full = load_config(config_path)
   cfg = build_model_config(full.model)
   keep = P.trainable_filter(tuple(full.get("trainable", P.TRAINABLE)), lora=full.get("train_lora", True))
   return {**P.param_counts(cfg, keep), "train_lora": full.get("train_lora", True)}

@@ -2,7 +2,6 @@
 tiny grounded-shapes split — results independent of the batch size and the mesh, one record per example,
 boxes and masks in original-image pixels."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import jax
 
 from pixelground import eval_lib, sharding, train_lib
+from pixelground.configlib import load_config
 from pixelground.data import tokenizer as tok_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,14 +39,8 @@ def test_summaries_known_answers():
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
   os.environ["PIXELGROUND_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "tests", "configs", "train_small.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
-  demo = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "configs", "demo.py"))
-  dmod = importlib.util.module_from_spec(demo)
-  demo.loader.exec_module(dmod)
-  full = dmod.get_config()
+  config = load_config(os.path.join(ROOT, "tests", "configs", "train_small.py"))
+  full = load_config(os.path.join(ROOT, "configs", "demo.py"))
   with config.unlocked():
     for name in ("referring", "reason_seg"):
       config.tasks[name] = full.tasks[name]

@@ -2,7 +2,6 @@
 (the COCO panoptic sample) and bad inputs — each gives a one-line error (exit 2) or a handled result,
 never a traceback."""
 
-import importlib.util
 import json
 import os
 
@@ -14,6 +13,7 @@ from PIL import Image
 import jax
 
 from pixelground import predict, sharding, train_lib
+from pixelground.configlib import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = os.path.join(ROOT, "..", "shared", "data", "coco_panoptic_sample", "input_images")
@@ -25,10 +25,7 @@ def workdir(tmp_path_factory):
   tests check plumbing and input handling, not quality)."""
   import orbax.checkpoint as ocp
 
-  spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "configs", "demo.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
+  config = load_config(os.path.join(ROOT, "configs", "demo.py"))
   root = tmp_path_factory.mktemp("run")
   with open(root / "config.json", "w") as f:
     f.write(config.to_json_best_effort(indent=1))

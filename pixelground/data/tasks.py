@@ -109,11 +109,11 @@ def task_schema(cfg: TaskConfig, converter: str) -> dict[str, tuple[tuple[int, .
   return {k: v for k, v in schema(cfg).items() if k in fields}
 
 
-def _text(v) -> str:
+def as_text(v) -> str:
   return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
-def _hw(image) -> tuple[int, int]:
+def image_hw(image) -> tuple[int, int]:
   """(height, width) of a numpy image or a PIL image."""
   if hasattr(image, "shape"):
     return int(image.shape[0]), int(image.shape[1])
@@ -130,7 +130,7 @@ def dense_regions(ex: dict, categories=None) -> tuple[np.ndarray, list[str]]:
     xywh = np.asarray(seg["bbox_xywh"], np.float32).reshape(-1, 4)[things]
     names = [categories[int(c)]["name"] for c in np.asarray(seg["category"])[things]]
     return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), names
-  return np.asarray(ex["boxes"], np.float32).reshape(-1, 4), [_text(t) for t in ex["phrases"]]
+  return np.asarray(ex["boxes"], np.float32).reshape(-1, 4), [as_text(t) for t in ex["phrases"]]
 
 
 def _pad(ids: tp.Sequence[int], length: int) -> np.ndarray:
@@ -153,7 +153,7 @@ class Converters:
 
   # -- shared pieces -----------------------------------------------------------------------------------
   def geometry(self, rng: np.random.Generator, image, texts: tp.Sequence[str] = ()) -> T.Geometry:
-    h, w = _hw(image)
+    h, w = image_hw(image)
     s = self.cfg.image_size
     if not self.cfg.train:
       return T.resize_pad(h, w, s)
@@ -201,10 +201,10 @@ class Converters:
   # -- Localized Narratives: caption + per-token trace boxes ---------------------------------------------
   def ln(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     image = ex["image"]
-    h, w = _hw(image)
-    caption = _text(ex["caption"])
+    h, w = image_hw(image)
+    caption = as_text(ex["caption"])
     utts = ex["utterances"]
-    texts = [_text(t) for t in utts["text"]]
+    texts = [as_text(t) for t in utts["text"]]
     geom = self.geometry(rng, image, [caption])
     caption = self.flip_text(geom, caption)
     texts = [self.flip_text(geom, t) for t in texts]
@@ -235,7 +235,7 @@ class Converters:
 
   # -- COCO captions ---------------------------------------------------------------------------------
   def caption(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    captions = [_text(c) for c in ex["captions"]]
+    captions = [as_text(c) for c in ex["captions"]]
     text = captions[int(rng.integers(len(captions)))] if self.cfg.train else captions[0]
     geom = self.geometry(rng, ex["image"], [text])
     out = self.image_fields(ex["image"], geom)
@@ -245,7 +245,7 @@ class Converters:
 
   # -- referring localisation / segmentation (RefCOCO) -------------------------------------------------
   def referring(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    sentences = [_text(s) for s in ex["sentences"]]
+    sentences = [as_text(s) for s in ex["sentences"]]
     text = sentences[int(rng.integers(len(sentences)))] if self.cfg.train else sentences[0]
     geom = self.geometry(rng, ex["image"], [text])
     text = self.flip_text(geom, text)
@@ -271,11 +271,11 @@ class Converters:
   # -- location-conditioned captioning (RefCOCO / VG regions) -----------------------------------------
   def region_caption(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     if "sentences" in ex:
-      texts, boxes = [_text(s) for s in ex["sentences"]], np.asarray(ex["box_xyxy"]).reshape(1, 4)
+      texts, boxes = [as_text(s) for s in ex["sentences"]], np.asarray(ex["box_xyxy"]).reshape(1, 4)
       pick = int(rng.integers(len(texts))) if self.cfg.train else 0
       text, box = texts[pick], boxes[0]
     else:  # vg_densecap: one region of the image
-      texts, boxes = [_text(s) for s in ex["phrases"]], np.asarray(ex["boxes"]).reshape(-1, 4)
+      texts, boxes = [as_text(s) for s in ex["phrases"]], np.asarray(ex["boxes"]).reshape(-1, 4)
       pick = int(rng.integers(len(texts))) if self.cfg.train else 0
       text, box = texts[pick], boxes[pick]
     geom = self.geometry(rng, ex["image"], [text])
@@ -287,7 +287,7 @@ class Converters:
 
   # -- reasoning / referring segmentation with [SEG] (LISA) -------------------------------------------
   def reason_seg(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    queries = [_text(q) for q in ex["queries"]]
+    queries = [as_text(q) for q in ex["queries"]]
     question = queries[int(rng.integers(len(queries)))] if self.cfg.train else queries[0]
     geom = self.geometry(rng, ex["image"], [question])
     question = self.flip_text(geom, question)
@@ -309,7 +309,7 @@ class Converters:
   def narrative_grounding(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     from tfds_builders.coco_panoptic import segment_ids
 
-    caption = _text(ex["caption"])
+    caption = as_text(ex["caption"])
     geom = self.geometry(rng, ex["image"], [caption])
     out = self.image_fields(ex["image"], geom)
     out["prompt_ids"] = self.prompt(self.flip_text(geom, caption))
@@ -323,7 +323,7 @@ class Converters:
     target, positions, assoc = [], [], np.zeros((k, e), bool)
     offsets = np.asarray(ex["phrase_offsets"])
     flat = np.asarray(ex["phrase_segment_ids"])
-    nouns = [(p, _text(u)) for p, (u, noun) in enumerate(zip(ex["phrases"]["utterance"],
+    nouns = [(p, as_text(u)) for p, (u, noun) in enumerate(zip(ex["phrases"]["utterance"],
                                                            ex["phrases"]["noun"])) if noun]
     for p, utterance in nouns:
       if len(positions) == k:

@@ -2,17 +2,15 @@ r"""The demo config cut down for the notebooks' test (tests/test_notebooks.py): 
 referring and ReasonSeg heads of the demo, a 48-image grounded-shapes cache, batch 8, 20 steps and one
 checkpoint at the end — enough for every notebook to run its evaluation and draw its figures."""
 
-import importlib.util
 import os
+
+from pixelground.configlib import load_config
 
 _DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.py")
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location("demo_config", _DEMO)
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  c = demo.get_config()
+  c = load_config(_DEMO)
   for name in list(c.tasks.keys()):
     if name not in ("ln", "caption", "referring", "reason_seg"):
       del c.tasks[name]

@@ -2,17 +2,15 @@ r"""The demo config cut down for the trainer's tests: two text tasks that share 
 traces + captions), a 64-image grounded-shapes cache, batch 8, two input shards (so 1 and 2 processes see
 the same global batches), every step logged."""
 
-import importlib.util
 import os
+
+from pixelground.configlib import load_config
 
 _DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.py")
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location("demo_config", _DEMO)
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  c = demo.get_config()
+  c = load_config(_DEMO)
   for name in list(c.tasks.keys()):
     if name not in ("ln", "caption"):
       del c.tasks[name]
