@@ -189,6 +189,11 @@ def _two_way(c: _Counter, n: float, nt: int, nk: int, depth: int, dim: int, mlp:
   return gt, gk
 
 
+def visual_tokens(cfg: P.PixelLLMConfig) -> int:
+  """Visual tokens in front of the T5 encoder's text: the queries (+ the k×k spatial tokens)."""
+  return cfg.num_queries + cfg.spatial_tokens ** 2
+
+
 def _extractor(c: _Counter, cfg: P.PixelLLMConfig, n: int, g_fused: bool, tr: frozenset[str]) -> bool:
   """PixelLLM's prompt feature extractor on n (image, box) pairs → visual tokens flag."""
   w, gp = "extractor" in tr, "prompt_encoder" in tr
@@ -198,9 +203,14 @@ def _extractor(c: _Counter, cfg: P.PixelLLMConfig, n: int, g_fused: bool, tr: fr
   gk = c.dense(p * wd, n * ng, w=w, x=gp) or gk           # dense prompt
   gpe = c.dense(p * wd, ng, w=w, x=False)                  # image PE: once, not per example
   gt = c.dense(p * wd, n * 2, w=w, x=gp) or w              # box corners + learned queries
-  gt, _ = _two_way(c, n, q + 2, ng, cfg.extractor_depth, wd, cfg.extractor_mlp, 2, w, gt, gk, gpe)
+  gt, gk = _two_way(c, n, q + 2, ng, cfg.extractor_depth, wd, cfg.extractor_mlp, 2, w, gt, gk, gpe)
   g = c.dense(q * wd * hq, n, w=w, x=gt)                   # per-query W → Hq
-  return c.dense(hq * cfg.t5.d_model, n * q, w=w, x=g)
+  g = c.dense(hq * cfg.t5.d_model, n * q, w=w, x=g)
+  if cfg.spatial_tokens:                                   # pooled image tokens W → d_model
+    k2 = cfg.spatial_tokens ** 2
+    c.dense(2 * wd, k2, w=w, x=False)                      # cell-centre (x, y) embedding: once
+    g = c.dense(wd * cfg.t5.d_model, n * k2, w=w, x=gk) or g
+  return g
 
 
 def _t5_mlp(c: _Counter, t5, rows: float, g: bool, w: bool, lora: bool, rank: int) -> bool:
@@ -315,7 +325,7 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
   """
   tr = trained_units(cfg, trainable) if train else frozenset()
   c, b, t5 = _Counter(), batch_size, cfg.t5
-  le = cfg.num_queries + prompt_len
+  le = visual_tokens(cfg) + prompt_len
 
   g_sam = g_eva = False
   if cfg.sam is not None:
@@ -348,7 +358,7 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
   if cfg.refseg and target_len:
     c.part = "mask_adapter"
     w, p = "mask_adapter" in tr, cfg.prompt.prompt_dim
-    nk = cfg.num_queries + target_len
+    nk = visual_tokens(cfg) + target_len
     gk = c.dense(t5.d_model * p, b * nk, w=w, x=g_vis or g_hid)
     gt, _ = _two_way(c, b, 2, nk, cfg.adapter_depth, p, 2 * p, 2, w, w, gk)
     g = c.dense(p * p, b * 2, w=w, x=gt)

@@ -158,6 +158,37 @@ def point_l1(pred, target, valid) -> Array:
   return _safe_mean(per_token, scored)
 
 
+def attention_grounding(probs, boxes, valid) -> Array:
+  """−log(attention mass inside the target box), the demo's auxiliary grounding loss.
+
+  Args:
+    probs: (B, T, k²) float attention probabilities of each decoder position over a k×k grid of image
+      tokens (row-major, covering the S×S model input); they need not sum to 1 (the rest of the
+      attention goes to other tokens, and counts as outside).
+    boxes: (B, T, 4) target boxes, normalised xyxy of the S×S input.
+    valid: (B, T) bool; tokens whose box is all zeros are not scored (as in `point_l1`).
+
+  Returns:
+    () float32, mean over scored tokens of −log Σ_{cells inside} p (eps 1e-6); 0 when none. A cell is
+    inside when its centre is; a box too small to hold any centre gets the cell holding its centre.
+  """
+  probs = _f32(probs)
+  boxes = _f32(boxes)
+  k = int(round(probs.shape[-1] ** 0.5))
+  c = (jnp.arange(k, dtype=jnp.float32) + 0.5) / k
+  cy, cx = jnp.meshgrid(c, c, indexing="ij")
+  cx, cy = cx.reshape(-1), cy.reshape(-1)  # (k²,)
+  x0, y0, x1, y1 = (boxes[..., i:i + 1] for i in range(4))
+  inside = (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)  # (B, T, k²)
+  mx, my = (x0 + x1) / 2, (y0 + y1) / 2
+  centre = (jnp.floor(jnp.clip(my, 0, 1 - 1e-6) * k) * k + jnp.floor(jnp.clip(mx, 0, 1 - 1e-6) * k))
+  fallback = jnp.arange(k * k, dtype=jnp.float32) == centre
+  inside = jnp.where(jnp.any(inside, axis=-1, keepdims=True), inside, fallback)
+  mass = jnp.sum(jnp.where(inside, probs, 0.0), axis=-1)
+  scored = jnp.asarray(valid).astype(jnp.bool_) & jnp.any(boxes != 0, axis=-1)
+  return _safe_mean(-jnp.log(mass + 1e-6), scored)
+
+
 # -------------------------------------------------------------------------------------------- masks
 
 

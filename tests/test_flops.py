@@ -28,7 +28,8 @@ from pixelground.models import t5 as t5_lib
 S, LE, LT, K, R, LR = 96, 8, 16, 2, 2, 6
 
 
-def small_config(*, lisa=False, refseg=False, proposals=False, scan=False) -> P.PixelLLMConfig:
+def small_config(*, lisa=False, refseg=False, proposals=False, scan=False,
+                 spatial=0) -> P.PixelLLMConfig:
   """PixelLLM with the real structure and widths big enough (128–256) for matmuls to dominate XLA's
   count. SAM grid 6 with window 4: the windowed block attends over the map zero-padded to 8×8."""
   sam = sam_lib.SamEncoderConfig(image_size=S, width=128, depth=3, num_heads=4, window_size=4,
@@ -43,7 +44,8 @@ def small_config(*, lisa=False, refseg=False, proposals=False, scan=False) -> P.
   return P.PixelLLMConfig(image_size=S, sam=sam, eva=eva, prompt=prompt, t5=t5, num_queries=8,
                           extractor_width=128, extractor_depth=2, extractor_heads=4, extractor_mlp=256,
                           query_hidden=128, loc_hidden=64, lisa=lisa, seg_token_id=5 if lisa else -1,
-                          refseg=refseg, adapter_heads=4, proposals=proposals, proposal_width=64)
+                          refseg=refseg, adapter_heads=4, proposals=proposals, proposal_width=64,
+                          spatial_tokens=spatial)
 
 
 def make_batch(cfg: P.PixelLLMConfig, b: int = 2) -> dict[str, jax.Array]:
@@ -145,7 +147,8 @@ def test_forward_matches_xla_cost_analysis():
 def test_forward_matches_traced_program():
   """Matmul FLOPs of the traced forward equal the analytic count (plus the interpolation / Fourier
   terms it leaves out on purpose), for every optional path."""
-  for kw in (dict(), dict(lisa=True, refseg=True, proposals=True)):
+  for kw in (dict(), dict(lisa=True, refseg=True, proposals=True),
+             dict(refseg=True, proposals=True, spatial=3)):
     cfg = small_config(**kw)
     gd, st = _model(cfg)
     batch = make_batch(cfg)

@@ -23,6 +23,7 @@ L = types.SimpleNamespace(
     text_cross_entropy=jax.jit(losses.text_cross_entropy, static_argnames="label_smoothing"),
     token_accuracy=jax.jit(losses.token_accuracy),
     point_l1=jax.jit(losses.point_l1),
+    attention_grounding=jax.jit(losses.attention_grounding),
     sigmoid_focal_loss=jax.jit(losses.sigmoid_focal_loss, static_argnames=("alpha", "gamma")),
     dice_loss=jax.jit(losses.dice_loss, static_argnames="eps"),
     mask_bce=jax.jit(losses.mask_bce),
@@ -262,6 +263,25 @@ def test_point_l1_masking_empty_grad_bf16():
   got = L.point_l1(jnp.asarray(pred, jnp.bfloat16), target, valid)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(float(got), base, **BF16_TOL)
+
+
+def test_attention_grounding_by_hand():
+  """2×2 grid (cell centres at 0.25 / 0.75): the mass on the cells whose centres the box holds."""
+  p = np.zeros((1, 4, 4), np.float32)
+  p[0, 0] = [0.1, 0.2, 0.3, 0.1]     # box over the left column: cells 0 and 2 → 0.4
+  p[0, 1] = [0.5, 0.1, 0.1, 0.1]     # tiny box around (0.8, 0.8), no centre inside → cell 3: 0.1
+  p[0, 2] = [0.25, 0.25, 0.25, 0.25]  # not valid
+  p[0, 3] = [0.0, 0.0, 0.0, 0.0]     # valid, but an all-zero box (no trace segment): not scored
+  boxes = np.array([[[0.0, 0.0, 0.5, 1.0], [0.78, 0.78, 0.82, 0.82], [0, 0, 1, 1], [0, 0, 0, 0]]],
+                   np.float32)
+  valid = np.array([[True, True, False, True]])
+  want = (-np.log(0.4 + 1e-6) - np.log(0.1 + 1e-6)) / 2
+  assert float(L.attention_grounding(p, boxes, valid)) == pytest.approx(want, rel=1e-5)
+  assert float(L.attention_grounding(p, boxes, np.zeros_like(valid))) == 0.0
+  # The whole-image box holds every centre: loss −log(Σp); the gradient only reaches inside cells.
+  g = jax.grad(L.attention_grounding)(jnp.asarray(p), boxes, valid)
+  assert np.all(np.asarray(g)[0, 0, [1, 3]] == 0) and np.all(np.asarray(g)[0, 0, [0, 2]] < 0)
+  assert np.all(np.asarray(g)[0, 2:] == 0)
 
 
 # --------------------------------------------------------------------------------------------- masks

@@ -61,10 +61,10 @@ def setup(tmp_path_factory):
                           for i in range(4)])}
 
 
-def _train(cfg, batch, steps, lr=3e-3):
+def _train(cfg, batch, steps, lr=3e-3, **loss):
   model = P.PixelLLM(cfg, rngs=nnx.Rngs(0))
   opt = nnx.Optimizer(model, optax.adam(lr), wrt=P.trainable_filter())
-  loss_cfg = P.LossConfig(label_smoothing=0.0)
+  loss_cfg = P.LossConfig(label_smoothing=0.0, **loss)
 
   @nnx.jit
   def step(model, opt, batch):
@@ -79,10 +79,10 @@ def _train(cfg, batch, steps, lr=3e-3):
   return model, [{k: float(v) for k, v in t.items()} for t in history]
 
 
-def _overfit(name, cfg, batch, steps):
+def _overfit(name, cfg, batch, steps, **loss):
   """Trains, prints, and checks what every task must show: finite terms, total loss down ≥ 80%.
   Returns (first, last) loss terms for the task's own checks."""
-  model, hist = _train(cfg, batch, steps)
+  model, hist = _train(cfg, batch, steps, **loss)
   first, last = hist[0], hist[-1]
   print(name, "first", first, "last", last)
   assert all(np.isfinite(v) for h in hist for v in h.values())
@@ -112,6 +112,24 @@ def test_referring_box_and_mask_overfit(setup):
   assert bool(batch["seg_valid"][:, 0].all()) and bool(batch["token_box_valid"].any(axis=1).all())
   _, first, last = _overfit("refseg", cfg, batch, 80)
   assert last["point_l1"] < 0.3 * first["point_l1"] and last["ref_focal"] < 0.5 * first["ref_focal"]
+
+
+def test_spatial_tokens_with_attention_grounding_overfit(setup):
+  """The demo's aids: k×k pooled image tokens after the queries, and the loss that makes head 0 of the
+  last cross-attention look inside the target box; both the box L1 and that loss must fall."""
+  tok = setup["tok"]
+  cfg = P.tiny_config(vocab_size=tok.vocab_size, refseg=True).replace(spatial_tokens=2)
+  batch = setup["refseg"]
+  model, first, last = _overfit("spatial", cfg, batch, 80, attention_grounding_weight=1.0)
+  assert last["attention_grounding"] < 0.5 * first["attention_grounding"]
+  assert last["point_l1"] < 0.3 * first["point_l1"]
+  fused, _ = model.image_features(batch["image"], batch["image_mask"])
+  assert model.visual_tokens(fused, batch["prompt_box"]).shape == (4, cfg.num_queries + 4,
+                                                                   cfg.t5.d_model)
+  out = model(batch)
+  assert out["spatial_attn"].shape == (4, batch["target_ids"].shape[1], 4)
+  with pytest.raises(ValueError, match="spatial_tokens 3 must divide the feature grid 4"):
+    cfg.replace(spatial_tokens=3)
 
 
 def test_dense_caption_proposals_overfit(setup):

@@ -89,6 +89,30 @@ def test_float32_parity_with_transformers(variant, scan, tmp_root):
   assert hidden.shape == (4, dec.shape[1], SMALL["d_model"])
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_cross_attention_probs_match_transformers(scan, tmp_root):
+  """`decode(cross_probs=True)` (the demo's attention-grounding loss reads it): the last decoder
+  layer's cross-attention probabilities equal transformers' `cross_attentions[-1]`; logits unchanged."""
+  hf, path = saved_hf("t5_v1_1", tmp_root)
+  model = load_t5(path, scan_layers=scan)
+  ids, mask, dec = padded_batch()
+  hf.set_attn_implementation("eager")  # sdpa returns no attention probabilities
+  try:
+    with torch.no_grad():
+      ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+               decoder_input_ids=torch.tensor(dec), output_attentions=True)
+  finally:
+    hf.set_attn_implementation("sdpa")  # the cached model is shared with other tests
+  enc, enc_mask = model.encode(jnp.asarray(ids), jnp.asarray(mask))
+  logits, _, probs = model.decode(jnp.asarray(dec), enc, enc_mask, cross_probs=True)
+  plain, _ = model.decode(jnp.asarray(dec), enc, enc_mask)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(plain))
+  assert probs.shape == (4, SMALL["num_heads"], dec.shape[1], ids.shape[1]) and probs.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(probs), ref.cross_attentions[-1].numpy(), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-5)
+  assert np.all(np.asarray(probs)[~np.broadcast_to(mask.astype(bool)[:, None, None], probs.shape)] < 1e-6)
+
+
 def test_sharded_safetensors_and_pytorch_bin(tmp_root):
   hf, path = saved_hf("flan_t5_untied", tmp_root, sharded=True)
   assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))

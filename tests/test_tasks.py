@@ -91,6 +91,32 @@ def test_train_rows_all_tasks(data, tok):
       np.testing.assert_array_equal(row["seg_masks"][j], union)
 
 
+def test_seg_boxes_put_the_mask_box_at_the_seg_step(data, tok):
+  """TaskConfig.seg_boxes (demo): a LISA row's only box target is its mask's tight box, at the step that
+  predicts `[SEG]`; without the option the row has no box target; `refseg_rows` ignores such rows."""
+  import jax.numpy as jnp
+  from pixelground.models import pixelllm as P
+
+  plain = tasks.Converters(tasks.TaskConfig(image_size=S, train=True), tok)
+  boxed = tasks.Converters(tasks.TaskConfig(image_size=S, train=True, seg_boxes=True), tok)
+  for i in range(3):
+    row = boxed.reason_seg(data["reason"][i], np.random.default_rng(i))
+    _check_schema(row, boxed.cfg)
+    assert set(row) <= set(tasks.task_schema(boxed.cfg, "reason_seg"))  # single-task batches too
+    pos = int(row["seg_positions"][0])
+    assert np.flatnonzero(row["token_box_valid"]).tolist() == [pos]
+    ys, xs = np.nonzero(row["seg_masks"][0])
+    np.testing.assert_allclose(row["token_boxes"][pos] * S, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1],
+                               atol=1e-4)
+    base = plain.reason_seg(data["reason"][i], np.random.default_rng(i))
+    assert not np.asarray(base.get("token_box_valid", np.zeros(1, bool))).any()
+    np.testing.assert_array_equal(base["seg_masks"], row["seg_masks"])
+    ref = boxed.referring(data["ref"][i], np.random.default_rng(i))
+    batch = {k: jnp.asarray(np.stack([row[k], ref[k]])) for k in
+             ("target_ids", "seg_positions", "seg_valid", "token_box_valid")}
+    assert np.asarray(P.refseg_rows(batch)).tolist() == [False, bool(ref["token_box_valid"].any())]
+
+
 def test_mixed_loader_over_real_datasets(data, tok):
   cfg = tasks.TaskConfig(image_size=S)
   conv = tasks.Converters(cfg, tok)

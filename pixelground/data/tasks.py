@@ -59,6 +59,10 @@ class TaskConfig:
   scale_range: tuple[float, float] = (0.5, 1.5)
   flip: bool = False
   split_sentences: bool = False  # LN: one sentence per target instead of the whole narrative
+  # LISA rows also carry the target mask's box at the step that predicts `[SEG]` (for the location head
+  # and the attention-grounding loss): off in the papers; the from-scratch demo uses it so the `[SEG]`
+  # state learns which object it is about.
+  seg_boxes: bool = False
   # Encoders whose normalised float32 image the host produces ("sam", "clip"): `image_{enc}` fields
   # replace the uint8 `image`. Empty (default): ship uint8 and normalise on device (4× less transfer).
   host_normalize: tuple[str, ...] = ()
@@ -104,6 +108,8 @@ def task_schema(cfg: TaskConfig, converter: str) -> dict[str, tuple[tuple[int, .
   if converter not in TASK_FIELDS:
     raise ValueError(f"no field list for converter '{converter}' (known: {sorted(TASK_FIELDS)})")
   fields = set(TASK_FIELDS[converter])
+  if cfg.seg_boxes and converter == "reason_seg":
+    fields |= set(_BOXES)
   if cfg.host_normalize:
     fields = (fields - {"image"}) | {f"image_{enc}" for enc in cfg.host_normalize}
   return {k: v for k, v in schema(cfg).items() if k in fields}
@@ -303,6 +309,13 @@ class Converters:
     out["seg_valid"] = np.arange(k) < len(positions)
     out["seg_positions"] = _pad(positions, k)
     out["ignore_mask"] = self.masks(np.asarray(ex["ignore_mask"])[None], geom)[0]
+    if self.cfg.seg_boxes and len(positions) and seg[0].any():
+      ys, xs = np.nonzero(seg[0])
+      lt = self.cfg.max_target_len
+      out["token_boxes"] = np.zeros((lt, 4), np.float32)
+      out["token_box_valid"] = np.arange(lt) == positions[0]
+      out["token_boxes"][positions[0]] = np.asarray(
+          [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32) / self.cfg.image_size
     return out
 
   # -- panoptic narrative grounding (GELLA / PNG): nouns each followed by [SEG] -----------------------

@@ -7,7 +7,7 @@
     prompt box (B, 4) normalised xyxy → SAM prompt encoder (frozen): 2 corner tokens + "no mask" map
       → prompt feature extractor: dense projections to W, 32 learned queries + prompt tokens through a
         two-way transformer over the fused map (+ its Fourier PE), per-query W → Hq, Hq → d_model, LN
-      → 32 visual tokens (B, 32, d_model)
+      → 32 visual tokens (B, 32, d_model) [+ k² pooled image tokens with `spatial_tokens` = k (demo)]
     T5: encoder input = [visual tokens; embedded prompt text]; decoder (teacher-forced or cached)
       → logits, final hidden states h (B, T, d_model)
     location head: LN + 4-layer MLP on h → 2 points per token, (v+1)/2 × the unpadded input size, pixels
@@ -62,6 +62,12 @@ class PixelLLMConfig(ModelConfig):
   extractor_heads: int = 8
   extractor_mlp: int = 2048
   query_hidden: int = 1024
+  # Demo aid (0 = off, as in the paper): also pass the two-way transformer's updated image tokens
+  # (+ PE + a linear embedding of the cell centre's (x, y)), average-pooled to a k×k grid, to T5 after
+  # the queries (k = spatial_tokens). The decoder can then pick the named object in one attention hop
+  # and read its position linearly — a from-scratch model does neither through the queries within a
+  # CPU budget (issue 7); pretrained encoders make this unnecessary in the full configs.
+  spatial_tokens: int = 0
   loc_hidden: int = 512
   loc_layers: int = 4
   lisa: bool = False          # `[SEG]` → SAM mask decoder path (needs `sam`)
@@ -87,6 +93,9 @@ class PixelLLMConfig(ModelConfig):
     if self.sam is not None and self.sam.out_channels != self.prompt.prompt_dim:
       raise ValueError(f"PixelLLMConfig: SAM out_channels {self.sam.out_channels} must equal the "
                        f"prompt dim {self.prompt.prompt_dim}.")
+    if self.spatial_tokens < 0 or (self.spatial_tokens and self.grid % self.spatial_tokens):
+      raise ValueError(f"PixelLLMConfig: spatial_tokens {self.spatial_tokens} must divide the feature "
+                       f"grid {self.grid}.")
     if self.prompt.image_size != self.image_size:
       raise ValueError(f"PixelLLMConfig: prompt.image_size {self.prompt.image_size} must equal "
                        f"image_size {self.image_size} (prompt boxes are in model-input pixels).")
@@ -130,21 +139,36 @@ class PromptExtractor(nnx.Module):
     self.query_bias = make_param(rngs, zeros, (q, hq), (None, "mlp"), cfg.weight_dtype)
     self.out = Projection((hq,), (d,), ("mlp",), ("embed",), use_bias=True, **common)
     self.norm = LayerNorm(d, "embed", eps=1e-6, **common)
+    self.spatial = cfg.spatial_tokens
+    if self.spatial:
+      self.spatial_coords = Projection((2,), (w,), (None,), ("extractor",), use_bias=False, **common)
+      self.spatial_out = Projection((w,), (d,), ("extractor",), ("embed",), use_bias=True, **common)
+      self.spatial_norm = LayerNorm(d, "embed", eps=1e-6, **common)
     self.dtype = cfg.compute_dtype
 
   def __call__(self, feats: jax.Array, pe: jax.Array, sparse: jax.Array, dense: jax.Array) -> jax.Array:
     """feats (B, g, g, C) fused map; pe (g, g, P) image PE; sparse (B, N, P) prompt tokens; dense
-    (B, g, g, P) dense prompt → (B, Q, d_model)."""
+    (B, g, g, P) dense prompt → (B, Q, d_model), or (B, Q + k², d_model) with `spatial_tokens` = k."""
     b = feats.shape[0]
     keys = self.proj_feat(feats) + self.proj_dense(dense)
     key_pe = self.proj_pe(pe)
     queries = jnp.broadcast_to(self.queries[...].astype(self.dtype)[None], (b,) + self.queries.shape)
     tokens = jnp.concatenate([queries, self.proj_sparse(sparse)], axis=1)
-    out, _ = self.transformer(tokens, keys, key_pe)
+    out, image = self.transformer(tokens, keys, key_pe)
     q = out[:, : self.num_queries]
     h = jnp.einsum("bqw,qwh->bqh", q, self.query_kernel[...].astype(self.dtype),
                    preferred_element_type=jnp.float32) + self.query_bias[...].astype(jnp.float32)
-    return self.norm(self.out(h.astype(self.dtype)))
+    visual = self.norm(self.out(h.astype(self.dtype)))
+    if not self.spatial:
+      return visual
+    g, k = feats.shape[1], self.spatial
+    grid = (image.reshape(feats.shape[:3] + (-1,)) + key_pe[None]).astype(jnp.float32)
+    grid = grid.reshape(b, k, g // k, k, g // k, -1).mean(axis=(2, 4)).reshape(b, k * k, -1)
+    c = (np.arange(k, dtype=np.float32) + 0.5) / k * 2 - 1  # cell centres in [-1, 1]
+    xy = np.stack(np.meshgrid(c, c, indexing="xy"), axis=-1).reshape(k * k, 2)
+    grid = grid + self.spatial_coords(jnp.asarray(xy, self.dtype)).astype(jnp.float32)[None]
+    return jnp.concatenate([visual, self.spatial_norm(self.spatial_out(grid.astype(self.dtype)))],
+                           axis=1)
 
 
 class LocationHead(nnx.Module):
@@ -258,7 +282,8 @@ class PixelLLM(nnx.Module):
     return jnp.concatenate(parts, axis=-1), sam_emb
 
   def visual_tokens(self, fused: jax.Array, prompt_box: jax.Array) -> jax.Array:
-    """fused (B, g, g, C); prompt_box (B, 4) normalised xyxy of the S×S input → (B, Q, d_model)."""
+    """fused (B, g, g, C); prompt_box (B, 4) normalised xyxy of the S×S input → (B, Q [+ k²], d_model)
+    (see `spatial_tokens`)."""
     g = fused.shape[1:3]
     boxes = prompt_box.astype(jnp.float32) * self.cfg.image_size
     sparse, dense = self.prompt_encoder(boxes=boxes, grid=g)
@@ -329,7 +354,12 @@ class PixelLLM(nnx.Module):
       targets = batch["target_ids"]
       start = jnp.full(targets.shape[:1] + (1,), self.cfg.t5.decoder_start_id, targets.dtype)
       dec_in = jnp.concatenate([start, targets[:, :-1]], axis=1)
-      logits, hidden = self.t5.decode(dec_in, enc, enc_mask)
+      if self.cfg.spatial_tokens:  # for the optional attention-grounding loss (LossConfig)
+        logits, hidden, probs = self.t5.decode(dec_in, enc, enc_mask, cross_probs=True)
+        q, k2 = self.cfg.num_queries, self.cfg.spatial_tokens ** 2
+        out["spatial_attn"] = probs[:, 0, :, q:q + k2]  # head 0 over the k×k grid tokens (B, T, k²)
+      else:
+        logits, hidden = self.t5.decode(dec_in, enc, enc_mask)
       out.update(logits=logits, hidden=hidden, points=self.points(hidden, batch["image_mask"]))
       if "lisa" in enabled and "seg_positions" in batch:
         out["seg_logits"], out["seg_iou"] = self.seg_masks(hidden, batch["seg_positions"], sam_emb)
@@ -399,6 +429,10 @@ class LossConfig:
   ref_dice_weight: float = 1.0
   ref_iou_weight: float = 1.0
   proposal_weight: float = 1.0     # heatmap focal + GIoU
+  # Demo aid (0 = off, as in the papers; needs PixelLLMConfig.spatial_tokens): −log of the attention
+  # mass that head 0 of the last decoder cross-attention puts on the grid tokens inside each located
+  # token's target box.
+  attention_grounding_weight: float = 0.0
   task_weights: tuple[float, ...] = ()
 
 
@@ -427,6 +461,10 @@ def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax
     target_px = batch["token_boxes"].astype(jnp.float32) * cfg.image_size
     terms["point_l1"] = L.point_l1(out["points"], target_px, batch["token_box_valid"])
     total = total + loss_cfg.point_weight * terms["point_l1"]
+    if loss_cfg.attention_grounding_weight and "spatial_attn" in out:
+      terms["attention_grounding"] = L.attention_grounding(out["spatial_attn"], batch["token_boxes"],
+                                                           batch["token_box_valid"])
+      total = total + loss_cfg.attention_grounding_weight * terms["attention_grounding"]
   if "seg_logits" in out and "seg_masks" in batch:
     masks = batch["seg_masks"].astype(jnp.float32)
     ignore = (jnp.broadcast_to(batch["ignore_mask"][:, None], masks.shape) if "ignore_mask" in batch
@@ -468,8 +506,10 @@ def seg_rows(cfg: PixelLLMConfig, batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def refseg_rows(batch: dict[str, jax.Array]) -> jax.Array:
-  """(B,) bool: referring-segmentation rows (a mask target and a box target at the EOS)."""
-  return batch["seg_valid"][:, 0] & jnp.any(batch["token_box_valid"], axis=-1)
+  """(B,) bool: referring-segmentation rows (a mask target and a box target at the EOS, slot 0 pointing
+  at the EOS — a LISA row with `TaskConfig.seg_boxes` has its box at a `[SEG]`, which is not EOS)."""
+  at = jnp.take_along_axis(batch["target_ids"], batch["seg_positions"][:, :1], axis=1)[:, 0]
+  return batch["seg_valid"][:, 0] & jnp.any(batch["token_box_valid"], axis=-1) & (at == 1)
 
 
 # Heads each task needs (`PixelLLM.__call__(batch, heads=...)`); anything else is not computed.

@@ -212,11 +212,14 @@ class Attention(nnx.Module):
     self.o = Projection((h, k), (d,), ("heads", "kv"), ("embed",), init_std=(h * k) ** -0.5,
                         **_lora(cfg, f"{lora_prefix}.o"), **common)
 
-  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """q: (B,Q,H,K), k/v: (B,S,H,K), bias: broadcastable to (B,H,Q,S) float32 → (B,Q,D)."""
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *,
+             return_probs: bool = False):
+    """q: (B,Q,H,K), k/v: (B,S,H,K), bias: broadcastable to (B,H,Q,S) float32 → (B,Q,D) [and the
+    float32 attention probabilities (B,H,Q,S) with `return_probs`]."""
     scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32) + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    return self.o(jnp.einsum("bhqs,bshk->bqhk", probs, v))
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = self.o(jnp.einsum("bhqs,bshk->bqhk", probs.astype(self.dtype), v))
+    return (out, probs) if return_probs else out
 
   def attend_cached(self, q, k_new, v_new, cache_kt, cache_v, bias, index):
     """One decode step: writes this step's key/value into the cache at `index`, then attends over it.
@@ -297,9 +300,11 @@ class DecoderLayer(nnx.Module):
     k, v = self.cross_attn.k(encoder_out), self.cross_attn.v(encoder_out)
     return encoder_out, (jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3)))
 
-  def __call__(self, x, per_layer, *, self_bias, cross_bias, encoder_out=None, index=None):
+  def __call__(self, x, per_layer, *, self_bias, cross_bias, encoder_out=None, index=None,
+               cross_probs: bool = False):
     """Full sequence (per_layer None) or one cached step at `index` (per_layer has this layer's cache
-    and cross K/V; returns the updated cache)."""
+    and cross K/V; returns the updated cache). With `cross_probs` (full sequence only) the second
+    output is this layer's cross-attention probabilities (B,H,T,S) instead."""
     per_layer = per_layer or {}
     h = self.self_attn_norm(x)
     q, k, v = self.self_attn.q(h), self.self_attn.k(h), self.self_attn.v(h)
@@ -316,7 +321,10 @@ class DecoderLayer(nnx.Module):
                                                  per_layer["cross_v"], cross_bias)
     else:
       ck, cv = self.cross_attn.k(encoder_out), self.cross_attn.v(encoder_out)
-      x = x + self.cross_attn.attend(self.cross_attn.q(h), ck, cv, cross_bias)
+      out = self.cross_attn.attend(self.cross_attn.q(h), ck, cv, cross_bias, return_probs=cross_probs)
+      if cross_probs:
+        out, new_kv = out
+      x = x + out
     return x + self.mlp(self.mlp_norm(x)), new_kv
 
 
@@ -349,14 +357,18 @@ class Decoder(nnx.Module):
                              scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
     self.final_norm = _norm(cfg, rngs)
 
-  def __call__(self, x: jax.Array, encoder_out: jax.Array, encoder_mask: jax.Array) -> jax.Array:
-    """x: (B,T,D) embedded decoder inputs → (B,T,D) final hidden states (after the final norm)."""
+  def __call__(self, x: jax.Array, encoder_out: jax.Array, encoder_mask: jax.Array, *,
+               cross_probs: bool = False):
+    """x: (B,T,D) embedded decoder inputs → (B,T,D) final hidden states (after the final norm) [and
+    the last layer's cross-attention probabilities (B,H,T,S) float32 with `cross_probs`]."""
     t = x.shape[1]
     causal = np.where(np.tril(np.ones((t, t), bool)), 0.0, NEG_INF).astype(np.float32)
     self_bias = self.relpos(t, t)[None] + causal[None, None]
-    x, _ = self.layers(x, None, self_bias=self_bias, cross_bias=_padding_bias(encoder_mask),
-                       encoder_out=encoder_out)
-    return self.final_norm(x)
+    x, probs = self.layers(x, None, self_bias=self_bias, cross_bias=_padding_bias(encoder_mask),
+                           encoder_out=encoder_out, cross_probs=cross_probs)
+    if not cross_probs:
+      return self.final_norm(x)
+    return self.final_norm(x), probs[-1]
 
   def cross_kv(self, encoder_out: jax.Array):
     """Per-layer cross-attention K (B,H,K,S) and V (B,H,S,K): stacked as (K (L,…), V (L,…)) when
@@ -420,10 +432,15 @@ class T5(nnx.Module):
     return self.encoder(x, mask), mask
 
   def decode(self, decoder_input_ids: jax.Array, encoder_out: jax.Array,
-             encoder_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+             encoder_mask: jax.Array, *, cross_probs: bool = False):
     """Teacher-forced decoder: (B,T) inputs (targets shifted right, start = pad) → logits (B,T,V) f32 and
-    final hidden states (B,T,D)."""
-    hidden = self.decoder(self.embed(decoder_input_ids), encoder_out, encoder_mask)
+    final hidden states (B,T,D) [and the last layer's cross-attention probabilities (B,H,T,S) with
+    `cross_probs`]."""
+    hidden = self.decoder(self.embed(decoder_input_ids), encoder_out, encoder_mask,
+                          cross_probs=cross_probs)
+    if cross_probs:
+      hidden, probs = hidden
+      return self.logits(hidden), hidden, probs
     return self.logits(hidden), hidden
 
   def __call__(self, input_ids, attention_mask, decoder_input_ids, *, prefix_embeds=None,
