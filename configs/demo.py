@@ -9,6 +9,11 @@ location-conditioned captions, dense captioning (proposal head + region captions
 masks — trains on all six tasks (one task per batch, sampled by weight), is evaluated on held-out images
 and draws WORKDIR/demo.png: a generated caption with its per-word trace, a referring box and mask, and a
 `[SEG]` mask.
+
+The model is trained from scratch, so three aids the paper configs leave off are on here (see the README):
+`model.tiny.spatial_tokens` (8×8 pooled image tokens with an (x, y) embedding after the queries),
+`loss.attention_grounding_weight` (cross-attention looks inside each located token's box) and
+`data.seg_boxes` (the `[SEG]` step also carries its mask's box).
 """
 
 import ml_collections
