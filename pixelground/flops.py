@@ -189,11 +189,6 @@ def _two_way(c: _Counter, n: float, nt: int, nk: int, depth: int, dim: int, mlp:
   return gt, gk
 
 
-def visual_tokens(cfg: P.PixelLLMConfig) -> int:
-  """Visual tokens in front of the T5 encoder's text: the queries (+ the k×k spatial tokens)."""
-  return cfg.num_queries + cfg.spatial_tokens ** 2
-
-
 def _extractor(c: _Counter, cfg: P.PixelLLMConfig, n: int, g_fused: bool, tr: frozenset[str]) -> bool:
   """PixelLLM's prompt feature extractor on n (image, box) pairs → visual tokens flag."""
   w, gp = "extractor" in tr, "prompt_encoder" in tr
@@ -325,7 +320,7 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
   """
   tr = trained_units(cfg, trainable) if train else frozenset()
   c, b, t5 = _Counter(), batch_size, cfg.t5
-  le = visual_tokens(cfg) + prompt_len
+  le = cfg.num_visual_tokens + prompt_len
 
   g_sam = g_eva = False
   if cfg.sam is not None:
@@ -358,7 +353,7 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
   if cfg.refseg and target_len:
     c.part = "mask_adapter"
     w, p = "mask_adapter" in tr, cfg.prompt.prompt_dim
-    nk = visual_tokens(cfg) + target_len
+    nk = cfg.num_visual_tokens + target_len
     gk = c.dense(t5.d_model * p, b * nk, w=w, x=g_vis or g_hid)
     gt, _ = _two_way(c, b, 2, nk, cfg.adapter_depth, p, 2 * p, 2, w, w, gk)
     g = c.dense(p * p, b * 2, w=w, x=gt)

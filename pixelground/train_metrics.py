@@ -69,7 +69,7 @@ def batch_metrics(cfg: P.PixelLLMConfig, task: str, out: dict[str, jax.Array],
     hit = (box_iou(pred, gt) >= 0.5) & has_box
     m["referring_acc50"] = (jnp.sum(hit).astype(jnp.float32), jnp.sum(has_box).astype(jnp.float32))
     if "ref_logits" in out:
-      valid = P.refseg_rows(batch)
+      valid = P.refseg_rows(cfg, batch)
       iou = L.mask_iou(out["ref_logits"], batch["seg_masks"][:, 0].astype(jnp.float32),
                        ignore=~batch["image_mask"])
       m["referring_miou"] = (jnp.sum(jnp.where(valid, iou, 0.0)), jnp.sum(valid).astype(jnp.float32))

@@ -97,6 +97,8 @@ def test_seg_boxes_put_the_mask_box_at_the_seg_step(data, tok):
   import jax.numpy as jnp
   from pixelground.models import pixelllm as P
 
+  tiny = P.tiny_config(vocab_size=tok.vocab_size)
+
   plain = tasks.Converters(tasks.TaskConfig(image_size=S, train=True), tok)
   boxed = tasks.Converters(tasks.TaskConfig(image_size=S, train=True, seg_boxes=True), tok)
   for i in range(3):
@@ -114,7 +116,7 @@ def test_seg_boxes_put_the_mask_box_at_the_seg_step(data, tok):
     ref = boxed.referring(data["ref"][i], np.random.default_rng(i))
     batch = {k: jnp.asarray(np.stack([row[k], ref[k]])) for k in
              ("target_ids", "seg_positions", "seg_valid", "token_box_valid")}
-    assert np.asarray(P.refseg_rows(batch)).tolist() == [False, bool(ref["token_box_valid"].any())]
+    assert np.asarray(P.refseg_rows(tiny, batch)).tolist() == [False, bool(ref["token_box_valid"].any())]
 
 
 def test_mixed_loader_over_real_datasets(data, tok):

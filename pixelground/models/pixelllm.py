@@ -114,6 +114,11 @@ class PixelLLMConfig(ModelConfig):
     return self.eva_grid or self.sam_grid
 
   @property
+  def num_visual_tokens(self) -> int:
+    """Tokens in front of T5's prompt text: the queries, then the k×k grid tokens (`spatial_tokens`)."""
+    return self.num_queries + self.spatial_tokens ** 2
+
+  @property
   def feature_dim(self) -> int:
     return (self.sam.out_channels if self.sam else 0) + (self.eva.width if self.eva else 0)
 
@@ -356,8 +361,8 @@ class PixelLLM(nnx.Module):
       dec_in = jnp.concatenate([start, targets[:, :-1]], axis=1)
       if self.cfg.spatial_tokens:  # for the optional attention-grounding loss (LossConfig)
         logits, hidden, probs = self.t5.decode(dec_in, enc, enc_mask, cross_probs=True)
-        q, k2 = self.cfg.num_queries, self.cfg.spatial_tokens ** 2
-        out["spatial_attn"] = probs[:, 0, :, q:q + k2]  # head 0 over the k×k grid tokens (B, T, k²)
+        grid = slice(self.cfg.num_queries, self.cfg.num_visual_tokens)
+        out["spatial_attn"] = probs[:, 0, :, grid]  # head 0 over the k×k grid tokens (B, T, k²)
       else:
         logits, hidden = self.t5.decode(dec_in, enc, enc_mask)
       out.update(logits=logits, hidden=hidden, points=self.points(hidden, batch["image_mask"]))
@@ -487,7 +492,7 @@ def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax
              + terms["region_ce"])
   if "ref_logits" in out and "seg_masks" in batch:
     target = batch["seg_masks"][:, 0].astype(jnp.float32)
-    valid = refseg_rows(batch)
+    valid = refseg_rows(cfg, batch)
     focal = L.sigmoid_focal_loss(out["ref_logits"], target, valid)
     rdice = L.dice_loss(out["ref_logits"], target, valid)
     riou = L.iou_mse(out["ref_iou"], out["ref_logits"], target, valid)
@@ -505,11 +510,12 @@ def seg_rows(cfg: PixelLLMConfig, batch: dict[str, jax.Array]) -> jax.Array:
   return batch["seg_valid"] & (at == cfg.seg_token_id)
 
 
-def refseg_rows(batch: dict[str, jax.Array]) -> jax.Array:
+def refseg_rows(cfg: PixelLLMConfig, batch: dict[str, jax.Array]) -> jax.Array:
   """(B,) bool: referring-segmentation rows (a mask target and a box target at the EOS, slot 0 pointing
   at the EOS — a LISA row with `TaskConfig.seg_boxes` has its box at a `[SEG]`, which is not EOS)."""
   at = jnp.take_along_axis(batch["target_ids"], batch["seg_positions"][:, :1], axis=1)[:, 0]
-  return batch["seg_valid"][:, 0] & jnp.any(batch["token_box_valid"], axis=-1) & (at == 1)
+  return (batch["seg_valid"][:, 0] & jnp.any(batch["token_box_valid"], axis=-1)
+          & (at == cfg.t5.eos_id))
 
 
 # Heads each task needs (`PixelLLM.__call__(batch, heads=...)`); anything else is not computed.
