@@ -337,6 +337,15 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
   w = "loc_head" in tr
   dims = [t5.d_model] + [cfg.loc_hidden] * (cfg.loc_layers - 1) + [4]
   g = g_hid or w                                           # its LayerNorm comes first
+  if cfg.pointer_head and target_len:                      # attention to the k² grid tokens
+    d, h, k2, rows = t5.d_model, cfg.loc_hidden, cfg.spatial_tokens ** 2, b * target_len
+    gq = c.dense(d * h, rows, w=w, x=g)
+    gg = g_vis or w                                        # grid tokens (after their own LayerNorm)
+    gk = c.dense(d * h, b * k2, w=w, x=gg)
+    gp = c.product(2.0 * rows * k2 * h, gq, gk)            # scores
+    c.product(2.0 * rows * k2 * 2, gp)                     # attended cell centre
+    gr = c.product(2.0 * rows * k2 * d, gp, gg)            # attended tokens
+    g = c.dense(d * d, rows, w=w, x=gr) or g
   for a, o in zip(dims[:-1], dims[1:]):
     g = c.dense(a * o, b * target_len, w=w, x=g)
 

@@ -102,7 +102,7 @@ def _generate(model, batch, *, max_len: int, num_beams: int, no_repeat_previous:
                           num_beams=num_beams, length_penalty=0.6 if num_beams > 1 else 1.0,
                           no_repeat_previous=no_repeat_previous, prefix_embeds=visual,
                           vocab_limit=vocab_limit)
-  return res, model.points(res.hidden, batch["image_mask"]), (sam_emb, visual)
+  return res, model.points(res.hidden, batch["image_mask"], visual), (sam_emb, visual)
 
 
 @functools.partial(nnx.jit, static_argnames=("k", "max_len", "vocab_limit"))

@@ -114,11 +114,14 @@ def test_referring_box_and_mask_overfit(setup):
   assert last["point_l1"] < 0.3 * first["point_l1"] and last["ref_focal"] < 0.5 * first["ref_focal"]
 
 
-def test_spatial_tokens_with_attention_grounding_overfit(setup):
-  """The demo's aids: k×k pooled image tokens after the queries, and the loss that makes head 0 of the
-  last cross-attention look inside the target box; both the box L1 and that loss must fall."""
+@pytest.mark.parametrize("pointer", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_spatial_tokens_with_attention_grounding_overfit(setup, pointer):
+  """The demo's aids: k×k pooled image tokens after the queries, and the loss that makes an attention
+  look inside the target box — head 0 of T5's last cross-attention, or with `pointer_head` the location
+  head's own attention; both the box L1 and that loss must fall."""
   tok = setup["tok"]
-  cfg = P.tiny_config(vocab_size=tok.vocab_size, refseg=True).replace(spatial_tokens=2)
+  cfg = P.tiny_config(vocab_size=tok.vocab_size, refseg=True).replace(spatial_tokens=2,
+                                                                      pointer_head=pointer)
   batch = setup["refseg"]
   model, first, last = _overfit("spatial", cfg, batch, 80, attention_grounding_weight=1.0)
   assert last["attention_grounding"] < 0.5 * first["attention_grounding"]
@@ -130,6 +133,33 @@ def test_spatial_tokens_with_attention_grounding_overfit(setup):
   assert out["spatial_attn"].shape == (4, batch["target_ids"].shape[1], 4)
   with pytest.raises(ValueError, match="spatial_tokens 3 must divide the feature grid 4"):
     cfg.replace(spatial_tokens=3)
+
+
+def test_pointer_head_places_points_around_the_attended_centre(setup):
+  """`pointer_head`: a token's 2 points are the attention-weighted cell centre (pixels of the S×S input)
+  plus the MLP's output × half the unpadded size; the grounding loss reads that same attention."""
+  tok = setup["tok"]
+  cfg = P.tiny_config(vocab_size=tok.vocab_size).replace(spatial_tokens=2, pointer_head=True)
+  model = P.PixelLLM(cfg, rngs=nnx.Rngs(3))
+  batch = dict(setup["refseg"])
+  s = cfg.image_size
+  mask = np.zeros((4, s, s), bool)
+  mask[:, :48, :40] = True  # unpadded 40 wide × 48 high
+  batch["image_mask"] = jnp.asarray(mask)
+  last = model.loc_head.layers[-1]
+  last.kernel.set_value(jnp.zeros_like(last.kernel.get_value()))
+  last.bias.set_value(jnp.asarray([0.5, 0.0, -0.25, 1.0], jnp.float32))
+  out = model(batch)
+  probs = np.asarray(out["spatial_attn"], np.float64)  # (B, T, 4) over the 2×2 grid
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  centres = np.array([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]])  # (x, y), row-major
+  c = (probs @ centres + 1) / 2 * s  # (B, T, 2) pixels
+  want = np.concatenate([c, c], -1) + np.array([0.5 * 20, 0.0, -0.25 * 20, 1.0 * 24])
+  np.testing.assert_allclose(np.asarray(out["points"]), want, rtol=1e-4, atol=1e-3)
+  with pytest.raises(ValueError, match="pointer_head needs the visual tokens"):
+    model.points(out["hidden"], batch["image_mask"])
+  with pytest.raises(ValueError, match="pointer_head=True needs spatial_tokens"):
+    cfg.replace(spatial_tokens=0)
 
 
 def test_dense_caption_proposals_overfit(setup):

@@ -11,6 +11,8 @@
     T5: encoder input = [visual tokens; embedded prompt text]; decoder (teacher-forced or cached)
       → logits, final hidden states h (B, T, d_model)
     location head: LN + 4-layer MLP on h → 2 points per token, (v+1)/2 × the unpadded input size, pixels
+      [demo `pointer_head`: attention from h to the k² grid tokens; points = attended cell centre +
+      v/2 × the unpadded size]
     LISA: h at each position that predicts `[SEG]` → Linear(d→d) → ReLU → Linear(d→256) → one sparse
       prompt of SAM's mask decoder (dense = "no mask") → one mask per `[SEG]`, upsampled to S×S.
 
@@ -68,6 +70,12 @@ class PixelLLMConfig(ModelConfig):
   # and read its position linearly — a from-scratch model does neither through the queries within a
   # CPU budget (issue 7); pretrained encoders make this unnecessary in the full configs.
   spatial_tokens: int = 0
+  # Demo aid (off in the paper configs; needs spatial_tokens): the location head points at the k×k
+  # grid tokens (one attention from each decoder state) and predicts its 2 points as offsets from the
+  # attention-weighted cell centre, reading the attended tokens' features too. With
+  # `LossConfig.attention_grounding_weight` the grounding loss then supervises this attention instead
+  # of T5's cross-attention head 0.
+  pointer_head: bool = False
   loc_hidden: int = 512
   loc_layers: int = 4
   lisa: bool = False          # `[SEG]` → SAM mask decoder path (needs `sam`)
@@ -96,6 +104,8 @@ class PixelLLMConfig(ModelConfig):
     if self.spatial_tokens < 0 or (self.spatial_tokens and self.grid % self.spatial_tokens):
       raise ValueError(f"PixelLLMConfig: spatial_tokens {self.spatial_tokens} must divide the feature "
                        f"grid {self.grid}.")
+    if self.pointer_head and not self.spatial_tokens:
+      raise ValueError("PixelLLMConfig: pointer_head=True needs spatial_tokens (the grid it points at).")
     if self.prompt.image_size != self.image_size:
       raise ValueError(f"PixelLLMConfig: prompt.image_size {self.prompt.image_size} must equal "
                        f"image_size {self.image_size} (prompt boxes are in model-input pixels).")
@@ -121,6 +131,12 @@ class PixelLLMConfig(ModelConfig):
   @property
   def feature_dim(self) -> int:
     return (self.sam.out_channels if self.sam else 0) + (self.eva.width if self.eva else 0)
+
+
+def cell_centres(k: int) -> np.ndarray:
+  """(k², 2) float32 (x, y) centres of a k×k grid over the S×S input, row-major, in [-1, 1] units."""
+  c = (np.arange(k, dtype=np.float32) + 0.5) / k * 2 - 1
+  return np.stack(np.meshgrid(c, c, indexing="xy"), axis=-1).reshape(k * k, 2)
 
 
 class PromptExtractor(nnx.Module):
@@ -169,31 +185,56 @@ class PromptExtractor(nnx.Module):
     g, k = feats.shape[1], self.spatial
     grid = (image.reshape(feats.shape[:3] + (-1,)) + key_pe[None]).astype(jnp.float32)
     grid = grid.reshape(b, k, g // k, k, g // k, -1).mean(axis=(2, 4)).reshape(b, k * k, -1)
-    c = (np.arange(k, dtype=np.float32) + 0.5) / k * 2 - 1  # cell centres in [-1, 1]
-    xy = np.stack(np.meshgrid(c, c, indexing="xy"), axis=-1).reshape(k * k, 2)
+    xy = cell_centres(k)
     grid = grid + self.spatial_coords(jnp.asarray(xy, self.dtype)).astype(jnp.float32)[None]
     return jnp.concatenate([visual, self.spatial_norm(self.spatial_out(grid.astype(self.dtype)))],
                            axis=1)
 
 
 class LocationHead(nnx.Module):
-  """SPEC 1.7: LN + MLP (GELU) on decoder states → raw (…, 4) = 2 points (x, y) in [-1, 1] units."""
+  """SPEC 1.7: LN + MLP (GELU) on decoder states → raw (…, 4) = 2 points (x, y) in [-1, 1] units.
 
-  def __init__(self, d_model: int, hidden: int, num_layers: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+  With `pointer` (the demo's `pointer_head`): a single-head attention from each LN'd state to the k×k
+  grid tokens (query/key width `hidden`); the attended tokens (projected d → d) are added to the MLP's
+  input, and the attention-weighted cell centre c is returned so that the caller places the 2 points at
+  c + MLP output (offsets)."""
+
+  def __init__(self, d_model: int, hidden: int, num_layers: int, *, pointer: bool = False, dtype,
+               param_dtype, rngs: nnx.Rngs):
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = LayerNorm(d_model, "embed", eps=1e-6, **common)
     dims = [d_model] + [hidden] * (num_layers - 1) + [4]
     self.layers = nnx.List([Projection((a,), (c,), ("embed" if i == 0 else "mlp",),
                                        ("mlp" if i < num_layers - 1 else None,), use_bias=True, **common)
                             for i, (a, c) in enumerate(zip(dims[:-1], dims[1:]))])
+    self.pointer = pointer
+    if pointer:
+      self.grid_norm = LayerNorm(d_model, "embed", eps=1e-6, **common)
+      self.query = Projection((d_model,), (hidden,), ("embed",), ("mlp",), use_bias=False, **common)
+      self.key = Projection((d_model,), (hidden,), ("embed",), ("mlp",), use_bias=False, **common)
+      self.value = Projection((d_model,), (d_model,), ("embed",), ("mlp",), use_bias=False, **common)
+    self.dtype = dtype
 
-  def __call__(self, hidden: jax.Array) -> jax.Array:
+  def __call__(self, hidden: jax.Array, grid: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """hidden (B, T, d); grid (B, k², d) tokens (pointer only) → (raw (B, T, 4) float32, attention
+    (B, T, k²) float32 and centre (B, T, 2) in [-1, 1] units — both None without the pointer)."""
     x = self.norm(hidden)
+    probs = centre = None
+    if self.pointer:
+      g = self.grid_norm(grid)
+      q, k = self.query(x), self.key(g)
+      logits = jnp.einsum("btd,bnd->btn", q, k, preferred_element_type=jnp.float32)
+      probs = jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1)
+      centre = jnp.einsum("btn,nc->btc", probs, jnp.asarray(cell_centres(int(round(
+          grid.shape[1] ** 0.5))), jnp.float32))
+      read = jnp.einsum("btn,bnd->btd", probs.astype(self.dtype), g, preferred_element_type=jnp.float32)
+      x = x + self.value(read.astype(self.dtype))
     for i, layer in enumerate(self.layers):
       x = layer(x)
       if i < len(self.layers) - 1:
         x = jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
-    return x.astype(jnp.float32)
+    return x.astype(jnp.float32), probs, centre
 
 
 class SegProjection(nnx.Module):
@@ -258,7 +299,8 @@ class PixelLLM(nnx.Module):
     self.extractor = PromptExtractor(cfg, rngs=rngs)
     self.t5 = t5_lib.T5(cfg.t5, rngs=rngs)
     common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-    self.loc_head = LocationHead(cfg.t5.d_model, cfg.loc_hidden, cfg.loc_layers, **common)
+    self.loc_head = LocationHead(cfg.t5.d_model, cfg.loc_hidden, cfg.loc_layers,
+                                 pointer=cfg.pointer_head, **common)
     self.seg_proj = (SegProjection(cfg.t5.d_model, cfg.prompt.prompt_dim, **common) if cfg.lisa
                      else None)
     self.mask_adapter = MaskAdapter(cfg, rngs=rngs) if cfg.refseg else None
@@ -318,12 +360,27 @@ class PixelLLM(nnx.Module):
     return logits.reshape(b, r, targets.shape[-1], -1)
 
   # -- heads -----------------------------------------------------------------------------------------
-  def points(self, hidden: jax.Array, image_mask: jax.Array) -> jax.Array:
-    """hidden (B, T, d) → (B, T, 4) [x0, y0, x1, y1] absolute pixels of the unpadded input."""
-    v = self.loc_head(hidden)
+  def points(self, hidden: jax.Array, image_mask: jax.Array, visual: jax.Array | None = None
+             ) -> jax.Array:
+    """hidden (B, T, d) → (B, T, 4) [x0, y0, x1, y1] absolute pixels of the unpadded input. `visual`
+    (B, Q + k², d): the visual tokens, needed with `pointer_head`."""
+    return self.locate(hidden, image_mask, visual)[0]
+
+  def locate(self, hidden: jax.Array, image_mask: jax.Array, visual: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array | None]:
+    """→ (points as in `points`, the pointer's attention (B, T, k²) or None without `pointer_head`).
+    Without the pointer a token's points are (v + 1) / 2 × the unpadded size; with it they are the
+    attended cell centre (pixels of the S×S input) + v / 2 × the unpadded size."""
     size = valid_size(image_mask)  # (B, 2) [w, h]
     scale = jnp.concatenate([size, size], axis=-1)[:, None, :]
-    return (v + 1.0) * 0.5 * scale
+    if not self.cfg.pointer_head:
+      return (self.loc_head(hidden)[0] + 1.0) * 0.5 * scale, None
+    if visual is None:
+      raise ValueError("PixelLLM.points: pointer_head needs the visual tokens (`visual`).")
+    grid = visual[:, self.cfg.num_queries:self.cfg.num_visual_tokens]
+    v, probs, centre = self.loc_head(hidden, grid)
+    c = (jnp.concatenate([centre, centre], axis=-1) + 1.0) * 0.5 * self.cfg.image_size
+    return c + v * 0.5 * scale, probs
 
   def seg_masks(self, hidden: jax.Array, positions: jax.Array, sam_emb: jax.Array) -> jax.Array:
     """LISA masks: hidden (B, T, d), positions (B, K) of the `[SEG]`-predicting steps, SAM embedding
@@ -359,13 +416,16 @@ class PixelLLM(nnx.Module):
       targets = batch["target_ids"]
       start = jnp.full(targets.shape[:1] + (1,), self.cfg.t5.decoder_start_id, targets.dtype)
       dec_in = jnp.concatenate([start, targets[:, :-1]], axis=1)
-      if self.cfg.spatial_tokens:  # for the optional attention-grounding loss (LossConfig)
+      if self.cfg.spatial_tokens and not self.cfg.pointer_head:  # for the optional grounding loss
         logits, hidden, probs = self.t5.decode(dec_in, enc, enc_mask, cross_probs=True)
         grid = slice(self.cfg.num_queries, self.cfg.num_visual_tokens)
         out["spatial_attn"] = probs[:, 0, :, grid]  # head 0 over the k×k grid tokens (B, T, k²)
       else:
         logits, hidden = self.t5.decode(dec_in, enc, enc_mask)
-      out.update(logits=logits, hidden=hidden, points=self.points(hidden, batch["image_mask"]))
+      points, pointer = self.locate(hidden, batch["image_mask"], visual)
+      if pointer is not None:
+        out["spatial_attn"] = pointer  # the location head's own attention (B, T, k²)
+      out.update(logits=logits, hidden=hidden, points=points)
       if "lisa" in enabled and "seg_positions" in batch:
         out["seg_logits"], out["seg_iou"] = self.seg_masks(hidden, batch["seg_positions"], sam_emb)
       if "refseg" in enabled:
