@@ -10,10 +10,12 @@ masks — trains on all six tasks (one task per batch, sampled by weight), is ev
 and draws WORKDIR/demo.png: a generated caption with its per-word trace, a referring box and mask, and a
 `[SEG]` mask.
 
-The model is trained from scratch, so three aids the paper configs leave off are on here (see the README):
+The model is trained from scratch, so aids the paper configs leave off are on here (see the README):
 `model.tiny.spatial_tokens` (8×8 pooled image tokens with an (x, y) embedding after the queries),
-`loss.attention_grounding_weight` (cross-attention looks inside each located token's box) and
-`data.seg_boxes` (the `[SEG]` step also carries its mask's box).
+`model.tiny.pointer_head` (the location head attends to those tokens and predicts offsets from the
+attended cell centre), `loss.attention_grounding_weight` (that attention looks inside each located
+token's box), `model.tiny.refseg_train_box` (the referring-mask decoder trains on ground-truth boxes)
+and `data.seg_boxes` (the `[SEG]` step also carries its mask's box).
 """
 
 import ml_collections
@@ -30,10 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.refseg = True
   c.model.proposals = True
   # Patch 8 (8×8 feature grids at 64 px, 16 px patches would leave 4×4), 16 queries, wider extractor.
+  # T5 with 4 heads of 16 (not 2 of 32): the grounding loss claims head 0, the others keep the text.
   c.model.tiny = ml_collections.ConfigDict({
       "sam": {"patch_size": 8, "window_size": 4}, "prompt": {"grid_size": 8},
       "eva": {"patch_size": 8, "image_size": image_size, "rope_ref_grid": 8},
-      "num_queries": 16, "extractor_width": 64, "query_hidden": 64, "spatial_tokens": 8})
+      "t5": {"num_heads": 4, "head_dim": 16},
+      "num_queries": 16, "extractor_width": 64, "query_hidden": 64, "spatial_tokens": 8,
+      "pointer_head": True, "refseg_train_box": "target"})
   # No pretrained tiny weights exist, so nothing is frozen here (the full configs freeze SAM and T5).
   c.trainable = (".",)
   c.weights = ml_collections.ConfigDict({"sam": "", "eva": "", "t5": ""})

@@ -270,7 +270,7 @@ def make_train_step(setup: Setup, loss_cfg: P.LossConfig, *, accum_steps: int = 
 
   def loss_fn(params, frozen, batch, rng, heads):
     model = nnx.merge(graphdef, params, frozen)
-    out = model(batch, rng=rng if drop_path else None, heads=heads)
+    out = model(batch, rng=rng if drop_path else None, heads=heads, train=True)
     return P.compute_losses(cfg, loss_cfg, out, batch)
 
   def step(state, batch, heads):

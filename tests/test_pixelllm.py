@@ -135,6 +135,25 @@ def test_spatial_tokens_with_attention_grounding_overfit(setup, pointer):
     cfg.replace(spatial_tokens=3)
 
 
+def test_refseg_train_box_target_prompts_with_the_ground_truth_box_in_training_only(setup):
+  tok = setup["tok"]
+  cfg = P.tiny_config(vocab_size=tok.vocab_size, refseg=True).replace(refseg_train_box="target")
+  model = P.PixelLLM(cfg, rngs=nnx.Rngs(2))
+  batch = setup["refseg"]
+  enc, _, sam_emb, visual, _ = model.encode(batch)
+  trained, evaluated = model(batch, train=True), model(batch)
+  eos = np.asarray(batch["target_mask"]).sum(-1) - 1
+  rows = np.arange(eos.shape[0])
+  target = np.asarray(batch["token_boxes"])[rows, eos] * cfg.image_size
+  predicted = np.asarray(evaluated["points"])[rows, eos]
+  for out, box in ((trained, target), (evaluated, predicted)):
+    want, _ = model.box_mask(jnp.asarray(box), visual, out["hidden"], sam_emb)
+    np.testing.assert_allclose(np.asarray(out["ref_logits"]), np.asarray(want), atol=1e-4)
+  assert not np.allclose(np.asarray(trained["ref_logits"]), np.asarray(evaluated["ref_logits"]))
+  with pytest.raises(ValueError, match="refseg_train_box 'gt' must be"):
+    cfg.replace(refseg_train_box="gt")
+
+
 def test_pointer_head_places_points_around_the_attended_centre(setup):
   """`pointer_head`: a token's 2 points are the attention-weighted cell centre (pixels of the S×S input)
   plus the MLP's output × half the unpadded size; the grounding loss reads that same attention."""

@@ -76,6 +76,10 @@ class PixelLLMConfig(ModelConfig):
   # `LossConfig.attention_grounding_weight` the grounding loss then supervises this attention instead
   # of T5's cross-attention head 0.
   pointer_head: bool = False
+  # Which box prompts the referring-mask decoder in training: "predicted" (the location head's, as at
+  # inference) or "target" (the ground-truth box; a from-scratch mask decoder fed garbage boxes early on
+  # learns to ignore them — the demo's choice). Evaluation and inference always use the predicted box.
+  refseg_train_box: str = "predicted"
   loc_hidden: int = 512
   loc_layers: int = 4
   lisa: bool = False          # `[SEG]` → SAM mask decoder path (needs `sam`)
@@ -104,6 +108,9 @@ class PixelLLMConfig(ModelConfig):
     if self.spatial_tokens < 0 or (self.spatial_tokens and self.grid % self.spatial_tokens):
       raise ValueError(f"PixelLLMConfig: spatial_tokens {self.spatial_tokens} must divide the feature "
                        f"grid {self.grid}.")
+    if self.refseg_train_box not in ("predicted", "target"):
+      raise ValueError(f"PixelLLMConfig: refseg_train_box {self.refseg_train_box!r} must be "
+                       "'predicted' or 'target'.")
     if self.pointer_head and not self.spatial_tokens:
       raise ValueError("PixelLLMConfig: pointer_head=True needs spatial_tokens (the grid it points at).")
     if self.prompt.image_size != self.image_size:
@@ -400,7 +407,7 @@ class PixelLLM(nnx.Module):
 
   # -- teacher-forced forward ------------------------------------------------------------------------
   def __call__(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None,
-               heads: tp.Collection[str] | None = None) -> dict[str, jax.Array]:
+               heads: tp.Collection[str] | None = None, train: bool = False) -> dict[str, jax.Array]:
     """Teacher-forced outputs for a training batch (fields of `pixelground.data.tasks.schema`):
     logits (B, T, V) f32, hidden (B, T, d), points (B, T, 4) pixels; with the "lisa" head seg_logits
     (B, K, S, S) and seg_iou (B, K); "refseg": ref_logits (B, S, S), ref_iou (B,); "proposals": heat,
@@ -408,7 +415,8 @@ class PixelLLM(nnx.Module):
 
     `heads` picks which of the configured heads run (see `TASK_HEADS`: a single-task batch only pays for
     its own); None runs every configured head whose inputs are in the batch. Without `target_ids`
-    (dense captioning) the main caption decode is skipped."""
+    (dense captioning) the main caption decode is skipped. `train` (the trainer's loss) lets
+    `refseg_train_box` = "target" prompt the referring mask with the ground-truth box."""
     enabled = self.heads if heads is None else set(heads) & self.heads
     enc, enc_mask, sam_emb, visual, fused = self.encode(batch, rng=rng)
     out: dict[str, jax.Array] = {}
@@ -431,6 +439,11 @@ class PixelLLM(nnx.Module):
       if "refseg" in enabled:
         eos = jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1
         box = jnp.take_along_axis(out["points"], eos[:, None, None], axis=1)[:, 0]
+        if train and self.cfg.refseg_train_box == "target" and "token_boxes" in batch:
+          target = jnp.take_along_axis(batch["token_boxes"], eos[:, None, None], axis=1)[:, 0]
+          has = jnp.take_along_axis(batch["token_box_valid"], eos[:, None], axis=1)
+          box = jnp.where(has & jnp.any(target != 0, -1, keepdims=True),
+                          target.astype(jnp.float32) * self.cfg.image_size, box)
         out["ref_logits"], out["ref_iou"] = self.box_mask(box, visual, hidden, sam_emb)
     if "proposals" in enabled and "region_boxes" in batch:
       out["heat"], out["ltrb"] = self.proposal_head(fused)

@@ -31,6 +31,8 @@ def get_config():
   # The demo's from-scratch aids (tested in test_pixelllm / test_losses / test_tasks) add 64 encoder
   # tokens: off here, so the trainer / evaluator tests stay fast.
   c.model.tiny.spatial_tokens = 0
+  c.model.tiny.pointer_head = False
+  c.model.tiny.refseg_train_box = "predicted"
   c.loss.attention_grounding_weight = 0.0
   c.data.seg_boxes = False
   return c
