@@ -165,6 +165,7 @@ def test_presets_and_axes():
     assert len(variable_axes(var)) == len(var.shape)
 
 
+@pytest.mark.slow  # ~30 s; the sharded forward is also checked in test_vision_sharding
 def test_sharded_load_bf16_and_remat(tmp_path):
   """Loads onto an 8-device fsdp mesh with remat and bfloat16 compute; gradients flow."""
   from pixelground.sharding import make_mesh
