@@ -357,7 +357,7 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
     g = c.dense(t5.d_model * t5.d_model, b * num_seg, w=w, x=g_hid)
     g = c.dense(t5.d_model * cfg.prompt.prompt_dim, b * num_seg, w=w, x=g)
     c.part = "mask_decoder"
-    _mask_decoder(c, cfg, b * num_seg, 1, g, g_img, w_md, iou_loss=False)
+    _mask_decoder(c, cfg, b * num_seg, 3 if cfg.seg_box_prompt else 1, g, g_img, w_md, iou_loss=False)
 
   if cfg.refseg and target_len:
     c.part = "mask_adapter"

@@ -253,14 +253,15 @@ class Predictor:
     image = _check_image(image)
     _check_text(question, "question")
     batch, geom = self._inputs(image, question, None)
-    tokens, _, res, (sam_emb, _) = self._decode(batch, max_len, 1)
+    tokens, _, res, (sam_emb, visual) = self._decode(batch, max_len, 1)
     seg_id = self.model.cfg.seg_token_id
     positions = [t for t, tok in enumerate(tokens) if tok == seg_id]
     h, w = image.shape[:2]
     body = tokens[:-1] if tokens and tokens[-1] == self.tok.eos_id else tokens
     if not positions:
       return Segmentation(self.tok.decode(body), np.zeros((0, h, w), bool), np.zeros(0, np.float32))
-    logits, iou = _masks(self.model, res.hidden, jnp.asarray([positions], jnp.int32), sam_emb)
+    logits, iou = _masks(self.model, res.hidden, jnp.asarray([positions], jnp.int32), sam_emb, visual,
+                         batch["image_mask"])
     masks = mask_to_image(np.asarray(logits[0]), geom, (h, w))
     return Segmentation(self.tok.decode(body), masks, np.asarray(iou[0]))
 
@@ -273,8 +274,10 @@ def mask_to_image(logits: np.ndarray, geom: T.Geometry, hw: tuple[int, int]) -> 
 
 
 @nnx.jit
-def _masks(model, hidden, positions, sam_emb):
-  return model.seg_masks(hidden.astype(jnp.float32), positions, sam_emb)
+def _masks(model, hidden, positions, sam_emb, visual, image_mask):
+  hidden = hidden.astype(jnp.float32)
+  boxes = model.points(hidden, image_mask, visual) if model.cfg.seg_box_prompt else None
+  return model.seg_masks(hidden, positions, sam_emb, boxes=boxes)
 
 
 def teacher_forced_points(model, batch: dict[str, tp.Any]) -> np.ndarray:

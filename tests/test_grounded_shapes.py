@@ -73,6 +73,25 @@ def test_other_seed_differs(out, tmp_path):
                          os.path.join(tmp_path, "annotations", "png_train.json"), shallow=False)
 
 
+def test_easier_scenes_fewer_bigger_shapes_in_fewer_colours(tmp_path):
+  """max_shapes / scale / colours (the demo's 3 shapes, radii × 2, 4 colours): every scene obeys them;
+  values outside the ranges raise naming the argument."""
+  gs.generate(str(tmp_path), 24, 0, 0, seed=5, size=64, max_shapes=3, scale=2.0, colours=2)
+  inst = _load(tmp_path, "grounded_shapes/instances.json")
+  per_image: dict[int, int] = {}
+  for a in inst["annotations"]:
+    per_image[a["image_id"]] = per_image.get(a["image_id"], 0) + 1
+  assert len(per_image) == 24 and set(per_image.values()) <= {2, 3}
+  caps = " ".join(c["caption"] for c in _load(tmp_path, "annotations/captions_train.json")["annotations"])
+  named = {c for c in gs.PALETTE if f" {c} " in f" {caps} "}
+  assert named == {"red", "green"}, named
+  # the largest circle at scale 1.6 covers at most π (0.125 · 1.6 · 64 · 1.07)² ≈ 590 px²
+  assert max(a["area"] for a in inst["annotations"]) > 1.2 * np.pi * (0.125 * 1.6 * 64 * 1.07) ** 2
+  for kw, name in ((dict(scale=2.5), "scale"), (dict(colours=9), "colours"), (dict(max_shapes=6), "max_shapes")):
+    with pytest.raises(ValueError, match=name):
+      gs.generate(str(tmp_path / "bad"), 1, 0, 0, size=64, **kw)
+
+
 def test_images_and_ids(out):
   ids = []
   for split in gs.SPLITS:

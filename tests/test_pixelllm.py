@@ -153,6 +153,36 @@ def test_refseg_train_box_target_prompts_with_the_ground_truth_box_in_training_o
     cfg.replace(refseg_train_box="gt")
 
 
+def test_seg_box_prompt_adds_the_box_at_the_seg_token(setup):
+  """`seg_box_prompt`: each `[SEG]` mask is also prompted with a box — in training ("target") the
+  ground-truth box where the row has one, otherwise (and always at evaluation) the location head's box
+  at that `[SEG]` step."""
+  tok = setup["tok"]
+  cfg = P.tiny_config(vocab_size=tok.vocab_size, lisa=True, seg_token_id=tok.token_id("[SEG]")
+                      ).replace(seg_box_prompt="target")
+  model = P.PixelLLM(cfg, rngs=nnx.Rngs(3))
+  batch = dict(setup["lisa"])
+  pos = np.asarray(batch["seg_positions"])
+  lt = batch["target_ids"].shape[1]
+  boxes, valid = np.zeros((4, lt, 4), np.float32), np.zeros((4, lt), bool)
+  for i in range(2):  # rows 0-1 carry their first [SEG]'s box, rows 2-3 none
+    boxes[i, pos[i, 0]], valid[i, pos[i, 0]] = [0.1, 0.2, 0.5, 0.6], True
+  batch |= {"token_boxes": jnp.asarray(boxes), "token_box_valid": jnp.asarray(valid)}
+  _, _, sam_emb, _, _ = model.encode(batch)
+  trained, evaluated = model(batch, train=True), model(batch)
+  mixed = np.where(valid[..., None], boxes * cfg.image_size, np.asarray(evaluated["points"]))
+  for out, want_boxes in ((trained, mixed), (evaluated, np.asarray(evaluated["points"]))):
+    want, _ = model.seg_masks(out["hidden"], batch["seg_positions"], sam_emb,
+                              boxes=jnp.asarray(want_boxes))
+    np.testing.assert_allclose(np.asarray(out["seg_logits"]), np.asarray(want), atol=1e-4)
+  t, e = np.asarray(trained["seg_logits"]), np.asarray(evaluated["seg_logits"])
+  assert not np.allclose(t[:2, 0], e[:2, 0]) and np.allclose(t[2:], e[2:], atol=1e-5)
+  with pytest.raises(ValueError, match="needs the per-token boxes"):
+    model.seg_masks(evaluated["hidden"], batch["seg_positions"], sam_emb)
+  with pytest.raises(ValueError, match="seg_box_prompt 'gt' must be"):
+    cfg.replace(seg_box_prompt="gt")
+
+
 def test_pointer_head_places_points_around_the_attended_centre(setup):
   """`pointer_head`: a token's 2 points are the attention-weighted cell centre (pixels of the S×S input)
   plus the MLP's output × half the unpadded size; the grounding loss reads that same attention."""

@@ -29,7 +29,8 @@ BUILDERS = (
 
 
 def build_all(raw_dir: str, data_dir: str, *, num_train: int, num_validation: int, num_test: int,
-              seed: int = 0, size: int = 256, max_shapes: int = 5, scale: float = 1.0) -> dict:
+              seed: int = 0, size: int = 256, max_shapes: int = 5, scale: float = 1.0,
+              colours: int = 8) -> dict:
   """Generates and builds; returns {"generate_s", "build_s": {name: s}, "examples": {name: {split: n}},
   "skipped": {name: {...}}, "total_s"}."""
   from tfds_builders import common, grounded_shapes
@@ -37,7 +38,7 @@ def build_all(raw_dir: str, data_dir: str, *, num_train: int, num_validation: in
   t0 = time.perf_counter()
   counts = grounded_shapes.generate(raw_dir, num_train=num_train, num_validation=num_validation,
                                     num_test=num_test, seed=seed, size=size,
-                                    max_shapes=max_shapes, scale=scale)
+                                    max_shapes=max_shapes, scale=scale, colours=colours)
   report = {"generate_s": round(time.perf_counter() - t0, 2), "generated": counts, "build_s": {},
             "examples": {}, "skipped": {}}
   print(f"[{time.perf_counter() - t0:6.1f}s] generated raw files in {raw_dir}: {counts}", flush=True)

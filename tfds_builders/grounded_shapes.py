@@ -27,7 +27,11 @@ During an LN utterance that names objects ("a small red circle", "two triangles"
 loops inside the named objects' visible masks; between them it travels from one object to the next.
 
   python -m tfds_builders.grounded_shapes --out DIR [--num_train 2000 --num_validation 200
-      --num_test 200 --seed 0 --size 256 --workers 2] [--preview PNG_PATH]
+      --num_test 200 --seed 0 --size 256 --workers 2] [--max_shapes 5 --scale 1.0 --colours 8]
+      [--preview PNG_PATH]
+
+Easier scenes for small models (the CPU demo: 3 shapes, radii × 2, 4 colours): `max_shapes` 2-5,
+`scale` 0.5-2.0 (shape radii × SIZES), `colours` 2-8 (the first names of PALETTE).
 """
 
 from __future__ import annotations
@@ -159,9 +163,10 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
   return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
 
 
-def make_scene(rng: np.random.Generator, size: int, max_shapes: int = 5, scale: float = 1.0
-               ) -> types.SimpleNamespace:
-  """Draws a scene of 2..`max_shapes` shapes whose radii are `scale` × SIZES. Returns `image` (S, S, 3)
+def make_scene(rng: np.random.Generator, size: int, max_shapes: int = 5, scale: float = 1.0,
+               colours: int = len(PALETTE)) -> types.SimpleNamespace:
+  """Draws a scene of 2..`max_shapes` shapes whose radii are `scale` × SIZES, coloured from the first
+  `colours` names of PALETTE. Returns `image` (S, S, 3)
   uint8, `panoptic` (S, S) int64 segment ids, `segs` (shapes
   first, then stuff; each with kind / colour / size / centre / polygon / visible `mask` / area / bbox /
   `sid` / `deep` point / `occluded`) and `n_shapes`."""
@@ -177,7 +182,7 @@ def make_scene(rng: np.random.Generator, size: int, max_shapes: int = 5, scale: 
         if all(math.hypot(cx - o.cx, cy - o.cy) >= 0.75 * (r + o.r) for o in shapes):
           angle = rng.uniform(0, 2 * math.pi) if kind == "hexagon" else rng.uniform(-0.25, 0.25)
           shapes.append(types.SimpleNamespace(
-              kind=kind, colour=list(PALETTE)[rng.integers(len(PALETTE))], size=sz, cx=cx, cy=cy, r=r,
+              kind=kind, colour=list(PALETTE)[rng.integers(colours)], size=sz, cx=cx, cy=cy, r=r,
               poly=shape_polygon(kind, cx, cy, r, angle), cat=KINDS[kind][0], thing=True))
           break
     if len(shapes) < 2:
@@ -461,10 +466,10 @@ def _captions(rng: np.random.Generator, scene, size: int) -> list[str]:
 
 def _example(args: tuple) -> dict:
   """Generates and writes the files of one image; returns its JSON records."""
-  out_dir, split, index, seed, size, max_shapes, scale = args
+  out_dir, split, index, seed, size, max_shapes, scale, colours = args
   rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
   iid = image_id(split, index)
-  scene = make_scene(rng, size, max_shapes, scale)
+  scene = make_scene(rng, size, max_shapes, scale, colours)
   shapes = scene.segs[:scene.n_shapes]
   name = f"{iid:012d}"
   jpg = os.path.join(out_dir, "images", split, name + ".jpg")
@@ -516,11 +521,11 @@ def _dump(obj, path: str) -> None:
 
 def generate(out_dir: str, num_train: int = 2000, num_validation: int = 200, num_test: int = 200,
              seed: int = 0, size: int = 256, workers: int | None = None, max_shapes: int = 5,
-             scale: float = 1.0) -> dict:
+             scale: float = 1.0, colours: int = len(PALETTE)) -> dict:
   """Writes the whole dataset under `out_dir` (layout: module docstring); returns counts per split:
-  {split: {"images", "refs", "reasonseg"}}. `max_shapes` (2-5) and `scale` (shape radii × SIZES, up to
-  1.6) make easier scenes: fewer, bigger shapes. `workers` processes (default: min(2, CPUs)); the output
-  does not depend on it."""
+  {split: {"images", "refs", "reasonseg"}}. `max_shapes` (2-5), `scale` (shape radii × SIZES, 0.5-2.0)
+  and `colours` (2-8: the first names of PALETTE) make easier scenes: fewer, bigger shapes in fewer
+  colours. `workers` processes (default: min(2, CPUs)); the output does not depend on it."""
   counts = dict(zip(SPLITS, (num_train, num_validation, num_test)))
   for sub in ("grounded_shapes", *(f"{d}/{s}" for s in SPLITS for d in ("images", "reasonseg")),
               *(f"annotations/panoptic_{s}" for s in SPLITS)):
@@ -528,10 +533,12 @@ def generate(out_dir: str, num_train: int = 2000, num_validation: int = 200, num
     for name in os.listdir(os.path.join(out_dir, sub)):  # files of an earlier run (only our own names)
       if re.fullmatch(r"\d{12}\.(jpg|json|png)", name):
         os.remove(os.path.join(out_dir, sub, name))
-  if not 2 <= max_shapes <= 5 or not 0.5 <= scale <= 1.6:
+  if not 2 <= max_shapes <= 5 or not 0.5 <= scale <= 2.0:
     raise ValueError(f"grounded_shapes: max_shapes must be in 2..5 (got {max_shapes}) and scale in "
-                     f"[0.5, 1.6] (got {scale}): more or bigger shapes do not fit the scene.")
-  jobs = [(out_dir, split, i, seed, size, max_shapes, scale) for split in SPLITS
+                     f"[0.5, 2.0] (got {scale}): more or bigger shapes do not fit the scene.")
+  if not 2 <= colours <= len(PALETTE):
+    raise ValueError(f"grounded_shapes: colours must be in 2..{len(PALETTE)} (got {colours})")
+  jobs = [(out_dir, split, i, seed, size, max_shapes, scale, colours) for split in SPLITS
           for i in range(counts[split])]
   workers = min(2, os.cpu_count() or 1) if workers is None else workers
   from tqdm import tqdm
@@ -663,14 +670,15 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--size", type=int, default=256, help="image side in pixels")
   ap.add_argument("--max_shapes", type=int, default=5, help="2-5 shapes per scene")
-  ap.add_argument("--scale", type=float, default=1.0, help="shape radii x this (<= 1.6)")
+  ap.add_argument("--scale", type=float, default=1.0, help="shape radii x this (0.5-2.0)")
+  ap.add_argument("--colours", type=int, default=len(PALETTE), help="colours used (first of PALETTE)")
   ap.add_argument("--workers", type=int, default=None, help="processes (default min(2, CPUs))")
   ap.add_argument("--preview", default=None, help="also save a preview grid PNG here")
   args = ap.parse_args(argv)
   start = time.perf_counter()
   counts = generate(args.out, args.num_train, args.num_validation, args.num_test, seed=args.seed,
                     size=args.size, workers=args.workers, max_shapes=args.max_shapes,
-                    scale=args.scale)
+                    scale=args.scale, colours=args.colours)
   print(json.dumps(counts), f"({time.perf_counter() - start:.1f} s)")
   if args.preview:
     print("preview:", preview(args.out, args.preview))

@@ -80,6 +80,11 @@ class PixelLLMConfig(ModelConfig):
   # inference) or "target" (the ground-truth box; a from-scratch mask decoder fed garbage boxes early on
   # learns to ignore them — the demo's choice). Evaluation and inference always use the predicted box.
   refseg_train_box: str = "predicted"
+  # LISA `[SEG]` masks also prompted with the box the location head predicts at the `[SEG]` token (two
+  # corner tokens beside the `[SEG]` embedding; gradient stopped) — a from-scratch aid, off in LISA.
+  # "predicted": that box in training too; "target": the ground-truth box where the batch carries one
+  # (`TaskConfig.seg_boxes`), as `refseg_train_box`. Evaluation and inference use the predicted box.
+  seg_box_prompt: str = ""
   loc_hidden: int = 512
   loc_layers: int = 4
   lisa: bool = False          # `[SEG]` → SAM mask decoder path (needs `sam`)
@@ -110,6 +115,9 @@ class PixelLLMConfig(ModelConfig):
                        f"grid {self.grid}.")
     if self.refseg_train_box not in ("predicted", "target"):
       raise ValueError(f"PixelLLMConfig: refseg_train_box {self.refseg_train_box!r} must be "
+                       "'predicted' or 'target'.")
+    if self.seg_box_prompt not in ("", "predicted", "target"):
+      raise ValueError(f"PixelLLMConfig: seg_box_prompt {self.seg_box_prompt!r} must be '', "
                        "'predicted' or 'target'.")
     if self.pointer_head and not self.spatial_tokens:
       raise ValueError("PixelLLMConfig: pointer_head=True needs spatial_tokens (the grid it points at).")
@@ -389,12 +397,21 @@ class PixelLLM(nnx.Module):
     c = (jnp.concatenate([centre, centre], axis=-1) + 1.0) * 0.5 * self.cfg.image_size
     return c + v * 0.5 * scale, probs
 
-  def seg_masks(self, hidden: jax.Array, positions: jax.Array, sam_emb: jax.Array) -> jax.Array:
+  def seg_masks(self, hidden: jax.Array, positions: jax.Array, sam_emb: jax.Array, *,
+                boxes: jax.Array | None = None) -> jax.Array:
     """LISA masks: hidden (B, T, d), positions (B, K) of the `[SEG]`-predicting steps, SAM embedding
-    (B, gs, gs, P) → mask logits (B, K, S, S) (bilinear from SAM's 4× grid) and IoU (B, K)."""
+    (B, gs, gs, P) → mask logits (B, K, S, S) (bilinear from SAM's 4× grid) and IoU (B, K). With
+    `seg_box_prompt`, `boxes` (B, T, 4) [x0, y0, x1, y1] model-input pixels (`points`) are needed: the
+    box at each `[SEG]` step prompts its mask too."""
     b, k = positions.shape
     h = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # (B, K, d)
     prompt = self.seg_proj(h).reshape(b * k, 1, -1)
+    if self.cfg.seg_box_prompt:
+      if boxes is None:
+        raise ValueError("PixelLLM.seg_masks: seg_box_prompt needs the per-token boxes (`boxes`).")
+      box = jnp.take_along_axis(boxes, positions[..., None], axis=1).reshape(b * k, 4)
+      corners = self.prompt_encoder.embed_boxes(_ordered(jax.lax.stop_gradient(box)))
+      prompt = jnp.concatenate([prompt, corners.astype(prompt.dtype)], axis=1)  # (B·K, 3, P)
     gs = sam_emb.shape[1:3]
     emb = jnp.repeat(sam_emb, k, axis=0)
     dense = jnp.broadcast_to(self.prompt_encoder.no_mask_embed[...].astype(emb.dtype),
@@ -416,7 +433,8 @@ class PixelLLM(nnx.Module):
     `heads` picks which of the configured heads run (see `TASK_HEADS`: a single-task batch only pays for
     its own); None runs every configured head whose inputs are in the batch. Without `target_ids`
     (dense captioning) the main caption decode is skipped. `train` (the trainer's loss) lets
-    `refseg_train_box` = "target" prompt the referring mask with the ground-truth box."""
+    `refseg_train_box` / `seg_box_prompt` = "target" prompt the referring / `[SEG]` masks with the
+    ground-truth boxes."""
     enabled = self.heads if heads is None else set(heads) & self.heads
     enc, enc_mask, sam_emb, visual, fused = self.encode(batch, rng=rng)
     out: dict[str, jax.Array] = {}
@@ -435,7 +453,12 @@ class PixelLLM(nnx.Module):
         out["spatial_attn"] = pointer  # the location head's own attention (B, T, k²)
       out.update(logits=logits, hidden=hidden, points=points)
       if "lisa" in enabled and "seg_positions" in batch:
-        out["seg_logits"], out["seg_iou"] = self.seg_masks(hidden, batch["seg_positions"], sam_emb)
+        boxes = points
+        if train and self.cfg.seg_box_prompt == "target" and "token_boxes" in batch:
+          has = batch["token_box_valid"][..., None] & jnp.any(batch["token_boxes"] != 0, -1, keepdims=True)
+          boxes = jnp.where(has, batch["token_boxes"].astype(jnp.float32) * self.cfg.image_size, points)
+        out["seg_logits"], out["seg_iou"] = self.seg_masks(hidden, batch["seg_positions"], sam_emb,
+                                                           boxes=boxes)
       if "refseg" in enabled:
         eos = jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1
         box = jnp.take_along_axis(out["points"], eos[:, None, None], axis=1)[:, 0]
@@ -463,10 +486,7 @@ class PixelLLM(nnx.Module):
     (gradient stopped: the box head trains on its own L1) prompts SAM's mask decoder, its 2 corner
     tokens shifted by the gated adapter → (mask logits (B, S, S), IoU (B,))."""
     b = box.shape[0]
-    x0, y0, x1, y1 = jnp.split(jax.lax.stop_gradient(box), 4, axis=-1)
-    xyxy = jnp.concatenate([jnp.minimum(x0, x1), jnp.minimum(y0, y1), jnp.maximum(x0, x1),
-                            jnp.maximum(y0, y1)], axis=-1)
-    sparse = self.prompt_encoder.embed_boxes(xyxy)  # (B, 2, P)
+    sparse = self.prompt_encoder.embed_boxes(_ordered(jax.lax.stop_gradient(box)))  # (B, 2, P)
     sparse = sparse + self.mask_adapter(visual, hidden).astype(sparse.dtype)
     gs = sam_emb.shape[1:3]
     dense = jnp.broadcast_to(self.prompt_encoder.no_mask_embed[...].astype(sam_emb.dtype),
@@ -581,6 +601,13 @@ def seg_rows(cfg: PixelLLMConfig, batch: dict[str, jax.Array]) -> jax.Array:
   a referring row's slot 0 marks its EOS for the box-prompted mask instead)."""
   at = jnp.take_along_axis(batch["target_ids"], batch["seg_positions"], axis=1)
   return batch["seg_valid"] & (at == cfg.seg_token_id)
+
+
+def _ordered(box: jax.Array) -> jax.Array:
+  """(..., 4) [x0, y0, x1, y1] with each pair sorted (a predicted box may come out flipped)."""
+  x0, y0, x1, y1 = jnp.split(box, 4, axis=-1)
+  return jnp.concatenate([jnp.minimum(x0, x1), jnp.minimum(y0, y1), jnp.maximum(x0, x1),
+                          jnp.maximum(y0, y1)], axis=-1)
 
 
 def refseg_rows(cfg: PixelLLMConfig, batch: dict[str, jax.Array]) -> jax.Array:

@@ -33,6 +33,7 @@ def get_config():
   c.model.tiny.spatial_tokens = 0
   c.model.tiny.pointer_head = False
   c.model.tiny.refseg_train_box = "predicted"
+  c.model.tiny.seg_box_prompt = ""
   c.loss.attention_grounding_weight = 0.0
   c.data.seg_boxes = False
   return c
