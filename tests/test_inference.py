@@ -128,7 +128,9 @@ def test_lisa_segment_structure():
   assert out.masks.shape == (k, 50, 70) and out.masks.dtype == bool and out.mask_scores.shape == (k,)
   # Force a [SEG]: masks come back at the original resolution, one per [SEG].
   seg = tok.token_id("[SEG]")
-  fused, sam_emb = model.image_features(jnp.zeros((1, S, S, 3)), jnp.ones((1, S, S), bool))
-  del fused
-  logits, iou = inference._masks(model, jnp.zeros((1, 5, cfg.t5.d_model)), jnp.asarray([[2, 4]]), sam_emb)
+  image_mask = jnp.ones((1, S, S), bool)
+  fused, sam_emb = model.image_features(jnp.zeros((1, S, S, 3)), image_mask)
+  visual = model.visual_tokens(fused, jnp.asarray([[0.0, 0.0, 1.0, 1.0]]))
+  logits, iou = inference._masks(model, jnp.zeros((1, 5, cfg.t5.d_model)), jnp.asarray([[2, 4]]), sam_emb,
+                                 visual, image_mask)
   assert logits.shape == (1, 2, S, S) and iou.shape == (1, 2) and seg >= 0
