@@ -119,9 +119,7 @@ def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int,
   if task == "reason_seg":
     is_seg = (res.tokens == model.cfg.seg_token_id) & (jnp.arange(res.tokens.shape[1]) < res.lengths[:, None])
     pos = jnp.argmax(is_seg, axis=1).astype(jnp.int32)
-    hidden = res.hidden.astype(jnp.float32)
-    boxes = model.points(hidden, batch["image_mask"], visual) if model.cfg.seg_box_prompt else None
-    logits, _ = model.seg_masks(hidden, pos[:, None], sam_emb, boxes=boxes)
+    logits, _ = model.decoded_seg_masks(res.hidden, pos[:, None], sam_emb, visual, batch["image_mask"])
     out.update(has_seg=jnp.any(is_seg, axis=1), mask_logits=logits[:, 0])
   return out
 

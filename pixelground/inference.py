@@ -275,9 +275,7 @@ def mask_to_image(logits: np.ndarray, geom: T.Geometry, hw: tuple[int, int]) -> 
 
 @nnx.jit
 def _masks(model, hidden, positions, sam_emb, visual, image_mask):
-  hidden = hidden.astype(jnp.float32)
-  boxes = model.points(hidden, image_mask, visual) if model.cfg.seg_box_prompt else None
-  return model.seg_masks(hidden, positions, sam_emb, boxes=boxes)
+  return model.decoded_seg_masks(hidden, positions, sam_emb, visual, image_mask)
 
 
 def teacher_forced_points(model, batch: dict[str, tp.Any]) -> np.ndarray:

@@ -397,6 +397,14 @@ class PixelLLM(nnx.Module):
     c = (jnp.concatenate([centre, centre], axis=-1) + 1.0) * 0.5 * self.cfg.image_size
     return c + v * 0.5 * scale, probs
 
+  def decoded_seg_masks(self, hidden: jax.Array, positions: jax.Array, sam_emb: jax.Array,
+                        visual: jax.Array, image_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`seg_masks` for a decoded sequence: with `seg_box_prompt` the boxes are the location head's
+    (`points` of `hidden`; `visual` and `image_mask` as there)."""
+    hidden = hidden.astype(jnp.float32)
+    boxes = self.points(hidden, image_mask, visual) if self.cfg.seg_box_prompt else None
+    return self.seg_masks(hidden, positions, sam_emb, boxes=boxes)
+
   def seg_masks(self, hidden: jax.Array, positions: jax.Array, sam_emb: jax.Array, *,
                 boxes: jax.Array | None = None) -> jax.Array:
     """LISA masks: hidden (B, T, d), positions (B, K) of the `[SEG]`-predicting steps, SAM embedding
@@ -452,21 +460,19 @@ class PixelLLM(nnx.Module):
       if pointer is not None:
         out["spatial_attn"] = pointer  # the location head's own attention (B, T, k²)
       out.update(logits=logits, hidden=hidden, points=points)
+      # Per-token boxes with the ground truth where the row has one (the "target" training prompts).
+      targeted = points
+      if train and "token_boxes" in batch:
+        has = batch["token_box_valid"][..., None] & jnp.any(batch["token_boxes"] != 0, -1, keepdims=True)
+        targeted = jnp.where(has, batch["token_boxes"].astype(jnp.float32) * self.cfg.image_size, points)
       if "lisa" in enabled and "seg_positions" in batch:
-        boxes = points
-        if train and self.cfg.seg_box_prompt == "target" and "token_boxes" in batch:
-          has = batch["token_box_valid"][..., None] & jnp.any(batch["token_boxes"] != 0, -1, keepdims=True)
-          boxes = jnp.where(has, batch["token_boxes"].astype(jnp.float32) * self.cfg.image_size, points)
+        boxes = targeted if self.cfg.seg_box_prompt == "target" else points
         out["seg_logits"], out["seg_iou"] = self.seg_masks(hidden, batch["seg_positions"], sam_emb,
                                                            boxes=boxes)
       if "refseg" in enabled:
         eos = jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1
-        box = jnp.take_along_axis(out["points"], eos[:, None, None], axis=1)[:, 0]
-        if train and self.cfg.refseg_train_box == "target" and "token_boxes" in batch:
-          target = jnp.take_along_axis(batch["token_boxes"], eos[:, None, None], axis=1)[:, 0]
-          has = jnp.take_along_axis(batch["token_box_valid"], eos[:, None], axis=1)
-          box = jnp.where(has & jnp.any(target != 0, -1, keepdims=True),
-                          target.astype(jnp.float32) * self.cfg.image_size, box)
+        boxes = targeted if self.cfg.refseg_train_box == "target" else points
+        box = jnp.take_along_axis(boxes, eos[:, None, None], axis=1)[:, 0]
         out["ref_logits"], out["ref_iou"] = self.box_mask(box, visual, hidden, sam_emb)
     if "proposals" in enabled and "region_boxes" in batch:
       out["heat"], out["ltrb"] = self.proposal_head(fused)
