@@ -100,7 +100,7 @@ def _forward(model: P.PixelLLM, batch, task: str) -> dict[str, jax.Array]:
 def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int,
             vocab_limit: int) -> dict[str, jax.Array]:
   """Greedy decoding (cached) for the generative tasks; reason_seg adds the first `[SEG]`'s mask."""
-  fused, sam_emb = model.image_features(batch["image"], batch["image_mask"])
+  fused, sam = model.image_features(batch["image"], batch["image_mask"])
   ids = batch["prompt_ids"]
   if task == "dense_caption":
     heat, ltrb = model.proposal_head(fused)
@@ -119,7 +119,7 @@ def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int,
   if task == "reason_seg":
     is_seg = (res.tokens == model.cfg.seg_token_id) & (jnp.arange(res.tokens.shape[1]) < res.lengths[:, None])
     pos = jnp.argmax(is_seg, axis=1).astype(jnp.int32)
-    logits, _ = model.decoded_seg_masks(res.hidden, pos[:, None], sam_emb, visual, batch["image_mask"])
+    logits, _ = model.decoded_seg_masks(res.hidden, pos[:, None], sam, visual, batch["image_mask"])
     out.update(has_seg=jnp.any(is_seg, axis=1), mask_logits=logits[:, 0])
   return out
 

@@ -45,7 +45,7 @@ from pixelground.models import pixelllm as P
 # base weights of each stack, "….lora" their LoRA factors.
 UNITS = ("sam_encoder", "eva", "prompt_encoder", "extractor", "t5.token_embed", "t5.encoder",
          "t5.encoder.lora", "t5.decoder", "t5.decoder.lora", "t5.lm_head", "loc_head", "seg_proj",
-         "mask_decoder", "mask_adapter", "proposal_head")
+         "mask_decoder", "mask_detail", "mask_adapter", "proposal_head")
 
 
 @functools.lru_cache(maxsize=4)
@@ -262,11 +262,20 @@ def _lm_head(c: _Counter, t5, rows: float, g: bool, tr: frozenset[str]) -> None:
 
 
 def _mask_decoder(c: _Counter, cfg: P.PixelLLMConfig, n: int, num_sparse: int, g_sparse: bool,
-                  g_image: bool, w: bool, iou_loss: bool) -> None:
+                  g_image: bool, w: bool, iou_loss: bool, *, images: int, w_detail: bool) -> None:
   """SAM's mask decoder, n runs with `num_sparse` prompt tokens over SAM's gs×gs embedding. Without
-  `iou_loss` (LISA) the IoU head's output reaches no loss: it runs forward only."""
+  `iou_loss` (LISA) the IoU head's output reaches no loss: it runs forward only. With `mask_detail`
+  its branch runs once on each of the `images` inputs (trained: w_detail)."""
   pc = cfg.prompt
   p, m, ng = pc.prompt_dim, pc.num_mask_tokens, cfg.sam_grid ** 2
+  cd, part = cfg.mask_detail, c.part
+  g_detail = False
+  if cd:
+    c.part = "mask_detail"
+    stride = cfg.image_size // (4 * cfg.sam_grid)
+    g_detail = c.dense(27 * cd, images * cfg.image_size ** 2, w=w_detail, x=False)   # 3×3 conv
+    g_detail = c.dense(stride * stride * cd * cd, images * 16 * ng, w=w_detail, x=g_detail)
+    c.part = part
   gt, gk = _two_way(c, n, 1 + m + num_sparse, ng, pc.depth, p, pc.mlp_dim,
                     pc.attention_downsample_rate, w, w or g_sparse, g_image)
   up = c.dense(p * 4 * (p // 4), n * ng, w=w, x=gk)                 # transposed 2×2 convs
@@ -275,8 +284,10 @@ def _mask_decoder(c: _Counter, cfg: P.PixelLLMConfig, n: int, num_sparse: int, g
   for _ in range(m):                                                # hypernetwork MLPs, one token each
     h = c.dense(p * p, n, w=w, x=gt)
     h = c.dense(p * p, n, w=w, x=h)
-    hyper = c.dense(p * (p // 8), n, w=w, x=h) or hyper
+    hyper = c.dense(p * (p // 8 + cd), n, w=w, x=h) or hyper
   c.product(2.0 * n * m * 16 * ng * (p // 8), hyper, up)            # hyper · upscaled map
+  if cd:
+    c.product(2.0 * n * m * 16 * ng * cd, hyper, g_detail)          # hyper · detail map
   hid = pc.iou_head_hidden
   w_iou, g_iou = w and iou_loss, gt and iou_loss
   h = c.dense(p * hid, n, w=w_iou, x=g_iou)
@@ -349,7 +360,7 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
   for a, o in zip(dims[:-1], dims[1:]):
     g = c.dense(a * o, b * target_len, w=w, x=g)
 
-  w_md = "mask_decoder" in tr
+  w_md, w_det = "mask_decoder" in tr, "mask_detail" in tr
   g_img = g_sam or "prompt_encoder" in tr                  # SAM embedding + "no mask" embedding
   if cfg.lisa and num_seg and target_len:                  # both heads read the decoder states
     c.part = "seg_proj"
@@ -357,7 +368,8 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
     g = c.dense(t5.d_model * t5.d_model, b * num_seg, w=w, x=g_hid)
     g = c.dense(t5.d_model * cfg.prompt.prompt_dim, b * num_seg, w=w, x=g)
     c.part = "mask_decoder"
-    _mask_decoder(c, cfg, b * num_seg, 3 if cfg.seg_box_prompt else 1, g, g_img, w_md, iou_loss=False)
+    _mask_decoder(c, cfg, b * num_seg, 3 if cfg.seg_box_prompt else 1, g, g_img, w_md, iou_loss=False,
+                  images=b, w_detail=w_det)
 
   if cfg.refseg and target_len:
     c.part = "mask_adapter"
@@ -367,7 +379,8 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
     gt, _ = _two_way(c, b, 2, nk, cfg.adapter_depth, p, 2 * p, 2, w, w, gk)
     g = c.dense(p * p, b * 2, w=w, x=gt)
     c.part = "mask_decoder"
-    _mask_decoder(c, cfg, b, 2, g or "prompt_encoder" in tr, g_img, w_md, iou_loss=True)
+    _mask_decoder(c, cfg, b, 2, g or "prompt_encoder" in tr, g_img, w_md, iou_loss=True, images=b,
+                  w_detail=w_det)
 
   if cfg.proposals and num_regions:
     c.part = "proposal_head"
@@ -400,7 +413,11 @@ def _eqn_flops(eqn) -> float:
     rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
     shape = eqn.invars[1].aval.shape
     window = math.prod(shape[d] for d in rhs_spec[1:])
-    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * window
+    # A strided conv's input gradient is a conv over the input dilated with zeros (lhs_dilation): only
+    # 1 / prod(dilation) of each window's taps are real (exactly, when the kernel is a multiple of the
+    # stride).
+    dilation = math.prod(eqn.params.get("lhs_dilation") or (1,))
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * window / dilation
   return 0.0
 
 

@@ -95,14 +95,14 @@ def _check_box(box, height: int, width: int) -> np.ndarray:
 def _generate(model, batch, *, max_len: int, num_beams: int, no_repeat_previous: bool,
               vocab_limit: int | None = None):
   """Visual tokens → cached greedy/beam decode → per-token points (model-input pixels)."""
-  fused, sam_emb = model.image_features(batch["image"], batch["image_mask"])
+  fused, sam = model.image_features(batch["image"], batch["image_mask"])
   visual = model.visual_tokens(fused, batch["prompt_box"])
   ids = batch["prompt_ids"]
   res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
                           num_beams=num_beams, length_penalty=0.6 if num_beams > 1 else 1.0,
                           no_repeat_previous=no_repeat_previous, prefix_embeds=visual,
                           vocab_limit=vocab_limit)
-  return res, model.points(res.hidden, batch["image_mask"], visual), (sam_emb, visual)
+  return res, model.points(res.hidden, batch["image_mask"], visual), (sam, visual)
 
 
 @functools.partial(nnx.jit, static_argnames=("k", "max_len", "vocab_limit"))
@@ -253,14 +253,14 @@ class Predictor:
     image = _check_image(image)
     _check_text(question, "question")
     batch, geom = self._inputs(image, question, None)
-    tokens, _, res, (sam_emb, visual) = self._decode(batch, max_len, 1)
+    tokens, _, res, (sam, visual) = self._decode(batch, max_len, 1)
     seg_id = self.model.cfg.seg_token_id
     positions = [t for t, tok in enumerate(tokens) if tok == seg_id]
     h, w = image.shape[:2]
     body = tokens[:-1] if tokens and tokens[-1] == self.tok.eos_id else tokens
     if not positions:
       return Segmentation(self.tok.decode(body), np.zeros((0, h, w), bool), np.zeros(0, np.float32))
-    logits, iou = _masks(self.model, res.hidden, jnp.asarray([positions], jnp.int32), sam_emb, visual,
+    logits, iou = _masks(self.model, res.hidden, jnp.asarray([positions], jnp.int32), sam, visual,
                          batch["image_mask"])
     masks = mask_to_image(np.asarray(logits[0]), geom, (h, w))
     return Segmentation(self.tok.decode(body), masks, np.asarray(iou[0]))
@@ -274,8 +274,8 @@ def mask_to_image(logits: np.ndarray, geom: T.Geometry, hw: tuple[int, int]) -> 
 
 
 @nnx.jit
-def _masks(model, hidden, positions, sam_emb, visual, image_mask):
-  return model.decoded_seg_masks(hidden, positions, sam_emb, visual, image_mask)
+def _masks(model, hidden, positions, sam, visual, image_mask):
+  return model.decoded_seg_masks(hidden, positions, sam, visual, image_mask)
 
 
 def teacher_forced_points(model, batch: dict[str, tp.Any]) -> np.ndarray:

@@ -29,7 +29,7 @@ S, LE, LT, K, R, LR = 96, 8, 16, 2, 2, 6
 
 
 def small_config(*, lisa=False, refseg=False, proposals=False, scan=False,
-                 spatial=0, pointer=False, seg_box="") -> P.PixelLLMConfig:
+                 spatial=0, pointer=False, seg_box="", detail=0) -> P.PixelLLMConfig:
   """PixelLLM with the real structure and widths big enough (128–256) for matmuls to dominate XLA's
   count. SAM grid 6 with window 4: the windowed block attends over the map zero-padded to 8×8."""
   sam = sam_lib.SamEncoderConfig(image_size=S, width=128, depth=3, num_heads=4, window_size=4,
@@ -45,7 +45,8 @@ def small_config(*, lisa=False, refseg=False, proposals=False, scan=False,
                           extractor_width=128, extractor_depth=2, extractor_heads=4, extractor_mlp=256,
                           query_hidden=128, loc_hidden=64, lisa=lisa, seg_token_id=5 if lisa else -1,
                           refseg=refseg, adapter_heads=4, proposals=proposals, proposal_width=64,
-                          spatial_tokens=spatial, pointer_head=pointer, seg_box_prompt=seg_box)
+                          spatial_tokens=spatial, pointer_head=pointer, seg_box_prompt=seg_box,
+                          mask_detail=detail)
 
 
 def make_batch(cfg: P.PixelLLMConfig, b: int = 2) -> dict[str, jax.Array]:
@@ -149,7 +150,8 @@ def test_forward_matches_traced_program():
   terms it leaves out on purpose), for every optional path."""
   for kw in (dict(), dict(lisa=True, refseg=True, proposals=True),
              dict(refseg=True, proposals=True, spatial=3),
-             dict(lisa=True, refseg=True, proposals=True, spatial=3, pointer=True, seg_box="predicted")):
+             dict(lisa=True, refseg=True, proposals=True, spatial=3, pointer=True, seg_box="predicted",
+                  detail=8)):
     cfg = small_config(**kw)
     gd, st = _model(cfg)
     batch = make_batch(cfg)
@@ -206,6 +208,8 @@ def test_train_step_matches_traced_gradient_program():
       "pointer, [SEG] box": (small_config(lisa=True, spatial=3, pointer=True, seg_box="predicted"),
                              P.trainable_filter()),
       "pointer, loc_head": (small_config(spatial=3, pointer=True), only("loc_head")),
+      "mask detail": (small_config(lisa=True, refseg=True, detail=8), P.trainable_filter()),
+      "detail frozen": (small_config(lisa=True, refseg=True, detail=8), only("mask_decoder")),
   }
   for name, (cfg, keep) in cases.items():
     ana = analytic(cfg, trainable=keep)

@@ -153,6 +153,69 @@ def test_refseg_train_box_target_prompts_with_the_ground_truth_box_in_training_o
     cfg.replace(refseg_train_box="gt")
 
 
+def test_train_box_noise_moves_the_target_prompt_only_with_an_rng(setup):
+  """`train_box_noise`: the "target" box prompt moves by N(0, (noise × side)²) per coordinate when
+  the trainer passes an rng; without one (and at evaluation) the box is exact."""
+  tok = setup["tok"]
+  cfg = P.tiny_config(vocab_size=tok.vocab_size, refseg=True).replace(refseg_train_box="target",
+                                                                      train_box_noise=0.2)
+  model = P.PixelLLM(cfg, rngs=nnx.Rngs(2))
+  batch = setup["refseg"]
+  _, _, sam, visual, _ = model.encode(batch)
+  eos = np.asarray(batch["target_mask"]).sum(-1) - 1
+  target = np.asarray(batch["token_boxes"])[np.arange(4), eos] * cfg.image_size
+  rng = jax.random.key(7)
+  exact, noisy = model(batch, train=True), model(batch, train=True, rng=rng)
+  moved = P.jitter_boxes(jax.random.fold_in(rng, 1), jnp.asarray(np.asarray(batch["token_boxes"])
+                                                                  * cfg.image_size), 0.2, S)
+  moved = np.asarray(moved)[np.arange(4), eos]
+  assert np.abs(moved - target).max() > 0.5
+  for out, box in ((exact, target), (noisy, moved)):
+    want, _ = model.box_mask(jnp.asarray(box), visual, out["hidden"], sam)
+    np.testing.assert_allclose(np.asarray(out["ref_logits"]), np.asarray(want), atol=1e-4)
+  # The noise: zero mean, std = noise × that axis's side, clipped to the image.
+  box = jnp.asarray([[10.0, 20.0, 30.0, 60.0]])
+  draws = np.asarray(P.jitter_boxes(jax.random.key(0), jnp.tile(box, (20000, 1)), 0.1, S))
+  np.testing.assert_allclose(draws[:, :3].mean(0), [10, 20, 30], atol=0.1)
+  np.testing.assert_allclose(draws[:, :3].std(0), [2.0, 4.0, 2.0], rtol=0.03)
+  assert draws.min() >= 0 and draws.max() <= S and draws[:, 3].std() < 4.0  # y1 clipped at 64
+  with pytest.raises(ValueError, match="train_box_noise 1.5 must be in"):
+    cfg.replace(train_box_noise=1.5)
+
+
+def test_mask_detail_branch_reaches_the_masks_and_trains(setup):
+  """`mask_detail`: a conv branch on the image at the mask decoder's output grid (4 × SAM's), read by
+  the hypernetworks beside the upscaled embedding — it changes the masks, the mask losses reach its
+  weights, and a decoder built for it refuses to run without it."""
+  tok = setup["tok"]
+  cfg = P.tiny_config(vocab_size=tok.vocab_size, refseg=True, lisa=True,
+                      seg_token_id=tok.token_id("[SEG]")).replace(mask_detail=4)
+  model = P.PixelLLM(cfg, rngs=nnx.Rngs(4))
+  batch = setup["refseg"]
+  _, _, sam, visual, _ = model.encode(batch)
+  detail = model.mask_detail(sam.pixels)
+  assert detail.shape == (4, 4 * cfg.sam_grid, 4 * cfg.sam_grid, 4)
+  assert model.mask_decoder.hypernets[0].proj_out.kernel.shape[-1] == cfg.prompt.prompt_dim // 8 + 4
+  out = model(batch)
+  eos = np.asarray(batch["target_mask"]).sum(-1) - 1
+  box = jnp.asarray(np.asarray(out["points"])[np.arange(4), eos])
+  blank = P.MaskFeatures(sam.emb, jnp.zeros_like(sam.pixels))  # a constant detail map
+  flat, _ = model.box_mask(box, visual, out["hidden"], blank)
+  assert np.abs(np.asarray(flat) - np.asarray(out["ref_logits"])).max() > 1e-3
+
+  def loss(m):
+    return P.compute_losses(cfg, P.LossConfig(), m(batch, train=True), batch)[0]
+
+  grads = nnx.grad(loss, argnums=nnx.DiffState(0, P.trainable_filter()))(model)
+  g = jax.tree.leaves(grads["mask_detail"])
+  assert len(g) == 4 and all(float(jnp.abs(v).max()) > 0 for v in g)
+  with pytest.raises(ValueError, match="detail map must be"):
+    model.mask_decoder(sam.emb, model.prompt_encoder.pe.dense_pe(sam.emb.shape[1:3]),
+                       jnp.zeros((4, 2, cfg.prompt.prompt_dim)), jnp.zeros_like(sam.emb))
+  with pytest.raises(ValueError, match="mask_detail 4 needs the SAM encoder"):
+    P.tiny_config(vocab_size=tok.vocab_size, use_sam=False).replace(mask_detail=4)
+
+
 def test_seg_box_prompt_adds_the_box_at_the_seg_token(setup):
   """`seg_box_prompt`: each `[SEG]` mask is also prompted with a box — in training ("target") the
   ground-truth box where the row has one, otherwise (and always at evaluation) the location head's box

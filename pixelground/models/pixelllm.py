@@ -85,6 +85,17 @@ class PixelLLMConfig(ModelConfig):
   # "predicted": that box in training too; "target": the ground-truth box where the batch carries one
   # (`TaskConfig.seg_boxes`), as `refseg_train_box`. Evaluation and inference use the predicted box.
   seg_box_prompt: str = ""
+  # Demo aid (0 = off, as in SAM): a high-resolution image branch for the mask decoder with this many
+  # channels — a 3×3 conv over the input image, then a patch conv down to the decoder's output grid
+  # (4 × SAM's grid) — concatenated to the upscaled embedding the hypernetworks read (in the spirit of
+  # HQ-SAM's early-feature fusion). A from-scratch SAM with an 8×8 grid and D/8 = 4 upscaled channels
+  # draws blobs; the skip carries the edges.
+  mask_detail: int = 0
+  # Demo aid (0 = off): with "target" box prompts (`refseg_train_box`, `seg_box_prompt`) each
+  # ground-truth corner coordinate moves by N(0, (train_box_noise × box side)²) in training, as SAM's
+  # box prompts do (10%), so the mask decoder learns to work from the imprecise boxes it gets at
+  # evaluation. Needs the trainer's rng (no rng: no noise).
+  train_box_noise: float = 0.0
   loc_hidden: int = 512
   loc_layers: int = 4
   lisa: bool = False          # `[SEG]` → SAM mask decoder path (needs `sam`)
@@ -119,6 +130,12 @@ class PixelLLMConfig(ModelConfig):
     if self.seg_box_prompt not in ("", "predicted", "target"):
       raise ValueError(f"PixelLLMConfig: seg_box_prompt {self.seg_box_prompt!r} must be '', "
                        "'predicted' or 'target'.")
+    if self.mask_detail < 0 or (self.mask_detail and (
+        self.sam is None or self.image_size % (4 * self.sam_grid))):
+      raise ValueError(f"PixelLLMConfig: mask_detail {self.mask_detail} needs the SAM encoder and "
+                       f"image_size {self.image_size} divisible by 4 × the SAM grid {self.sam_grid}.")
+    if not 0.0 <= self.train_box_noise <= 1.0:
+      raise ValueError(f"PixelLLMConfig: train_box_noise {self.train_box_noise} must be in [0, 1].")
     if self.pointer_head and not self.spatial_tokens:
       raise ValueError("PixelLLMConfig: pointer_head=True needs spatial_tokens (the grid it points at).")
     if self.prompt.image_size != self.image_size:
@@ -290,6 +307,49 @@ class MaskAdapter(nnx.Module):
     return self.proj_out(out) * jnp.tanh(self.alpha[...]).astype(self.dtype)
 
 
+class MaskDetail(nnx.Module):
+  """`mask_detail` (demo aid): image (B, S, S, 3) ImageNet-normalised → (B, 4gs, 4gs, C) features at
+  SAM's mask-decoder output resolution: 3×3 conv (3 → C) + GELU at S×S, then an s×s stride-s conv
+  (C → C), s = S / (4 gs)."""
+
+  def __init__(self, cfg: PixelLLMConfig, *, rngs: nnx.Rngs):
+    c, pd = cfg.mask_detail, cfg.weight_dtype
+    self.stride, self.dtype = cfg.image_size // (4 * cfg.sam_grid), cfg.compute_dtype
+    self.conv1 = make_param(rngs, normal(27 ** -0.5), (3, 3, 3, c), (None, None, "channels", "conv_out"), pd)
+    self.conv1_bias = make_param(rngs, zeros, (c,), ("conv_out",), pd)
+    s = self.stride
+    self.conv2 = make_param(rngs, normal((s * s * c) ** -0.5), (s, s, c, c),
+                            (None, None, "conv_in", "conv_out"), pd)
+    self.conv2_bias = make_param(rngs, zeros, (c,), ("conv_out",), pd)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dn = ("NHWC", "HWIO", "NHWC")
+    y = jax.lax.conv_general_dilated(x.astype(self.dtype), self.conv1[...].astype(self.dtype), (1, 1),
+                                     ((1, 1), (1, 1)), dimension_numbers=dn,
+                                     preferred_element_type=jnp.float32)
+    y = dec_lib.gelu(y + self.conv1_bias[...]).astype(self.dtype)
+    s = self.stride
+    y = jax.lax.conv_general_dilated(y, self.conv2[...].astype(self.dtype), (s, s), "VALID",
+                                     dimension_numbers=dn, preferred_element_type=jnp.float32)
+    return (y + self.conv2_bias[...]).astype(self.dtype)
+
+
+class MaskFeatures(tp.NamedTuple):
+  """What SAM's mask decoder reads of an image: `emb` the SAM embedding (B, gs, gs, P) and, with
+  `mask_detail`, `pixels` the normalised input (B, S, S, 3) its detail branch starts from (else None;
+  the branch runs only where a mask is decoded)."""
+  emb: jax.Array
+  pixels: jax.Array | None = None
+
+
+def jitter_boxes(rng: jax.Array, boxes: jax.Array, noise: float, size: int) -> jax.Array:
+  """boxes (..., 4) [x0, y0, x1, y1] pixels → each coordinate + N(0, (noise × that axis's side)²),
+  clipped to [0, size] (`train_box_noise`)."""
+  side = jnp.abs(boxes[..., 2:] - boxes[..., :2])
+  side = jnp.concatenate([side, side], axis=-1)
+  return jnp.clip(boxes + noise * side * jax.random.normal(rng, boxes.shape, boxes.dtype), 0.0, size)
+
+
 def _normalise(image: jax.Array, mask: jax.Array, mean: np.ndarray, std: np.ndarray) -> jax.Array:
   x = (image.astype(jnp.float32) - mean) / std
   return jnp.where(mask[..., None], x, 0.0)
@@ -321,27 +381,31 @@ class PixelLLM(nnx.Module):
     self.mask_adapter = MaskAdapter(cfg, rngs=rngs) if cfg.refseg else None
     self.proposal_head = (prop_lib.ProposalHead(cfg.feature_dim, cfg.proposal_width, **common)
                           if cfg.proposals else None)
-    self.mask_decoder = (dec_lib.MaskDecoder(cfg.prompt, rngs=rngs) if cfg.lisa or cfg.refseg
-                         else None)
+    masks = cfg.lisa or cfg.refseg
+    self.mask_decoder = (dec_lib.MaskDecoder(cfg.prompt, detail_channels=cfg.mask_detail, rngs=rngs)
+                         if masks else None)
+    self.mask_detail = MaskDetail(cfg, rngs=rngs) if masks and cfg.mask_detail else None
 
   # -- vision ----------------------------------------------------------------------------------------
   def image_features(self, image: jax.Array, image_mask: jax.Array, *, rng: jax.Array | None = None
-                     ) -> tuple[jax.Array, jax.Array | None]:
+                     ) -> tuple[jax.Array, MaskFeatures | None]:
     """image (B, S, S, 3) uint8/float 0–255, image_mask (B, S, S) bool → (fused (B, g, g, C),
-    SAM embedding (B, gs, gs, 256) or None). `rng` turns on EVA02's drop path."""
+    `MaskFeatures` (SAM embedding (B, gs, gs, 256) [+ detail map]) or None without SAM). `rng` turns
+    on EVA02's drop path."""
     if image.ndim != 4 or image.shape[-1] != 3 or image.shape[1:3] != (self.cfg.image_size,) * 2:
       raise ValueError(f"PixelLLM expects images (B, {self.cfg.image_size}, {self.cfg.image_size}, 3), "
                        f"got {image.shape}.")
-    parts, sam_emb = [], None
+    parts, sam = [], None
     if self.sam_encoder is not None:
-      sam_emb = self.sam_encoder(_normalise(image, image_mask, IMAGENET_MEAN, IMAGENET_STD))
-      parts.append(sam_emb)
+      pixels = _normalise(image, image_mask, IMAGENET_MEAN, IMAGENET_STD)
+      sam = MaskFeatures(self.sam_encoder(pixels), pixels if self.mask_detail is not None else None)
+      parts.append(sam.emb)
     if self.eva is not None:
       eva = self.eva(_normalise(image, image_mask, CLIP_MEAN, CLIP_STD), rng=rng)
       if parts:
         parts[0] = resize_bicubic(parts[0], eva.shape[1:3])
       parts.append(eva)
-    return jnp.concatenate(parts, axis=-1), sam_emb
+    return jnp.concatenate(parts, axis=-1), sam
 
   def visual_tokens(self, fused: jax.Array, prompt_box: jax.Array) -> jax.Array:
     """fused (B, g, g, C); prompt_box (B, 4) normalised xyxy of the S×S input → (B, Q [+ k²], d_model)
@@ -353,13 +417,13 @@ class PixelLLM(nnx.Module):
     return self.extractor(fused, pe, sparse, dense)
 
   def encode(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None):
-    """→ (encoder_out (B, Q + Le, d), encoder_mask (B, Q + Le), SAM embedding or None, visual tokens,
+    """→ (encoder_out (B, Q + Le, d), encoder_mask (B, Q + Le), `MaskFeatures` or None, visual tokens,
     fused map)."""
-    fused, sam_emb = self.image_features(batch["image"], batch["image_mask"], rng=rng)
+    fused, sam = self.image_features(batch["image"], batch["image_mask"], rng=rng)
     visual = self.visual_tokens(fused, batch["prompt_box"])
     prompt_ids = batch["prompt_ids"]
     enc, mask = self.t5.encode(prompt_ids, prompt_ids != self.cfg.t5.pad_id, prefix_embeds=visual)
-    return enc, mask, sam_emb, visual, fused
+    return enc, mask, sam, visual, fused
 
   def region_captions(self, fused: jax.Array, boxes: jax.Array, prompt_ids: jax.Array,
                       region_ids: jax.Array) -> jax.Array:
@@ -397,18 +461,18 @@ class PixelLLM(nnx.Module):
     c = (jnp.concatenate([centre, centre], axis=-1) + 1.0) * 0.5 * self.cfg.image_size
     return c + v * 0.5 * scale, probs
 
-  def decoded_seg_masks(self, hidden: jax.Array, positions: jax.Array, sam_emb: jax.Array,
+  def decoded_seg_masks(self, hidden: jax.Array, positions: jax.Array, sam: MaskFeatures,
                         visual: jax.Array, image_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`seg_masks` for a decoded sequence: with `seg_box_prompt` the boxes are the location head's
     (`points` of `hidden`; `visual` and `image_mask` as there)."""
     hidden = hidden.astype(jnp.float32)
     boxes = self.points(hidden, image_mask, visual) if self.cfg.seg_box_prompt else None
-    return self.seg_masks(hidden, positions, sam_emb, boxes=boxes)
+    return self.seg_masks(hidden, positions, sam, boxes=boxes)
 
-  def seg_masks(self, hidden: jax.Array, positions: jax.Array, sam_emb: jax.Array, *,
+  def seg_masks(self, hidden: jax.Array, positions: jax.Array, sam: MaskFeatures, *,
                 boxes: jax.Array | None = None) -> jax.Array:
-    """LISA masks: hidden (B, T, d), positions (B, K) of the `[SEG]`-predicting steps, SAM embedding
-    (B, gs, gs, P) → mask logits (B, K, S, S) (bilinear from SAM's 4× grid) and IoU (B, K). With
+    """LISA masks: hidden (B, T, d), positions (B, K) of the `[SEG]`-predicting steps, `MaskFeatures`
+    of the images → mask logits (B, K, S, S) (bilinear from SAM's 4× grid) and IoU (B, K). With
     `seg_box_prompt`, `boxes` (B, T, 4) [x0, y0, x1, y1] model-input pixels (`points`) are needed: the
     box at each `[SEG]` step prompts its mask too."""
     b, k = positions.shape
@@ -420,12 +484,14 @@ class PixelLLM(nnx.Module):
       box = jnp.take_along_axis(boxes, positions[..., None], axis=1).reshape(b * k, 4)
       corners = self.prompt_encoder.embed_boxes(_ordered(jax.lax.stop_gradient(box)))
       prompt = jnp.concatenate([prompt, corners.astype(prompt.dtype)], axis=1)  # (B·K, 3, P)
-    gs = sam_emb.shape[1:3]
-    emb = jnp.repeat(sam_emb, k, axis=0)
+    gs = sam.emb.shape[1:3]
+    emb = jnp.repeat(sam.emb, k, axis=0)
+    detail = self._detail(sam)
+    detail = None if detail is None else jnp.repeat(detail, k, axis=0)
     dense = jnp.broadcast_to(self.prompt_encoder.no_mask_embed[...].astype(emb.dtype),
                              emb.shape[:3] + (emb.shape[-1],))
     pe = self.prompt_encoder.pe.dense_pe(gs)
-    masks, iou = self.mask_decoder(emb, pe, prompt, dense, multimask_output=False)
+    masks, iou = self.mask_decoder(emb, pe, prompt, dense, multimask_output=False, detail=detail)
     s = self.cfg.image_size
     masks = jax.image.resize(masks[:, 0].astype(jnp.float32), (b * k, s, s), "bilinear")
     return masks.reshape(b, k, s, s), iou.reshape(b, k)
@@ -442,9 +508,10 @@ class PixelLLM(nnx.Module):
     its own); None runs every configured head whose inputs are in the batch. Without `target_ids`
     (dense captioning) the main caption decode is skipped. `train` (the trainer's loss) lets
     `refseg_train_box` / `seg_box_prompt` = "target" prompt the referring / `[SEG]` masks with the
-    ground-truth boxes."""
+    ground-truth boxes (moved by `train_box_noise` when `rng` is given; `rng` also drives EVA02's drop
+    path)."""
     enabled = self.heads if heads is None else set(heads) & self.heads
-    enc, enc_mask, sam_emb, visual, fused = self.encode(batch, rng=rng)
+    enc, enc_mask, sam, visual, fused = self.encode(batch, rng=rng)
     out: dict[str, jax.Array] = {}
     if "target_ids" in batch:
       targets = batch["target_ids"]
@@ -464,16 +531,19 @@ class PixelLLM(nnx.Module):
       targeted = points
       if train and "token_boxes" in batch:
         has = batch["token_box_valid"][..., None] & jnp.any(batch["token_boxes"] != 0, -1, keepdims=True)
-        targeted = jnp.where(has, batch["token_boxes"].astype(jnp.float32) * self.cfg.image_size, points)
+        gt = batch["token_boxes"].astype(jnp.float32) * self.cfg.image_size
+        if self.cfg.train_box_noise and rng is not None:
+          gt = jitter_boxes(jax.random.fold_in(rng, 1), gt, self.cfg.train_box_noise, self.cfg.image_size)
+        targeted = jnp.where(has, gt, points)
       if "lisa" in enabled and "seg_positions" in batch:
         boxes = targeted if self.cfg.seg_box_prompt == "target" else points
-        out["seg_logits"], out["seg_iou"] = self.seg_masks(hidden, batch["seg_positions"], sam_emb,
+        out["seg_logits"], out["seg_iou"] = self.seg_masks(hidden, batch["seg_positions"], sam,
                                                            boxes=boxes)
       if "refseg" in enabled:
         eos = jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1
         boxes = targeted if self.cfg.refseg_train_box == "target" else points
         box = jnp.take_along_axis(boxes, eos[:, None, None], axis=1)[:, 0]
-        out["ref_logits"], out["ref_iou"] = self.box_mask(box, visual, hidden, sam_emb)
+        out["ref_logits"], out["ref_iou"] = self.box_mask(box, visual, hidden, sam)
     if "proposals" in enabled and "region_boxes" in batch:
       out["heat"], out["ltrb"] = self.proposal_head(fused)
       out["region_logits"] = self.region_captions(fused, batch["region_boxes"], batch["prompt_ids"],
@@ -486,7 +556,11 @@ class PixelLLM(nnx.Module):
     return {h for h, on in (("lisa", self.cfg.lisa), ("refseg", self.cfg.refseg),
                             ("proposals", self.cfg.proposals)) if on}
 
-  def box_mask(self, box: jax.Array, visual: jax.Array, hidden: jax.Array, sam_emb: jax.Array
+  def _detail(self, sam: MaskFeatures) -> jax.Array | None:
+    """The mask decoder's `mask_detail` map (B, 4gs, 4gs, C), or None without it."""
+    return None if self.mask_detail is None else self.mask_detail(sam.pixels)
+
+  def box_mask(self, box: jax.Array, visual: jax.Array, hidden: jax.Array, sam: MaskFeatures
                ) -> tuple[jax.Array, jax.Array]:
     """Referring segmentation (SPEC 1.8): the predicted box (B, 4) [x0, y0, x1, y1] model-input pixels
     (gradient stopped: the box head trains on its own L1) prompts SAM's mask decoder, its 2 corner
@@ -494,11 +568,11 @@ class PixelLLM(nnx.Module):
     b = box.shape[0]
     sparse = self.prompt_encoder.embed_boxes(_ordered(jax.lax.stop_gradient(box)))  # (B, 2, P)
     sparse = sparse + self.mask_adapter(visual, hidden).astype(sparse.dtype)
-    gs = sam_emb.shape[1:3]
-    dense = jnp.broadcast_to(self.prompt_encoder.no_mask_embed[...].astype(sam_emb.dtype),
-                             sam_emb.shape)
-    masks, iou = self.mask_decoder(sam_emb, self.prompt_encoder.pe.dense_pe(gs), sparse, dense,
-                                   multimask_output=False)
+    gs = sam.emb.shape[1:3]
+    dense = jnp.broadcast_to(self.prompt_encoder.no_mask_embed[...].astype(sam.emb.dtype),
+                             sam.emb.shape)
+    masks, iou = self.mask_decoder(sam.emb, self.prompt_encoder.pe.dense_pe(gs), sparse, dense,
+                                   multimask_output=False, detail=self._detail(sam))
     s = self.cfg.image_size
     return jax.image.resize(masks[:, 0].astype(jnp.float32), (b, s, s), "bilinear"), iou[:, 0]
 
@@ -634,7 +708,7 @@ TASK_HEADS = {"ln": (), "caption": (), "region_caption": (), "referring": ("refs
 # the location head, LoRA factors; the LISA projection and mask decoder when present. Everything
 # else (SAM encoder, prompt encoder, T5 base weights) is frozen.
 TRAINABLE = (r"^eva\.", r"^extractor\.", r"^loc_head\.", r"^seg_proj\.", r"^mask_decoder\.",
-             r"^mask_adapter\.", r"^proposal_head\.")
+             r"^mask_detail\.", r"^mask_adapter\.", r"^proposal_head\.")
 
 
 def trainable_filter(patterns: tp.Sequence[str] = TRAINABLE, *, lora: bool = True):

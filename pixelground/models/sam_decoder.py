@@ -323,9 +323,11 @@ class TwoWayTransformer(nnx.Module):
 class MaskDecoder(nnx.Module):
   """Tokens + image embeddings → low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M)."""
 
-  def __init__(self, cfg: SamDecoderConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: SamDecoderConfig, *, detail_channels: int = 0, rngs: nnx.Rngs):
+    """`detail_channels` > 0: `__call__` also takes a (B, 4h, 4w, detail_channels) map, concatenated to
+    the upscaled embedding (the hypernetworks then emit D/8 + detail_channels weights); 0 is SAM."""
     d, pd = cfg.prompt_dim, cfg.weight_dtype
-    self.cfg, self.dtype = cfg, cfg.compute_dtype
+    self.cfg, self.dtype, self.detail_channels = cfg, cfg.compute_dtype, detail_channels
     common = dict(dtype=self.dtype, param_dtype=pd, rngs=rngs)
     m = cfg.num_mask_tokens
     self.iou_token = make_param(rngs, normal(1.0), (d,), ("embed",), pd)
@@ -340,14 +342,21 @@ class MaskDecoder(nnx.Module):
     self.upscale2 = make_param(rngs, normal((d // 4) ** -0.5), (d // 4, 2, 2, d // 8),
                                ("conv_in", None, None, "conv_out"), pd)
     self.upscale2_bias = make_param(rngs, zeros, (d // 8,), ("conv_out",), pd)
-    self.hypernets = nnx.List([MLP(d, d, d // 8, 3, **common) for _ in range(m)])
+    self.hypernets = nnx.List([MLP(d, d, d // 8 + detail_channels, 3, **common) for _ in range(m)])
     self.iou_head = MLP(d, cfg.iou_head_hidden, m, cfg.iou_head_depth, **common)
 
   def __call__(self, image_embeddings: jax.Array, image_pe: jax.Array, sparse: jax.Array,
-               dense: jax.Array, multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
+               dense: jax.Array, multimask_output: bool = True, detail: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """image_embeddings (B, h, w, D); image_pe (h, w, D) or (B, h, w, D); sparse (B, N, D);
-    dense (B, h, w, D) → masks (B, M, 4h, 4w), iou (B, M), M = num_multimask_outputs or 1."""
+    dense (B, h, w, D); detail (B, 4h, 4w, detail_channels), exactly when built with detail_channels
+    → masks (B, M, 4h, 4w), iou (B, M), M = num_multimask_outputs or 1."""
     b, h, w, d = image_embeddings.shape
+    want = (b, 4 * h, 4 * w, self.detail_channels)
+    if (detail is None) != (not self.detail_channels) or (detail is not None and detail.shape != want):
+      raise ValueError(f"MaskDecoder: detail map must be {want if self.detail_channels else None} "
+                       f"(detail_channels={self.detail_channels}), got "
+                       f"{None if detail is None else detail.shape}.")
     dt = self.dtype
     out_tokens = jnp.concatenate([self.iou_token[...][None], self.mask_tokens[...]], 0).astype(dt)
     tokens = jnp.concatenate([jnp.broadcast_to(out_tokens[None], (b,) + out_tokens.shape),
@@ -362,7 +371,12 @@ class MaskDecoder(nnx.Module):
     x = gelu(self.upscale_norm(_transposed_conv2(x, self.upscale1[...], self.upscale1_bias[...], dt)))
     x = gelu(_transposed_conv2(x, self.upscale2[...], self.upscale2_bias[...], dt))  # (B, 4h, 4w, D/8)
     hyper = jnp.stack([mlp(mask_out[:, i]) for i, mlp in enumerate(self.hypernets)], axis=1)
-    masks = jnp.einsum("bmc,byxc->bmyx", hyper, x, preferred_element_type=jnp.float32).astype(dt)
+    c = x.shape[-1]
+    masks = jnp.einsum("bmc,byxc->bmyx", hyper[..., :c], x, preferred_element_type=jnp.float32)
+    if detail is not None:  # a second product, not a concatenation: no gradient into a frozen branch
+      masks = masks + jnp.einsum("bmc,byxc->bmyx", hyper[..., c:], detail.astype(dt),
+                                 preferred_element_type=jnp.float32)
+    masks = masks.astype(dt)
     iou = self.iou_head(iou_out)
     sl = slice(1, None) if multimask_output else slice(0, 1)
     return masks[:, sl], iou[:, sl]
