@@ -15,8 +15,10 @@ The model is trained from scratch, so aids the paper configs leave off are on he
 `model.tiny.pointer_head` (the location head attends to those tokens and predicts offsets from the
 attended cell centre), `loss.attention_grounding_weight` (that attention looks inside each located
 token's box), `model.tiny.refseg_train_box` (the referring-mask decoder trains on ground-truth boxes),
-`data.seg_boxes` (the `[SEG]` step also carries its mask's box) and `model.tiny.seg_box_prompt` (that
-box also prompts the `[SEG]` mask: ground truth in training, predicted at evaluation). The scenes are
+`data.seg_boxes` (the `[SEG]` step also carries its mask's box), `model.tiny.seg_box_prompt` (that
+box also prompts the `[SEG]` mask: ground truth in training, predicted at evaluation),
+`model.tiny.train_box_noise` (those ground-truth prompts jittered as SAM's are) and
+`model.tiny.mask_detail` (a high-resolution image branch the mask decoder reads). The scenes are
 made easy for a model this small: 2-3 shapes at twice the default radii, in 4 colours.
 """
 
@@ -35,12 +37,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.proposals = True
   # Patch 8 (8×8 feature grids at 64 px, 16 px patches would leave 4×4), 16 queries, wider extractor.
   # T5 with 4 heads of 16 (not 2 of 32): the grounding loss claims head 0, the others keep the text.
+  # SAM's embedding / prompt width 64 (tiny: 32) with the mask-detail branch: together they lift the
+  # referring-mask gIoU given the true box from 0.58 to 0.75 (neither alone does); location head 128 wide.
   c.model.tiny = ml_collections.ConfigDict({
-      "sam": {"patch_size": 8, "window_size": 4}, "prompt": {"grid_size": 8},
+      "sam": {"patch_size": 8, "window_size": 4, "out_channels": 64},
+      "prompt": {"grid_size": 8, "prompt_dim": 64},
       "eva": {"patch_size": 8, "image_size": image_size, "rope_ref_grid": 8},
       "t5": {"num_heads": 4, "head_dim": 16},
       "num_queries": 16, "extractor_width": 64, "query_hidden": 64, "spatial_tokens": 8,
-      "pointer_head": True, "refseg_train_box": "target", "seg_box_prompt": "target"})
+      "pointer_head": True, "loc_hidden": 128, "refseg_train_box": "target",
+      "seg_box_prompt": "target", "train_box_noise": 0.1, "mask_detail": 8})
   # No pretrained tiny weights exist, so nothing is frozen here (the full configs freeze SAM and T5).
   c.trainable = (".",)
   c.weights = ml_collections.ConfigDict({"sam": "", "eva": "", "t5": ""})
@@ -52,11 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
                                       "attention_grounding_weight": 1.0})
   c.tasks = ml_collections.ConfigDict({
       "ln": {"dataset": "localized_narratives/grounded_shapes", "weight": 1.5},
-      "caption": {"dataset": "coco_captions/grounded_shapes", "weight": 1.0},
-      "referring": {"dataset": "refcoco/grounded_shapes", "weight": 3.0},
-      "region_caption": {"dataset": "refcoco/grounded_shapes", "weight": 0.5},
-      "dense_caption": {"dataset": "coco_panoptic/grounded_shapes", "weight": 0.5},
-      "reason_seg": {"dataset": "reasonseg/grounded_shapes", "weight": 2.5}})
+      "caption": {"dataset": "coco_captions/grounded_shapes", "weight": 1.3},
+      "referring": {"dataset": "refcoco/grounded_shapes", "weight": 4.0},
+      "region_caption": {"dataset": "refcoco/grounded_shapes", "weight": 0.3},
+      "dense_caption": {"dataset": "coco_panoptic/grounded_shapes", "weight": 0.3},
+      "reason_seg": {"dataset": "reasonseg/grounded_shapes", "weight": 3.0}})
   c.data = ml_collections.ConfigDict({
       "image_size": image_size, "scale_range": (0.8, 1.2), "max_target_len": 40, "max_prompt_len": 12,
       "max_seg": 1, "max_regions": 4, "max_region_len": 6, "seg_boxes": True, "mixing": "batch",
