@@ -58,11 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
                                       "attention_grounding_weight": 1.0})
   c.tasks = ml_collections.ConfigDict({
       "ln": {"dataset": "localized_narratives/grounded_shapes", "weight": 1.5},
-      "caption": {"dataset": "coco_captions/grounded_shapes", "weight": 1.3},
+      "caption": {"dataset": "coco_captions/grounded_shapes", "weight": 1.0},
       "referring": {"dataset": "refcoco/grounded_shapes", "weight": 4.0},
-      "region_caption": {"dataset": "refcoco/grounded_shapes", "weight": 0.3},
-      "dense_caption": {"dataset": "coco_panoptic/grounded_shapes", "weight": 0.3},
-      "reason_seg": {"dataset": "reasonseg/grounded_shapes", "weight": 3.0}})
+      "region_caption": {"dataset": "refcoco/grounded_shapes", "weight": 0.5},
+      "dense_caption": {"dataset": "coco_panoptic/grounded_shapes", "weight": 0.5},
+      "reason_seg": {"dataset": "reasonseg/grounded_shapes", "weight": 2.5}})
   c.data = ml_collections.ConfigDict({
       "image_size": image_size, "scale_range": (0.8, 1.2), "max_target_len": 40, "max_prompt_len": 12,
       "max_seg": 1, "max_regions": 4, "max_region_len": 6, "seg_boxes": True, "mixing": "batch",
