@@ -87,9 +87,9 @@ class PixelLLMConfig(ModelConfig):
   seg_box_prompt: str = ""
   # Demo aid (0 = off, as in SAM): a high-resolution image branch for the mask decoder with this many
   # channels — a 3×3 conv over the input image, then a patch conv down to the decoder's output grid
-  # (4 × SAM's grid) — concatenated to the upscaled embedding the hypernetworks read (in the spirit of
-  # HQ-SAM's early-feature fusion). A from-scratch SAM with an 8×8 grid and D/8 = 4 upscaled channels
-  # draws blobs; the skip carries the edges.
+  # (4 × SAM's grid) — that the hypernetworks weight beside the upscaled embedding (in the spirit of
+  # HQ-SAM's early-feature fusion). A from-scratch SAM on an 8×8 grid draws blobs; in the demo this
+  # branch with prompt_dim 64 (neither alone) lifts the true-box referring-mask gIoU 0.57 → 0.75.
   mask_detail: int = 0
   # Demo aid (0 = off): with "target" box prompts (`refseg_train_box`, `seg_box_prompt`) each
   # ground-truth corner coordinate moves by N(0, (train_box_noise × box side)²) in training, as SAM's
@@ -390,8 +390,8 @@ class PixelLLM(nnx.Module):
   def image_features(self, image: jax.Array, image_mask: jax.Array, *, rng: jax.Array | None = None
                      ) -> tuple[jax.Array, MaskFeatures | None]:
     """image (B, S, S, 3) uint8/float 0–255, image_mask (B, S, S) bool → (fused (B, g, g, C),
-    `MaskFeatures` (SAM embedding (B, gs, gs, 256) [+ detail map]) or None without SAM). `rng` turns
-    on EVA02's drop path."""
+    `MaskFeatures` (SAM embedding (B, gs, gs, 256) [+ the normalised pixels for `mask_detail`]) or None
+    without SAM). `rng` turns on EVA02's drop path."""
     if image.ndim != 4 or image.shape[-1] != 3 or image.shape[1:3] != (self.cfg.image_size,) * 2:
       raise ValueError(f"PixelLLM expects images (B, {self.cfg.image_size}, {self.cfg.image_size}, 3), "
                        f"got {image.shape}.")
@@ -705,7 +705,7 @@ TASK_HEADS = {"ln": (), "caption": (), "region_caption": (), "referring": ("refs
 
 
 # Trained in the PixelLLM LN/referring recipes (SPEC §3): EVA02, the prompt extractor (+ projection),
-# the location head, LoRA factors; the LISA projection and mask decoder when present. Everything
+# the location head, LoRA factors; the LISA projection and mask decoder (+ detail branch) when present. Everything
 # else (SAM encoder, prompt encoder, T5 base weights) is frozen.
 TRAINABLE = (r"^eva\.", r"^extractor\.", r"^loc_head\.", r"^seg_proj\.", r"^mask_decoder\.",
              r"^mask_detail\.", r"^mask_adapter\.", r"^proposal_head\.")
