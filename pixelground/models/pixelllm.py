@@ -705,8 +705,8 @@ TASK_HEADS = {"ln": (), "caption": (), "region_caption": (), "referring": ("refs
 
 
 # Trained in the PixelLLM LN/referring recipes (SPEC §3): EVA02, the prompt extractor (+ projection),
-# the location head, LoRA factors; the LISA projection and mask decoder (+ detail branch) when present. Everything
-# else (SAM encoder, prompt encoder, T5 base weights) is frozen.
+# the location head, LoRA factors; the LISA projection and mask decoder (+ its detail branch) when
+# present. Everything else (SAM encoder, prompt encoder, T5 base weights) is frozen.
 TRAINABLE = (r"^eva\.", r"^extractor\.", r"^loc_head\.", r"^seg_proj\.", r"^mask_decoder\.",
              r"^mask_detail\.", r"^mask_adapter\.", r"^proposal_head\.")
 
