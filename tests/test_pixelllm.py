@@ -188,30 +188,34 @@ def test_mask_detail_branch_reaches_the_masks_and_trains(setup):
   the hypernetworks beside the upscaled embedding — it changes the masks, the mask losses reach its
   weights, and a decoder built for it refuses to run without it."""
   tok = setup["tok"]
-  cfg = P.tiny_config(vocab_size=tok.vocab_size, refseg=True, lisa=True,
-                      seg_token_id=tok.token_id("[SEG]")).replace(mask_detail=4)
+  cfg = P.tiny_config(vocab_size=tok.vocab_size, refseg=True).replace(mask_detail=4)
   model = P.PixelLLM(cfg, rngs=nnx.Rngs(4))
   batch = setup["refseg"]
-  _, _, sam, visual, _ = model.encode(batch)
-  detail = model.mask_detail(sam.pixels)
-  assert detail.shape == (4, 4 * cfg.sam_grid, 4 * cfg.sam_grid, 4)
   assert model.mask_decoder.hypernets[0].proj_out.kernel.shape[-1] == cfg.prompt.prompt_dim // 8 + 4
-  out = model(batch)
-  eos = np.asarray(batch["target_mask"]).sum(-1) - 1
-  box = jnp.asarray(np.asarray(out["points"])[np.arange(4), eos])
-  blank = P.MaskFeatures(sam.emb, jnp.zeros_like(sam.pixels))  # a constant detail map
-  flat, _ = model.box_mask(box, visual, out["hidden"], blank)
-  assert np.abs(np.asarray(flat) - np.asarray(out["ref_logits"])).max() > 1e-3
+  eos = jnp.asarray(np.asarray(batch["target_mask"]).sum(-1) - 1)
+
+  @nnx.jit  # jitted: the eager forward alone takes ~a minute here
+  def forward(m, b):
+    _, _, sam, visual, _ = m.encode(b)
+    out = m(b)
+    box = jnp.take_along_axis(out["points"], eos[:, None, None], axis=1)[:, 0]
+    blank = P.MaskFeatures(sam.emb, jnp.zeros_like(sam.pixels))  # a constant detail map
+    return m.mask_detail(sam.pixels), out["ref_logits"], m.box_mask(box, visual, out["hidden"], blank)[0]
+
+  detail, ref, flat = forward(model, batch)
+  assert detail.shape == (4, 4 * cfg.sam_grid, 4 * cfg.sam_grid, 4)
+  assert np.abs(np.asarray(flat) - np.asarray(ref)).max() > 1e-3
 
   def loss(m):
     return P.compute_losses(cfg, P.LossConfig(), m(batch, train=True), batch)[0]
 
-  grads = nnx.grad(loss, argnums=nnx.DiffState(0, P.trainable_filter()))(model)
+  grads = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, P.trainable_filter())))(model)
   g = jax.tree.leaves(grads["mask_detail"])
   assert len(g) == 4 and all(float(jnp.abs(v).max()) > 0 for v in g)
+  emb = jnp.zeros((4, cfg.sam_grid, cfg.sam_grid, cfg.prompt.prompt_dim))
   with pytest.raises(ValueError, match="detail map must be"):
-    model.mask_decoder(sam.emb, model.prompt_encoder.pe.dense_pe(sam.emb.shape[1:3]),
-                       jnp.zeros((4, 2, cfg.prompt.prompt_dim)), jnp.zeros_like(sam.emb))
+    model.mask_decoder(emb, model.prompt_encoder.pe.dense_pe(emb.shape[1:3]),
+                       jnp.zeros((4, 2, cfg.prompt.prompt_dim)), jnp.zeros_like(emb))
   with pytest.raises(ValueError, match="mask_detail 4 needs the SAM encoder"):
     P.tiny_config(vocab_size=tok.vocab_size, use_sam=False).replace(mask_detail=4)
 
