@@ -328,10 +328,7 @@ class MaskDetail(nnx.Module):
                                      ((1, 1), (1, 1)), dimension_numbers=dn,
                                      preferred_element_type=jnp.float32)
     y = dec_lib.gelu(y + self.conv1_bias[...]).astype(self.dtype)
-    s = self.stride
-    y = jax.lax.conv_general_dilated(y, self.conv2[...].astype(self.dtype), (s, s), "VALID",
-                                     dimension_numbers=dn, preferred_element_type=jnp.float32)
-    return (y + self.conv2_bias[...]).astype(self.dtype)
+    return dec_lib.patch_conv(y, self.conv2[...], self.conv2_bias[...], self.dtype)
 
 
 class MaskFeatures(tp.NamedTuple):

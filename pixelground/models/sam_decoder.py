@@ -109,7 +109,7 @@ class PositionEmbeddingRandom(nnx.Module):
     return self._encode(xy)
 
 
-def _patch_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype) -> jax.Array:
+def patch_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype) -> jax.Array:
   """Non-overlapping k×k conv, stride k (NHWC); kernel (k, k, C, O). Trailing rows/cols dropped."""
   k = kernel.shape[0]
   b, hh, ww, c = x.shape
@@ -146,8 +146,8 @@ class MaskEmbedding(nnx.Module):
     self.conv3 = Projection((c,), (d,), ("conv_in",), ("embed",), use_bias=True, **common)
 
   def __call__(self, masks: jax.Array) -> jax.Array:
-    x = gelu(self.norm1(_patch_conv(masks, self.conv1[...], self.conv1_bias[...], self.dtype)))
-    x = gelu(self.norm2(_patch_conv(x, self.conv2[...], self.conv2_bias[...], self.dtype)))
+    x = gelu(self.norm1(patch_conv(masks, self.conv1[...], self.conv1_bias[...], self.dtype)))
+    x = gelu(self.norm2(patch_conv(x, self.conv2[...], self.conv2_bias[...], self.dtype)))
     return self.conv3(x)
 
 
@@ -324,8 +324,9 @@ class MaskDecoder(nnx.Module):
   """Tokens + image embeddings → low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M)."""
 
   def __init__(self, cfg: SamDecoderConfig, *, detail_channels: int = 0, rngs: nnx.Rngs):
-    """`detail_channels` > 0: `__call__` also takes a (B, 4h, 4w, detail_channels) map, concatenated to
-    the upscaled embedding (the hypernetworks then emit D/8 + detail_channels weights); 0 is SAM."""
+    """`detail_channels` > 0: `__call__` also takes a (B, 4h, 4w, detail_channels) map that the
+    hypernetworks weight beside the upscaled embedding (they emit D/8 + detail_channels weights); 0 is
+    SAM."""
     d, pd = cfg.prompt_dim, cfg.weight_dtype
     self.cfg, self.dtype, self.detail_channels = cfg, cfg.compute_dtype, detail_channels
     common = dict(dtype=self.dtype, param_dtype=pd, rngs=rngs)
