@@ -80,16 +80,12 @@ class EvalOptions:
 # Jitted per-task device functions: (params, frozen, batch) → replicated outputs
 # ----------------------------------------------------------------------------------------------------
 
-def _eos(batch):
-  return jnp.maximum(jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1, 0)
-
-
 def _forward(model: P.PixelLLM, batch, task: str) -> dict[str, jax.Array]:
   """Teacher-forced outputs a task's scoring needs + its in-training metric sums."""
   out = model(batch, heads=P.TASK_HEADS.get(task, ()))
   res = {"tf": train_metrics.batch_metrics(model.cfg, task, out, batch), "index": batch["eval_index"]}
   if task == "referring":
-    res["box"] = jnp.take_along_axis(out["points"], _eos(batch)[:, None, None], axis=1)[:, 0]
+    res["box"] = P.referring_box(out, batch)
     if "ref_logits" in out:
       res["mask_logits"] = out["ref_logits"]
   elif task == "ln":

@@ -45,7 +45,7 @@ from pixelground.models import pixelllm as P
 # base weights of each stack, "….lora" their LoRA factors.
 UNITS = ("sam_encoder", "eva", "prompt_encoder", "extractor", "t5.token_embed", "t5.encoder",
          "t5.encoder.lora", "t5.decoder", "t5.decoder.lora", "t5.lm_head", "loc_head", "seg_proj",
-         "mask_decoder", "mask_detail", "mask_adapter", "proposal_head")
+         "mask_decoder", "mask_detail", "mask_adapter", "proposal_head", "box_refiner")
 
 
 @functools.lru_cache(maxsize=4)
@@ -296,6 +296,19 @@ def _mask_decoder(c: _Counter, cfg: P.PixelLLMConfig, n: int, num_sparse: int, g
   c.dense(hid * m, n, w=w_iou, x=h)
 
 
+def _box_refiner(c: _Counter, cfg: P.PixelLLMConfig, n: float, w: bool) -> None:
+  """`box_refine`: n runs of the refiner on an n_c×n_c crop (its inputs — pixels and a stopped
+  decoder state — carry no gradient; the crop's bilinear sampling is a gather, not counted)."""
+  nc, ch, hid = cfg.box_refine, P.BoxRefiner.CHANNELS, cfg.loc_hidden
+  g = c.dense(27 * ch, n * nc * nc, w=w, x=False)                      # 3×3 conv, 3 → C
+  g = c.dense(9 * ch * ch, n * nc * nc, w=w, x=g)                      # 3×3 conv, C → C
+  g = c.dense(4 * ch * 2 * ch, n * (nc // 2) ** 2, w=w, x=g)           # 2×2 stride 2, C → 2C
+  g = c.dense(4 * 4 * ch * ch, n * (nc // 4) ** 2, w=w, x=g)           # 2×2 stride 2, 2C → 2C
+  g = c.dense((nc // 4) ** 2 * 2 * ch * hid, n, w=w, x=g)              # crop → hidden
+  g = c.dense(cfg.t5.d_model * hid, n, w=w, x=w) or g                  # state (after its LN) → hidden
+  c.dense(hid * 4, n, w=w, x=g)
+
+
 def _caption(c: _Counter, cfg: P.PixelLLMConfig, n: int, le: int, length: int, g_fused: bool,
              tr: frozenset[str]) -> tuple[bool, bool]:
   """Prompt extractor → T5 encoder → decoder over `length` tokens → LM head, for `n` captions (the main
@@ -326,8 +339,10 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
   extractor, T5 encoder and decoder again per region). target_len=0: no caption decode (and so no
   location / LISA / refseg heads). `trainable`: an NNX filter (default
   `pixelllm.trainable_filter()`) or a set of `UNITS`. "parts" (sums to "total") are: sam_encoder, eva,
-  extractor, t5_encoder, t5_decoder (LoRA included), lm_head, loc_head, seg_proj, mask_decoder,
-  mask_adapter, proposal_head — those the config has; "forward" is the forward-only total.
+  extractor, t5_encoder, t5_decoder (LoRA included), lm_head, loc_head, box_refiner, seg_proj,
+  mask_decoder, mask_detail, mask_adapter, proposal_head — those the config has; "forward" is the
+  forward-only total. A training step is `PixelLLM.__call__(batch, train=True)` (the refiner then also
+  runs on the target boxes).
   """
   tr = trained_units(cfg, trainable) if train else frozenset()
   c, b, t5 = _Counter(), batch_size, cfg.t5
@@ -359,6 +374,15 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
     g = c.dense(d * d, rows, w=w, x=gr) or g
   for a, o in zip(dims[:-1], dims[1:]):
     g = c.dense(a * o, b * target_len, w=w, x=g)
+
+  if cfg.box_refine and target_len:
+    # The object box at one token per example, from the head's box and (training) the target's too,
+    # both trained by the refiner's L1; with `seg_box_prompt` the `[SEG]` mask prompts are refined
+    # again, one per slot, forward only (a box prompt carries no gradient).
+    c.part = "box_refiner"
+    _box_refiner(c, cfg, b * (2 if train else 1), "box_refiner" in tr)
+    if cfg.lisa and cfg.seg_box_prompt and num_seg:
+      _box_refiner(c, cfg, b * num_seg, False)
 
   w_md, w_det = "mask_decoder" in tr, "mask_detail" in tr
   g_img = g_sam or "prompt_encoder" in tr                  # SAM embedding + "no mask" embedding

@@ -34,6 +34,7 @@ from pixelground import decoding
 from pixelground.configlib import load_config  # noqa: F401  (inference.load_config: notebooks)
 from pixelground.data import tasks as task_lib
 from pixelground.data import transforms as T
+from pixelground.models import pixelllm
 
 
 @dataclasses.dataclass
@@ -124,9 +125,8 @@ def _dense(model, batch, *, k: int, max_len: int, vocab_limit: int | None = None
 def _refer(model, batch):
   """Teacher-forced referring: (box (B, 4) model-input pixels at the EOS, log-likelihood (B,), mask
   logits (B, S, S) and IoU (B,) with a refseg model, else None)."""
-  out = model(batch, heads=("refseg",) if model.cfg.refseg else ())
-  eos = jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1
-  box = jnp.take_along_axis(out["points"], eos[:, None, None], axis=1)[:, 0]
+  out = model(batch, heads=pixelllm.TASK_HEADS["referring"])
+  box = pixelllm.referring_box(out, batch)
   logp = jax.nn.log_softmax(out["logits"], -1)
   logp = jnp.take_along_axis(logp, batch["target_ids"][..., None], -1)[..., 0]
   score = jnp.sum(jnp.where(batch["target_mask"], logp, 0.0), axis=-1)

@@ -495,10 +495,11 @@ class StepFlops:
 
     cfg, d = self.setup.cfg, self.config.data
     conv = converter_name(self.config, task) if task else None
-    heads = set(P.TASK_HEADS.get(conv, ())) if conv else {"lisa", "refseg", "proposals"}
+    heads = set(P.TASK_HEADS.get(conv, ())) if conv else {"lisa", "refseg", "proposals", "refbox"}
     cfg = dataclasses.replace(cfg, lisa=cfg.lisa and "lisa" in heads,
                               refseg=cfg.refseg and "refseg" in heads,
-                              proposals=cfg.proposals and "proposals" in heads)
+                              proposals=cfg.proposals and "proposals" in heads,
+                              box_refine=cfg.box_refine if "refbox" in heads else 0)
     dense = conv == "dense_caption"
     return float(flops_lib.step_flops(
         cfg, batch_size=self.batch_size, prompt_len=int(d.get("max_prompt_len", 32)),

@@ -63,7 +63,7 @@ def batch_metrics(cfg: P.PixelLLMConfig, task: str, out: dict[str, jax.Array],
     m["trace_l1"] = (jnp.sum(err * valid), 4.0 * jnp.sum(batch["token_box_valid"]).astype(jnp.float32))
   if task == "referring":
     eos = jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1
-    pred = jnp.take_along_axis(out["points"], eos[:, None, None], axis=1)[:, 0]
+    pred = P.referring_box(out, batch)
     gt = jnp.take_along_axis(batch["token_boxes"], eos[:, None, None], axis=1)[:, 0] * cfg.image_size
     has_box = jnp.take_along_axis(batch["token_box_valid"], eos[:, None], axis=1)[:, 0]
     hit = (box_iou(pred, gt) >= 0.5) & has_box

@@ -29,7 +29,7 @@ S, LE, LT, K, R, LR = 96, 8, 16, 2, 2, 6
 
 
 def small_config(*, lisa=False, refseg=False, proposals=False, scan=False,
-                 spatial=0, pointer=False, seg_box="", detail=0) -> P.PixelLLMConfig:
+                 spatial=0, pointer=False, seg_box="", detail=0, refine=0) -> P.PixelLLMConfig:
   """PixelLLM with the real structure and widths big enough (128–256) for matmuls to dominate XLA's
   count. SAM grid 6 with window 4: the windowed block attends over the map zero-padded to 8×8."""
   sam = sam_lib.SamEncoderConfig(image_size=S, width=128, depth=3, num_heads=4, window_size=4,
@@ -46,7 +46,7 @@ def small_config(*, lisa=False, refseg=False, proposals=False, scan=False,
                           query_hidden=128, loc_hidden=64, lisa=lisa, seg_token_id=5 if lisa else -1,
                           refseg=refseg, adapter_heads=4, proposals=proposals, proposal_width=64,
                           spatial_tokens=spatial, pointer_head=pointer, seg_box_prompt=seg_box,
-                          mask_detail=detail)
+                          mask_detail=detail, box_refine=refine)
 
 
 def make_batch(cfg: P.PixelLLMConfig, b: int = 2) -> dict[str, jax.Array]:
@@ -151,7 +151,7 @@ def test_forward_matches_traced_program():
   for kw in (dict(), dict(lisa=True, refseg=True, proposals=True),
              dict(refseg=True, proposals=True, spatial=3),
              dict(lisa=True, refseg=True, proposals=True, spatial=3, pointer=True, seg_box="predicted",
-                  detail=8)):
+                  detail=8, refine=8)):
     cfg = small_config(**kw)
     gd, st = _model(cfg)
     batch = make_batch(cfg)
@@ -189,7 +189,7 @@ def _train_traced(cfg, keep) -> float:
 
   def loss(t, r):
     m = nnx.merge(gd, t, r)
-    return P.compute_losses(cfg, P.LossConfig(), m(batch), batch)[0]
+    return P.compute_losses(cfg, P.LossConfig(), m(batch, train=True), batch)[0]  # as the trainer
 
   return F.traced_flops(jax.value_and_grad(loss), trained, rest)
 
@@ -210,6 +210,9 @@ def test_train_step_matches_traced_gradient_program():
       "pointer, loc_head": (small_config(spatial=3, pointer=True), only("loc_head")),
       "mask detail": (small_config(lisa=True, refseg=True, detail=8), P.trainable_filter()),
       "detail frozen": (small_config(lisa=True, refseg=True, detail=8), only("mask_decoder")),
+      "box refine": (small_config(lisa=True, refseg=True, spatial=3, pointer=True, seg_box="predicted",
+                                  refine=8), P.trainable_filter()),
+      "refiner only": (small_config(refine=8), only("box_refiner")),
   }
   for name, (cfg, keep) in cases.items():
     ana = analytic(cfg, trainable=keep)

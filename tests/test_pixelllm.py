@@ -220,6 +220,98 @@ def test_mask_detail_branch_reaches_the_masks_and_trains(setup):
     P.tiny_config(vocab_size=tok.vocab_size, use_sam=False).replace(mask_detail=4)
 
 
+def test_bilinear_sample_and_the_box_refiner_crop():
+  """`bilinear_sample` equals a direct numpy bilinear interpolation (pixel centres at i + 0.5, zero
+  off the image); the refiner's crop samples the box grown `GROW`× (each side ≥ `MIN_SIDE`)."""
+  rng = np.random.default_rng(0)
+  img = rng.normal(size=(2, 7, 9, 3)).astype(np.float32)
+  x, y = rng.uniform(-2, 11, (2, 50)).astype(np.float32), rng.uniform(-2, 9, (2, 50)).astype(np.float32)
+  pad = np.pad(img, ((0, 0), (1, 1), (1, 1), (0, 0)))  # index + 1: one zero pixel all round
+
+  def ref(b, px, py):
+    fx, fy = px - 0.5 + 1, py - 0.5 + 1
+    x0, y0 = int(np.floor(fx)), int(np.floor(fy))
+    out = np.zeros(3)
+    for yy in (y0, y0 + 1):
+      for xx in (x0, x0 + 1):
+        if 0 <= yy < pad.shape[1] and 0 <= xx < pad.shape[2]:
+          out += pad[b, yy, xx] * (1 - abs(fx - xx)) * (1 - abs(fy - yy))
+    return out
+
+  want = np.asarray([[ref(b, x[b, i], y[b, i]) for i in range(50)] for b in range(2)])
+  np.testing.assert_allclose(np.asarray(P.bilinear_sample(jnp.asarray(img), x, y)), want, atol=1e-5)
+  # A crop of the image whose pixels hold their own centre coordinates reads back the sampling grid.
+  tok = load_tokenizer("tiny")
+  cfg = P.tiny_config(vocab_size=tok.vocab_size).replace(box_refine=8)
+  refiner = P.BoxRefiner(cfg, rngs=nnx.Rngs(0))
+  c = np.arange(S, dtype=np.float32) + 0.5
+  coords = np.stack([*np.meshgrid(c, c, indexing="xy"), np.zeros((S, S), np.float32)], -1)[None]
+  box = jnp.asarray([[30.0, 20.0, 20.0, 40.0], [10.0, 10.0, 11.0, 12.0]])  # flipped x; tiny
+  crop, half = refiner.crop(box, jnp.asarray(np.repeat(coords, 2, 0)))
+  np.testing.assert_allclose(np.asarray(half), [[8.0, 16.0], [2.0, 2.0]])  # 1.6 × 10 / 2; MIN_SIDE
+  u = (np.arange(8) + 0.5) / 8 * 2 - 1
+  np.testing.assert_allclose(np.asarray(crop[0, 3, :, 0]), 25 + 8 * u, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(crop[0, :, 5, 1]), 30 + 16 * u, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(crop[1, 0, :, 0]), 10.5 + 2 * u, atol=1e-4)
+  with pytest.raises(ValueError, match="box_refine 6 must be 0 or a multiple of 4"):
+    cfg.replace(box_refine=6)
+
+
+def test_box_refiner_learns_and_prompts_both_masks(setup):
+  """`box_refine`: the referring box (and the `[SEG]` box) is the refiner's output — the identity of
+  the (ordered) head box at initialisation; trained alone on the head's boxes it lands far closer to
+  the target than they are; the referring mask is prompted with the refined box (in "target" training:
+  with the refined jittered ground truth)."""
+  tok = setup["tok"]
+  cfg = P.tiny_config(vocab_size=tok.vocab_size, refseg=True).replace(
+      box_refine=16, refseg_train_box="target")
+  model = P.PixelLLM(cfg, rngs=nnx.Rngs(5))
+  batch = setup["refseg"]
+  eos = np.asarray(batch["target_mask"]).sum(-1) - 1
+  target = np.asarray(batch["token_boxes"])[np.arange(4), eos] * cfg.image_size
+  forward = nnx.jit(lambda m, b: m(b, heads=P.TASK_HEADS["referring"]))
+  out = forward(model, batch)
+  head = np.asarray(out["points"])[np.arange(4), eos]
+  ordered = np.concatenate([np.minimum(head[:, :2], head[:, 2:]), np.maximum(head[:, :2], head[:, 2:])], -1)
+  np.testing.assert_allclose(np.asarray(P.referring_box(out, batch)), ordered, atol=1e-4)
+
+  keep = P.trainable_filter((r"^box_refiner\.",), lora=False)
+  opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=keep)
+  loss_cfg = P.LossConfig(box_refine_weight=1.0)
+
+  @nnx.jit
+  def step(m, opt):
+    def loss_fn(m):
+      o = m(batch, heads=P.TASK_HEADS["referring"])  # eval mode: the refiner sees the head's boxes
+      return P.compute_losses(cfg, loss_cfg, o, batch)[1]["box_refine_l1"]
+    l, g = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, keep))(m)
+    opt.update(m, g)
+    return l
+
+  losses = [float(step(model, opt)) for _ in range(60)]
+  out = forward(model, batch)
+  refined = np.asarray(out["object_box"])
+  head_l1, refined_l1 = np.abs(ordered - target).sum(-1).mean(), np.abs(refined - target).sum(-1).mean()
+  print("head L1", head_l1, "refined L1", refined_l1, "loss", losses[0], losses[-1])
+  assert refined_l1 < 0.3 * head_l1 and losses[-1] < 0.3 * losses[0]
+  np.testing.assert_allclose(np.asarray(out["points"])[np.arange(4), eos], head, atol=1e-4)  # head untouched
+
+  @nnx.jit
+  def masks(m, b):
+    trained = m(b, train=True, heads=P.TASK_HEADS["referring"])
+    evaluated = m(b, heads=P.TASK_HEADS["referring"])
+    _, _, sam, visual, _ = m.encode(b)
+    return (trained["ref_logits"], m.box_mask(trained["object_box_from_target"], visual, trained["hidden"], sam)[0],
+            m.box_mask(m.box_refiner(jnp.asarray(target), jax.lax.stop_gradient(
+                trained["hidden"][jnp.arange(4), eos]), sam.pixels), visual, trained["hidden"], sam)[0],
+            evaluated["ref_logits"], m.box_mask(evaluated["object_box"], visual, evaluated["hidden"], sam)[0])
+
+  t_logits, t_want, t_manual, e_logits, e_want = masks(model, batch)
+  np.testing.assert_allclose(np.asarray(t_logits), np.asarray(t_want), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(t_want), np.asarray(t_manual), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(e_logits), np.asarray(e_want), atol=1e-4)
+
+
 def test_seg_box_prompt_adds_the_box_at_the_seg_token(setup):
   """`seg_box_prompt`: each `[SEG]` mask is also prompted with a box — in training ("target") the
   ground-truth box where the row has one, otherwise (and always at evaluation) the location head's box
@@ -275,6 +367,43 @@ def test_pointer_head_places_points_around_the_attended_centre(setup):
     model.points(out["hidden"], batch["image_mask"])
   with pytest.raises(ValueError, match="pointer_head=True needs spatial_tokens"):
     cfg.replace(spatial_tokens=0)
+
+
+def test_pointer_window_points_at_the_strongest_cells(setup):
+  """`pointer_window` r: an object box at evaluation (here the referring box at the EOS) takes the
+  pointer's centre from its attention within the (2r + 1)² cells around the argmax (renormalised);
+  per-token (trace) points, training and the grounding loss keep the full attention."""
+  p = np.zeros((1, 16), np.float32)
+  p[0, [0, 1, 4, 15]] = [0.3, 0.1, 0.2, 0.4]  # a 4×4 grid: a spread object top-left, a peak at (3, 3)
+  np.testing.assert_allclose(np.asarray(P.local_window(jnp.asarray(p), 4, 1))[0, 15], 1.0)
+  p[0, 15] = 0.25
+  want = np.zeros(16)
+  want[[0, 1, 4]] = np.array([0.3, 0.1, 0.2]) / 0.6  # the argmax (0, 0) at the corner: a 2×2 window
+  np.testing.assert_allclose(np.asarray(P.local_window(jnp.asarray(p), 4, 1))[0], want, rtol=1e-6)
+  tok = setup["tok"]
+  cfg = P.tiny_config(vocab_size=tok.vocab_size).replace(spatial_tokens=4, pointer_head=True,
+                                                         pointer_window=1)
+  model = P.PixelLLM(cfg, rngs=nnx.Rngs(3))
+  last = model.loc_head.layers[-1]
+  last.kernel.set_value(jnp.zeros_like(last.kernel.get_value()))
+  last.bias.set_value(jnp.zeros_like(last.bias.get_value()))
+  batch = setup["refseg"]
+  heads = P.TASK_HEADS["referring"]
+  out, trained = nnx.jit(lambda m, b: (m(b, heads=heads), m(b, heads=heads, train=True)))(model, batch)
+  probs = np.asarray(out["spatial_attn"], np.float64)  # (B, T, 16), the full attention
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  full = (probs @ P.cell_centres(4) + 1) / 2 * S
+  np.testing.assert_allclose(np.asarray(out["points"]), np.concatenate([full, full], -1), atol=1e-3)
+  eos = np.asarray(batch["target_mask"]).sum(-1) - 1
+  local = np.asarray(P.local_window(jnp.asarray(probs[np.arange(4), eos]), 4, 1))
+  c = (local @ P.cell_centres(4) + 1) / 2 * S
+  np.testing.assert_allclose(np.asarray(out["object_box"]), np.concatenate([c, c], -1), atol=1e-3)
+  np.testing.assert_allclose(np.asarray(P.referring_box(out, batch)), np.asarray(out["object_box"]))
+  assert np.abs(full[np.arange(4), eos] - c).max() > 0.5  # not the global centre
+  f = full[np.arange(4), eos]
+  np.testing.assert_allclose(np.asarray(trained["object_box"]), np.concatenate([f, f], -1), atol=1e-3)
+  with pytest.raises(ValueError, match="pointer_window 1 needs pointer_head"):
+    cfg.replace(pointer_head=False)
 
 
 def test_dense_caption_proposals_overfit(setup):

@@ -76,6 +76,13 @@ class PixelLLMConfig(ModelConfig):
   # `LossConfig.attention_grounding_weight` the grounding loss then supervises this attention instead
   # of T5's cross-attention head 0.
   pointer_head: bool = False
+  # Demo aid (0 = off; needs pointer_head): for an object box (the referring box at the EOS, the box
+  # at a `[SEG]`) at evaluation and inference, the pointer's centre and read use its attention only
+  # within the (2r + 1)² cells around its argmax (renormalised), r = pointer_window: attention split
+  # between two objects then points at the stronger one, not between them (a local soft-argmax). LN
+  # trace boxes (which may span several objects) and training keep the full attention — trained
+  # through the window too, the demo's referring Acc@0.5 fell from 0.76 to 0.55.
+  pointer_window: int = 0
   # Which box prompts the referring-mask decoder in training: "predicted" (the location head's, as at
   # inference) or "target" (the ground-truth box; a from-scratch mask decoder fed garbage boxes early on
   # learns to ignore them — the demo's choice). Evaluation and inference always use the predicted box.
@@ -96,6 +103,12 @@ class PixelLLMConfig(ModelConfig):
   # box prompts do (10%), so the mask decoder learns to work from the imprecise boxes it gets at
   # evaluation. Needs the trainer's rng (no rng: no noise).
   train_box_noise: float = 0.0
+  # Demo aid (0 = off): a second look at the location head's object boxes (the referring box at the
+  # EOS, the `[SEG]` box). The input image is resampled on a box_refine × box_refine grid over the box
+  # grown 1.6× about its centre; a small conv net on that crop, with the box's decoder state (which
+  # names the object), regresses 4 corrections in units of the crop (R-CNN's second stage, on pixels).
+  # Both mask prompts read the refined box; it trains on its own L1 (`LossConfig.box_refine_weight`).
+  box_refine: int = 0
   loc_hidden: int = 512
   loc_layers: int = 4
   lisa: bool = False          # `[SEG]` → SAM mask decoder path (needs `sam`)
@@ -136,6 +149,11 @@ class PixelLLMConfig(ModelConfig):
                        f"image_size {self.image_size} divisible by 4 × the SAM grid {self.sam_grid}.")
     if not 0.0 <= self.train_box_noise <= 1.0:
       raise ValueError(f"PixelLLMConfig: train_box_noise {self.train_box_noise} must be in [0, 1].")
+    if self.box_refine < 0 or self.box_refine % 4 or (self.box_refine and self.sam is None):
+      raise ValueError(f"PixelLLMConfig: box_refine {self.box_refine} must be 0 or a multiple of 4, "
+                       "and needs the SAM encoder (it reads SAM's normalised pixels).")
+    if self.pointer_window < 0 or (self.pointer_window and not self.pointer_head):
+      raise ValueError(f"PixelLLMConfig: pointer_window {self.pointer_window} needs pointer_head.")
     if self.pointer_head and not self.spatial_tokens:
       raise ValueError("PixelLLMConfig: pointer_head=True needs spatial_tokens (the grid it points at).")
     if self.prompt.image_size != self.image_size:
@@ -229,17 +247,18 @@ class LocationHead(nnx.Module):
   With `pointer` (the demo's `pointer_head`): a single-head attention from each LN'd state to the k×k
   grid tokens (query/key width `hidden`); the attended tokens (projected d → d) are added to the MLP's
   input, and the attention-weighted cell centre c is returned so that the caller places the 2 points at
-  c + MLP output (offsets)."""
+  c + MLP output (offsets). `window` r > 0: called with `local`, c and the read use the attention
+  within the (2r + 1)² cells around its argmax only (renormalised)."""
 
-  def __init__(self, d_model: int, hidden: int, num_layers: int, *, pointer: bool = False, dtype,
-               param_dtype, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, hidden: int, num_layers: int, *, pointer: bool = False,
+               window: int = 0, dtype, param_dtype, rngs: nnx.Rngs):
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = LayerNorm(d_model, "embed", eps=1e-6, **common)
     dims = [d_model] + [hidden] * (num_layers - 1) + [4]
     self.layers = nnx.List([Projection((a,), (c,), ("embed" if i == 0 else "mlp",),
                                        ("mlp" if i < num_layers - 1 else None,), use_bias=True, **common)
                             for i, (a, c) in enumerate(zip(dims[:-1], dims[1:]))])
-    self.pointer = pointer
+    self.pointer, self.window = pointer, window
     if pointer:
       self.grid_norm = LayerNorm(d_model, "embed", eps=1e-6, **common)
       self.query = Projection((d_model,), (hidden,), ("embed",), ("mlp",), use_bias=False, **common)
@@ -247,10 +266,11 @@ class LocationHead(nnx.Module):
       self.value = Projection((d_model,), (d_model,), ("embed",), ("mlp",), use_bias=False, **common)
     self.dtype = dtype
 
-  def __call__(self, hidden: jax.Array, grid: jax.Array | None = None
+  def __call__(self, hidden: jax.Array, grid: jax.Array | None = None, *, local: bool = False
                ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """hidden (B, T, d); grid (B, k², d) tokens (pointer only) → (raw (B, T, 4) float32, attention
-    (B, T, k²) float32 and centre (B, T, 2) in [-1, 1] units — both None without the pointer)."""
+    (B, T, k²) float32 (always the full one) and centre (B, T, 2) in [-1, 1] units — both None without
+    the pointer). `local`: apply `window`."""
     x = self.norm(hidden)
     probs = centre = None
     if self.pointer:
@@ -258,15 +278,26 @@ class LocationHead(nnx.Module):
       q, k = self.query(x), self.key(g)
       logits = jnp.einsum("btd,bnd->btn", q, k, preferred_element_type=jnp.float32)
       probs = jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1)
-      centre = jnp.einsum("btn,nc->btc", probs, jnp.asarray(cell_centres(int(round(
-          grid.shape[1] ** 0.5))), jnp.float32))
-      read = jnp.einsum("btn,bnd->btd", probs.astype(self.dtype), g, preferred_element_type=jnp.float32)
+      k = int(round(grid.shape[1] ** 0.5))
+      use = local_window(probs, k, self.window) if self.window and local else probs
+      centre = jnp.einsum("btn,nc->btc", use, jnp.asarray(cell_centres(k), jnp.float32))
+      read = jnp.einsum("btn,bnd->btd", use.astype(self.dtype), g, preferred_element_type=jnp.float32)
       x = x + self.value(read.astype(self.dtype))
     for i, layer in enumerate(self.layers):
       x = layer(x)
       if i < len(self.layers) - 1:
         x = jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
     return x.astype(jnp.float32), probs, centre
+
+
+def local_window(probs: jax.Array, k: int, r: int) -> jax.Array:
+  """probs (..., k²) over a row-major k×k grid → the same restricted to the (2r + 1)² cells around
+  each argmax (clipped at the border) and renormalised to sum 1."""
+  am = jnp.argmax(probs, axis=-1)[..., None]
+  cells = jnp.arange(k * k)
+  inside = (jnp.abs(cells // k - am // k) <= r) & (jnp.abs(cells % k - am % k) <= r)
+  local = jnp.where(inside, probs, 0.0)
+  return local / jnp.sum(local, axis=-1, keepdims=True)
 
 
 class SegProjection(nnx.Module):
@@ -331,10 +362,84 @@ class MaskDetail(nnx.Module):
     return dec_lib.patch_conv(y, self.conv2[...], self.conv2_bias[...], self.dtype)
 
 
+def bilinear_sample(image: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
+  """image (B, H, W, C); x, y (B, ...) coordinates in pixels (pixel i spans [i, i + 1), so its centre
+  is i + 0.5) → (B, ..., C) float32 bilinear samples; points off the image read 0."""
+  b, h, w, c = image.shape
+  fx, fy = x.astype(jnp.float32) - 0.5, y.astype(jnp.float32) - 0.5
+  x0, y0 = jnp.floor(fx), jnp.floor(fy)
+  flat = image.reshape(b, h * w, c).astype(jnp.float32)
+  out = jnp.zeros(x.shape + (c,), jnp.float32)
+  for dy, wy in ((0, 1.0 - (fy - y0)), (1, fy - y0)):
+    for dx, wx in ((0, 1.0 - (fx - x0)), (1, fx - x0)):
+      xi, yi = (x0 + dx).astype(jnp.int32), (y0 + dy).astype(jnp.int32)
+      inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+      idx = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).reshape(b, -1)
+      v = jax.vmap(lambda f, i: f[i])(flat, idx).reshape(x.shape + (c,))
+      out = out + v * jnp.where(inside, wx * wy, 0.0)[..., None]
+  return out
+
+
+class BoxRefiner(nnx.Module):
+  """`box_refine` = n (demo aid): box (B, 4) + its decoder state (B, d) + the normalised image
+  (B, S, S, 3) → refined box (B, 4), [x0, y0, x1, y1] model-input pixels. The image is resampled on an
+  n×n grid over the box grown `GROW`× about its centre (each side at least `MIN_SIDE` px); 3×3 conv
+  (3 → C) + GELU, 3×3 conv (C → C) + GELU, two 2×2 stride-2 convs (→ 2C) + GELU, flatten; that plus
+  the LN'd state, each projected to `loc_hidden`, summed, GELU, → 4 corrections in units of the crop's
+  half sides (zero-initialised: the refiner starts as the identity)."""
+
+  GROW, MIN_SIDE, CHANNELS = 1.6, 4.0, 16
+
+  def __init__(self, cfg: PixelLLMConfig, *, rngs: nnx.Rngs):
+    n, c, pd, hid = cfg.box_refine, self.CHANNELS, cfg.weight_dtype, cfg.loc_hidden
+    common = dict(dtype=cfg.compute_dtype, param_dtype=pd, rngs=rngs)
+    self.n, self.dtype = n, cfg.compute_dtype
+    conv = lambda k, i, o: (make_param(rngs, normal((k * k * i) ** -0.5), (k, k, i, o),
+                                       (None, None, "conv_in", "conv_out"), pd),
+                            make_param(rngs, zeros, (o,), ("conv_out",), pd))
+    self.conv1, self.conv1_bias = conv(3, 3, c)
+    self.conv2, self.conv2_bias = conv(3, c, c)
+    self.down1, self.down1_bias = conv(2, c, 2 * c)
+    self.down2, self.down2_bias = conv(2, 2 * c, 2 * c)
+    self.proj_crop = Projection(((n // 4) ** 2 * 2 * c,), (hid,), ("mlp",), ("mlp",), use_bias=True,
+                                **common)
+    self.norm = LayerNorm(cfg.t5.d_model, "embed", eps=1e-6, **common)
+    self.proj_state = Projection((cfg.t5.d_model,), (hid,), ("embed",), ("mlp",), **common)
+    self.out = Projection((hid,), (4,), ("mlp",), (None,), init_std=0.0, use_bias=True, **common)
+
+  def crop(self, box: jax.Array, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """→ (the n×n crop (B, n, n, 3) float32, the crop's half sides (B, 2) [x, y] pixels)."""
+    box = _ordered(box.astype(jnp.float32))
+    centre = (box[:, :2] + box[:, 2:]) / 2
+    half = jnp.maximum((box[:, 2:] - box[:, :2]) * self.GROW, self.MIN_SIDE) / 2
+    u = (jnp.arange(self.n, dtype=jnp.float32) + 0.5) / self.n * 2 - 1
+    xs = centre[:, :1] + u * half[:, :1]  # (B, n)
+    ys = centre[:, 1:] + u * half[:, 1:]
+    xx = jnp.broadcast_to(xs[:, None, :], (box.shape[0], self.n, self.n))
+    yy = jnp.broadcast_to(ys[:, :, None], (box.shape[0], self.n, self.n))
+    return bilinear_sample(pixels, xx, yy), half
+
+  def __call__(self, box: jax.Array, state: jax.Array, pixels: jax.Array) -> jax.Array:
+    box = _ordered(jax.lax.stop_gradient(box).astype(jnp.float32))
+    crop, half = self.crop(box, pixels)
+    dn = ("NHWC", "HWIO", "NHWC")
+    y = crop.astype(self.dtype)
+    for w, bias in ((self.conv1, self.conv1_bias), (self.conv2, self.conv2_bias)):
+      y = jax.lax.conv_general_dilated(y, w[...].astype(self.dtype), (1, 1), ((1, 1), (1, 1)),
+                                       dimension_numbers=dn, preferred_element_type=jnp.float32)
+      y = dec_lib.gelu(y + bias[...]).astype(self.dtype)
+    for w, bias in ((self.down1, self.down1_bias), (self.down2, self.down2_bias)):
+      y = dec_lib.gelu(dec_lib.patch_conv(y, w[...], bias[...], self.dtype))
+    x = self.proj_crop(y.reshape(y.shape[0], -1)) + self.proj_state(self.norm(state))
+    x = jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(self.dtype)
+    delta = self.out(x).astype(jnp.float32)
+    return box + delta * jnp.concatenate([half, half], axis=-1)
+
+
 class MaskFeatures(tp.NamedTuple):
   """What SAM's mask decoder reads of an image: `emb` the SAM embedding (B, gs, gs, P) and, with
-  `mask_detail`, `pixels` the normalised input (B, S, S, 3) its detail branch starts from (else None;
-  the branch runs only where a mask is decoded)."""
+  `mask_detail` or `box_refine`, `pixels` the normalised input (B, S, S, 3) the detail branch and the
+  box refiner read (else None; both run only where their output is used)."""
   emb: jax.Array
   pixels: jax.Array | None = None
 
@@ -372,7 +477,7 @@ class PixelLLM(nnx.Module):
     self.t5 = t5_lib.T5(cfg.t5, rngs=rngs)
     common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
     self.loc_head = LocationHead(cfg.t5.d_model, cfg.loc_hidden, cfg.loc_layers,
-                                 pointer=cfg.pointer_head, **common)
+                                 pointer=cfg.pointer_head, window=cfg.pointer_window, **common)
     self.seg_proj = (SegProjection(cfg.t5.d_model, cfg.prompt.prompt_dim, **common) if cfg.lisa
                      else None)
     self.mask_adapter = MaskAdapter(cfg, rngs=rngs) if cfg.refseg else None
@@ -382,6 +487,7 @@ class PixelLLM(nnx.Module):
     self.mask_decoder = (dec_lib.MaskDecoder(cfg.prompt, detail_channels=cfg.mask_detail, rngs=rngs)
                          if masks else None)
     self.mask_detail = MaskDetail(cfg, rngs=rngs) if masks and cfg.mask_detail else None
+    self.box_refiner = BoxRefiner(cfg, rngs=rngs) if cfg.box_refine else None
 
   # -- vision ----------------------------------------------------------------------------------------
   def image_features(self, image: jax.Array, image_mask: jax.Array, *, rng: jax.Array | None = None
@@ -395,7 +501,8 @@ class PixelLLM(nnx.Module):
     parts, sam = [], None
     if self.sam_encoder is not None:
       pixels = _normalise(image, image_mask, IMAGENET_MEAN, IMAGENET_STD)
-      sam = MaskFeatures(self.sam_encoder(pixels), pixels if self.mask_detail is not None else None)
+      keep = self.mask_detail is not None or self.box_refiner is not None
+      sam = MaskFeatures(self.sam_encoder(pixels), pixels if keep else None)
       parts.append(sam.emb)
     if self.eva is not None:
       eva = self.eva(_normalise(image, image_mask, CLIP_MEAN, CLIP_STD), rng=rng)
@@ -436,17 +543,18 @@ class PixelLLM(nnx.Module):
     return logits.reshape(b, r, targets.shape[-1], -1)
 
   # -- heads -----------------------------------------------------------------------------------------
-  def points(self, hidden: jax.Array, image_mask: jax.Array, visual: jax.Array | None = None
-             ) -> jax.Array:
+  def points(self, hidden: jax.Array, image_mask: jax.Array, visual: jax.Array | None = None, *,
+             local: bool = False) -> jax.Array:
     """hidden (B, T, d) → (B, T, 4) [x0, y0, x1, y1] absolute pixels of the unpadded input. `visual`
-    (B, Q + k², d): the visual tokens, needed with `pointer_head`."""
-    return self.locate(hidden, image_mask, visual)[0]
+    (B, Q + k², d): the visual tokens, needed with `pointer_head`; `local` as in `locate`."""
+    return self.locate(hidden, image_mask, visual, local=local)[0]
 
-  def locate(self, hidden: jax.Array, image_mask: jax.Array, visual: jax.Array | None = None
-             ) -> tuple[jax.Array, jax.Array | None]:
+  def locate(self, hidden: jax.Array, image_mask: jax.Array, visual: jax.Array | None = None, *,
+             local: bool = False) -> tuple[jax.Array, jax.Array | None]:
     """→ (points as in `points`, the pointer's attention (B, T, k²) or None without `pointer_head`).
     Without the pointer a token's points are (v + 1) / 2 × the unpadded size; with it they are the
-    attended cell centre (pixels of the S×S input) + v / 2 × the unpadded size."""
+    attended cell centre (pixels of the S×S input) + v / 2 × the unpadded size. `local`: object boxes
+    at evaluation — the pointer reads only its `pointer_window` around the argmax."""
     size = valid_size(image_mask)  # (B, 2) [w, h]
     scale = jnp.concatenate([size, size], axis=-1)[:, None, :]
     if not self.cfg.pointer_head:
@@ -454,7 +562,7 @@ class PixelLLM(nnx.Module):
     if visual is None:
       raise ValueError("PixelLLM.points: pointer_head needs the visual tokens (`visual`).")
     grid = visual[:, self.cfg.num_queries:self.cfg.num_visual_tokens]
-    v, probs, centre = self.loc_head(hidden, grid)
+    v, probs, centre = self.loc_head(hidden, grid, local=local)
     c = (jnp.concatenate([centre, centre], axis=-1) + 1.0) * 0.5 * self.cfg.image_size
     return c + v * 0.5 * scale, probs
 
@@ -463,7 +571,7 @@ class PixelLLM(nnx.Module):
     """`seg_masks` for a decoded sequence: with `seg_box_prompt` the boxes are the location head's
     (`points` of `hidden`; `visual` and `image_mask` as there)."""
     hidden = hidden.astype(jnp.float32)
-    boxes = self.points(hidden, image_mask, visual) if self.cfg.seg_box_prompt else None
+    boxes = self.points(hidden, image_mask, visual, local=True) if self.cfg.seg_box_prompt else None
     return self.seg_masks(hidden, positions, sam, boxes=boxes)
 
   def seg_masks(self, hidden: jax.Array, positions: jax.Array, sam: MaskFeatures, *,
@@ -479,6 +587,8 @@ class PixelLLM(nnx.Module):
       if boxes is None:
         raise ValueError("PixelLLM.seg_masks: seg_box_prompt needs the per-token boxes (`boxes`).")
       box = jnp.take_along_axis(boxes, positions[..., None], axis=1).reshape(b * k, 4)
+      if self.box_refiner is not None:
+        box = self.box_refiner(box, h.reshape(b * k, -1), jnp.repeat(sam.pixels, k, axis=0))
       corners = self.prompt_encoder.embed_boxes(_ordered(jax.lax.stop_gradient(box)))
       prompt = jnp.concatenate([prompt, corners.astype(prompt.dtype)], axis=1)  # (B·K, 3, P)
     gs = sam.emb.shape[1:3]
@@ -524,22 +634,40 @@ class PixelLLM(nnx.Module):
       if pointer is not None:
         out["spatial_attn"] = pointer  # the location head's own attention (B, T, k²)
       out.update(logits=logits, hidden=hidden, points=points)
+      # Object boxes (referring, `[SEG]`): at evaluation through the `pointer_window`.
+      objects = (self.points(hidden, batch["image_mask"], visual, local=True)
+                 if self.cfg.pointer_window and not train else points)
       # Per-token boxes with the ground truth where the row has one (the "target" training prompts).
-      targeted = points
+      targeted = objects
       if train and "token_boxes" in batch:
         has = batch["token_box_valid"][..., None] & jnp.any(batch["token_boxes"] != 0, -1, keepdims=True)
         gt = batch["token_boxes"].astype(jnp.float32) * self.cfg.image_size
         if self.cfg.train_box_noise and rng is not None:
           gt = jitter_boxes(jax.random.fold_in(rng, 1), gt, self.cfg.train_box_noise, self.cfg.image_size)
         targeted = jnp.where(has, gt, points)
+      if "refbox" in enabled:
+        # The object box's token: the `[SEG]` (LISA rows) or the EOS (referring: slot 0 marks it).
+        pos = (batch["seg_positions"][:, 0] if "seg_positions" in batch
+               else jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1)
+        at = lambda x: jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
+        state = jax.lax.stop_gradient(at(hidden))  # a second stage: it leaves the first alone
+        out["object_box_pos"] = pos
+        out["object_box"] = (self.box_refiner(at(objects), state, sam.pixels)
+                             if self.box_refiner is not None else _ordered(at(objects)))
+        if train and "token_boxes" in batch and self.box_refiner is not None:  # small errors too
+          out["object_box_from_target"] = self.box_refiner(at(targeted), state, sam.pixels)
       if "lisa" in enabled and "seg_positions" in batch:
-        boxes = targeted if self.cfg.seg_box_prompt == "target" else points
+        boxes = targeted if self.cfg.seg_box_prompt == "target" else objects
         out["seg_logits"], out["seg_iou"] = self.seg_masks(hidden, batch["seg_positions"], sam,
                                                            boxes=boxes)
       if "refseg" in enabled:
         eos = jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1
-        boxes = targeted if self.cfg.refseg_train_box == "target" else points
+        boxes = targeted if self.cfg.refseg_train_box == "target" else objects
         box = jnp.take_along_axis(boxes, eos[:, None, None], axis=1)[:, 0]
+        if "object_box" in out:  # refined (its copy from the ground truth in "target" training)
+          use_target = (train and self.cfg.refseg_train_box == "target"
+                        and "object_box_from_target" in out)
+          box = out["object_box_from_target"] if use_target else out["object_box"]
         out["ref_logits"], out["ref_iou"] = self.box_mask(box, visual, hidden, sam)
     if "proposals" in enabled and "region_boxes" in batch:
       out["heat"], out["ltrb"] = self.proposal_head(fused)
@@ -551,7 +679,9 @@ class PixelLLM(nnx.Module):
   def heads(self) -> set[str]:
     """The optional heads this model was built with."""
     return {h for h, on in (("lisa", self.cfg.lisa), ("refseg", self.cfg.refseg),
-                            ("proposals", self.cfg.proposals)) if on}
+                            ("proposals", self.cfg.proposals),
+                            ("refbox", self.cfg.box_refine or self.cfg.pointer_window)) if on}
+
 
   def _detail(self, sam: MaskFeatures) -> jax.Array | None:
     """The mask decoder's `mask_detail` map (B, 4gs, 4gs, C), or None without it."""
@@ -604,6 +734,7 @@ class LossConfig:
   ref_dice_weight: float = 1.0
   ref_iou_weight: float = 1.0
   proposal_weight: float = 1.0     # heatmap focal + GIoU
+  box_refine_weight: float = 0.1   # `box_refine`: L1 (pixels, as point_weight) of the refined boxes
   # Demo aid (0 = off, as in the papers; needs PixelLLMConfig.spatial_tokens): −log of the attention
   # mass that head 0 of the last decoder cross-attention puts on the grid tokens inside each located
   # token's target box.
@@ -640,6 +771,14 @@ def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax
       terms["attention_grounding"] = L.attention_grounding(out["spatial_attn"], batch["token_boxes"],
                                                            batch["token_box_valid"])
       total = total + loss_cfg.attention_grounding_weight * terms["attention_grounding"]
+  if cfg.box_refine and "object_box" in out and "token_boxes" in batch and "seg_valid" in batch:
+    pos = out["object_box_pos"][:, None]
+    rows = batch["seg_valid"][:, 0] & jnp.take_along_axis(batch["token_box_valid"], pos, axis=1)[:, 0]
+    target = jnp.take_along_axis(batch["token_boxes"], pos[..., None], axis=1) * cfg.image_size
+    preds = [out[k][:, None] for k in ("object_box", "object_box_from_target") if k in out]
+    terms["box_refine_l1"] = sum(L.point_l1(p, target.astype(jnp.float32), rows[:, None])
+                                 for p in preds) / len(preds)
+    total = total + loss_cfg.box_refine_weight * terms["box_refine_l1"]
   if "seg_logits" in out and "seg_masks" in batch:
     masks = batch["seg_masks"].astype(jnp.float32)
     ignore = (jnp.broadcast_to(batch["ignore_mask"][:, None], masks.shape) if "ignore_mask" in batch
@@ -673,6 +812,15 @@ def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax
   return total, terms
 
 
+def referring_box(out: dict[str, jax.Array], batch: dict[str, jax.Array]) -> jax.Array:
+  """The referring box (B, 4) [x0, y0, x1, y1] model-input pixels of a referring batch's teacher-forced
+  outputs `out`: the refined one with `box_refine`, else the location head's at the EOS."""
+  if "object_box" in out:
+    return out["object_box"]
+  eos = jnp.maximum(jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1, 0)
+  return jnp.take_along_axis(out["points"], eos[:, None, None], axis=1)[:, 0]
+
+
 def seg_rows(cfg: PixelLLMConfig, batch: dict[str, jax.Array]) -> jax.Array:
   """(B, K) bool: `[SEG]` slots whose target token really is `[SEG]` (LISA / narrative grounding rows;
   a referring row's slot 0 marks its EOS for the box-prompted mask instead)."""
@@ -696,15 +844,15 @@ def refseg_rows(cfg: PixelLLMConfig, batch: dict[str, jax.Array]) -> jax.Array:
 
 
 # Heads each task needs (`PixelLLM.__call__(batch, heads=...)`); anything else is not computed.
-TASK_HEADS = {"ln": (), "caption": (), "region_caption": (), "referring": ("refseg",),
-              "reason_seg": ("lisa",), "narrative_grounding": ("lisa",), "panoptic": ("lisa",),
+TASK_HEADS = {"ln": (), "caption": (), "region_caption": (), "referring": ("refseg", "refbox"),
+              "reason_seg": ("lisa", "refbox"), "narrative_grounding": ("lisa",), "panoptic": ("lisa",),
               "dense_caption": ("proposals",)}
 
 
 # Trained in the PixelLLM LN/referring recipes (SPEC §3): EVA02, the prompt extractor (+ projection),
 # the location head, LoRA factors; the LISA projection and mask decoder (+ its detail branch) when
 # present. Everything else (SAM encoder, prompt encoder, T5 base weights) is frozen.
-TRAINABLE = (r"^eva\.", r"^extractor\.", r"^loc_head\.", r"^seg_proj\.", r"^mask_decoder\.",
+TRAINABLE = (r"^eva\.", r"^extractor\.", r"^loc_head\.", r"^box_refiner\.", r"^seg_proj\.", r"^mask_decoder\.",
              r"^mask_detail\.", r"^mask_adapter\.", r"^proposal_head\.")
 
 
