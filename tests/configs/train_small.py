@@ -32,6 +32,7 @@ def get_config():
   # tokens: off here, so the trainer / evaluator tests stay fast.
   c.model.tiny.spatial_tokens = 0
   c.model.tiny.pointer_head = False
+  c.model.tiny.pointer_window = 0
   c.model.tiny.refseg_train_box = "predicted"
   c.model.tiny.seg_box_prompt = ""
   c.loss.attention_grounding_weight = 0.0
