@@ -104,11 +104,6 @@ def main(argv):
                                            num_workers=config.data.get("num_workers", 0)),
       num_shards=num_shards, process_index=pid, process_count=nproc)
 
-  train_step = train_lib.make_train_step(setup, loss_config(config), seed=config.seed,
-                                         accum_steps=config.optimizer.get("grad_accum_steps", 1))
-  # Every task's train step compiles in the background while the state is initialised / restored.
-  train_lib.precompile_train_steps(config, setup, train_step, tasks, schema, batch_size)
-
   # State: resume from the newest checkpoint, or initialise (+ import pretrained weights).
   ckpt = train_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                 keep=config.get("checkpoint_keep", 3),
@@ -126,6 +121,8 @@ def main(argv):
   n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
   n_all = n_train + sum(x.size for x in jax.tree.leaves(state["frozen"]))
 
+  train_step = train_lib.make_train_step(setup, loss_config(config), seed=config.seed,
+                                         accum_steps=config.optimizer.get("grad_accum_steps", 1))
   evaluator = eval_lib.Evaluator(config, setup, tokenizer)
   writers = metric_writers.create_writers(workdir, enabled=True)
   preempt = _Preemption()

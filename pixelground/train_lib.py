@@ -306,50 +306,6 @@ def make_train_step(setup: Setup, loss_cfg: P.LossConfig, *, accum_steps: int = 
                  out_shardings=(setup.state_shardings, None))
 
 
-def precompile_train_steps(config, setup: Setup, train_step, tasks: tp.Sequence[pipeline.Task],
-                           schema: pipeline.Schema, batch_size: int, *, workers: int = 2):
-  """Starts compiling `train_step` for every distinct (heads, batch fields) of `tasks` (per-batch
-  mixing; one mixed-task program otherwise) in a pool of `workers` threads, from abstract inputs
-  (`setup.abstract_state`, batch-sharded `ShapeDtypeStruct`s of the global batch). XLA then compiles
-  them side by side — and beside the state initialisation — instead of one after another as each task's
-  first batch arrives (6 tasks: ~3 of the demo's first 4 minutes). The executables land in JAX's
-  compilation caches, where the loop's first call of each finds them; a program whose inputs differ
-  from the real batch is just compiled again there. → the pool's futures (an error is logged, not
-  raised: the loop then compiles as usual)."""
-  import concurrent.futures
-  import logging
-
-  state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                       setup.abstract_state, setup.state_shardings)
-
-  def abstract_batch(fields: pipeline.Schema):
-    out = {}
-    for name, (shape, dtype) in dict(fields, task_id=((), np.int32)).items():
-      full = (batch_size,) + tuple(shape)
-      spec = sharding.batch_spec(len(full), setup.rules, setup.mesh)
-      out[name] = jax.ShapeDtypeStruct(full, np.dtype(dtype), sharding=NamedSharding(setup.mesh, spec))
-    return out
-
-  programs = {}
-  per_batch = config.data.get("mixing", "batch") == "batch"
-  for t in tasks if per_batch else tasks[:1]:
-    fields = (t.schema or schema) if per_batch else schema
-    heads = heads_of(config, t.name) if per_batch else None
-    programs.setdefault((heads, tuple(sorted(fields))), (heads, fields))
-
-  def compile_one(heads, fields):
-    try:
-      with jax.set_mesh(setup.mesh):
-        train_step.lower(state, abstract_batch(fields), heads).compile()
-    except Exception as e:  # noqa: BLE001 — only a head start: the loop compiles it anyway
-      logging.warning("precompiling the train step for heads %s failed: %s", heads, e)
-
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="precompile")
-  futures = [pool.submit(compile_one, h, f) for h, f in programs.values()]
-  pool.shutdown(wait=False)
-  return futures
-
-
 def make_eval_step(setup: Setup):
   """eval_step(state, batch, task) → {metric: (sum, count)} (teacher-forced, see train_metrics)."""
   cfg, graphdef = setup.cfg, setup.graphdef
