@@ -18,6 +18,7 @@ def get_config():
   c.optimizer.total_steps = 40
   c.optimizer.warmup_steps = 5
   c.data.num_shards = 2
+  c.data.num_workers = 0  # conversion in-process (test_pipeline checks workers give the same batches)
   c.data.grounded_shapes.num_train = 48
   c.data.grounded_shapes.num_validation = 8
   c.data.grounded_shapes.size = 64
