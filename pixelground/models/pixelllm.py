@@ -814,7 +814,8 @@ def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax
 
 def referring_box(out: dict[str, jax.Array], batch: dict[str, jax.Array]) -> jax.Array:
   """The referring box (B, 4) [x0, y0, x1, y1] model-input pixels of a referring batch's teacher-forced
-  outputs `out`: the refined one with `box_refine`, else the location head's at the EOS."""
+  outputs `out`: the object box where the model made one (refined with `box_refine`, through the
+  `pointer_window` at evaluation), else the location head's point pair at the EOS."""
   if "object_box" in out:
     return out["object_box"]
   eos = jnp.maximum(jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1, 0)
@@ -850,10 +851,10 @@ TASK_HEADS = {"ln": (), "caption": (), "region_caption": (), "referring": ("refs
 
 
 # Trained in the PixelLLM LN/referring recipes (SPEC §3): EVA02, the prompt extractor (+ projection),
-# the location head, LoRA factors; the LISA projection and mask decoder (+ its detail branch) when
-# present. Everything else (SAM encoder, prompt encoder, T5 base weights) is frozen.
-TRAINABLE = (r"^eva\.", r"^extractor\.", r"^loc_head\.", r"^box_refiner\.", r"^seg_proj\.", r"^mask_decoder\.",
-             r"^mask_detail\.", r"^mask_adapter\.", r"^proposal_head\.")
+# the location head (+ its box refiner), LoRA factors; the LISA projection and mask decoder (+ its
+# detail branch) when present. Everything else (SAM encoder, prompt encoder, T5 base weights) is frozen.
+TRAINABLE = (r"^eva\.", r"^extractor\.", r"^loc_head\.", r"^box_refiner\.", r"^seg_proj\.",
+             r"^mask_decoder\.", r"^mask_detail\.", r"^mask_adapter\.", r"^proposal_head\.")
 
 
 def trainable_filter(patterns: tp.Sequence[str] = TRAINABLE, *, lora: bool = True):
