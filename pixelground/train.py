@@ -81,43 +81,45 @@ def main(argv):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
 
-  # Data: (build the demo's dataset on first use,) tokenizer, per-process shards of every task.
-  train_lib.prepare_data(config)
+  # The demo's datasets build (first use only) in a child process while the model is set up and its
+  # initialisation compiles here.
+  data_ready = train_lib.prepare_data(config, background=True)
   tokenizer = tok_lib.load_tokenizer(config.tokenizer)
   mesh = sharding.make_mesh(dict(config.mesh))
   setup = train_lib.build_setup(config, mesh)
   batch_size = int(config.optimizer.batch_size)
   if batch_size % nproc:
     raise ValueError(f"config.optimizer.batch_size={batch_size} must divide by the {nproc} processes.")
-  mixing = config.data.get("mixing", "batch")
-  tasks = train_lib.data_tasks(config, tokenizer)
-  names = [t.name for t in tasks]
-  from pixelground.data.tasks import schema as full_schema
   num_shards = int(config.data.get("num_shards", 0) or nproc)
   if batch_size % num_shards:
     raise ValueError(f"config.optimizer.batch_size={batch_size} must divide by config.data.num_shards="
                      f"{num_shards}.")
+  ckpt = train_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                keep=config.get("checkpoint_keep", 3),
+                                async_save=config.get("async_checkpoint", True))
+  latest = ckpt.latest_step()
+  if latest is None:  # initialise (+ import pretrained weights)
+    state = train_lib.init_state(setup)
+    state, imported = train_lib.import_weights(setup, state, config.get("weights", None))
+    if imported:
+      print(f"Imported pretrained weights: {', '.join(imported)}", flush=True)
+
+  # Data: per-process shards of every task.
+  data_ready()
+  mixing = config.data.get("mixing", "batch")
+  tasks = train_lib.data_tasks(config, tokenizer)
+  names = [t.name for t in tasks]
+  from pixelground.data.tasks import schema as full_schema
   schema = full_schema(train_lib.task_config(config, train=True))
   data_iter = pipeline.ShardGroup(
       lambda shard, count: pipeline.Loader(tasks, schema, batch_size=batch_size // count, seed=config.seed,
                                            mixing=mixing, shard_index=shard, shard_count=count,
                                            num_workers=config.data.get("num_workers", 0)),
       num_shards=num_shards, process_index=pid, process_count=nproc)
-
-  # State: resume from the newest checkpoint, or initialise (+ import pretrained weights).
-  ckpt = train_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                keep=config.get("checkpoint_keep", 3),
-                                async_save=config.get("async_checkpoint", True))
-  latest = ckpt.latest_step()
-  if latest is not None:
+  if latest is not None:  # resume: model, optimizer, step and input-pipeline state
     state, data_iter = ckpt.restore(latest, setup, data_iter)
     logging.info("resumed from step %d (%s)", latest, ckpt.manager.directory)
     print(f"Resumed from the checkpoint at step {latest}", flush=True)
-  else:
-    state = train_lib.init_state(setup)
-    state, imported = train_lib.import_weights(setup, state, config.get("weights", None))
-    if imported:
-      print(f"Imported pretrained weights: {', '.join(imported)}", flush=True)
   n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
   n_all = n_train + sum(x.size for x in jax.tree.leaves(state["frozen"]))
 
@@ -175,12 +177,13 @@ def main(argv):
                                               if not k.endswith("/count")), flush=True)
       if stop:
         ckpt.wait()
+        data_iter.close()
         writers.close()
         print(f"Stopped at step {step} ({'SIGTERM' if preempt.flag else '--stop_after'}); checkpoint "
               f"saved.", flush=True)
         ckpt.close()
         return
-    ckpt.wait()
+    # The final checkpoint finishes writing in the background during the evaluation.
     result = evaluator.run(state)
     result.update(step=step, train_seconds=round(time.perf_counter() - t_start, 1),
                   trainable_params=int(n_train), params=int(n_all))
@@ -196,6 +199,8 @@ def main(argv):
         result["figure"] = path
       else:
         logging.info("demo figure skipped: multi-process run")
+    ckpt.wait()
+  data_iter.close()
   writers.close()
   ckpt.close()
   print(json.dumps(result), flush=True)

@@ -14,6 +14,9 @@ import functools
 import importlib
 import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 import typing as tp
 
@@ -442,13 +445,17 @@ def cache_dir() -> str:
   return os.path.expanduser(os.environ.get("PIXELGROUND_CACHE", "~/.cache/pixelground"))
 
 
-def prepare_data(config) -> None:
+def prepare_data(config, *, background: bool = False) -> tp.Callable[[], None]:
   """`config.data.grounded_shapes` (num_train, num_validation, seed, size[, max_shapes, scale,
   colours]) → generates and builds the synthetic datasets once into the cache (keyed by those numbers)
-  and points `config.data.tfds_dir` there. Process 0 builds; the others wait for it."""
+  and points `config.data.tfds_dir` there. Process 0 builds; the others wait for it.
+
+  Returns `wait()`: blocks until the data is ready (raises if the build failed). With `background`, the
+  build runs in a child process and `wait` must be called before reading the data — the trainer sets
+  up and compiles the model meanwhile on the core the (single-threaded) build leaves idle."""
   gs = config.data.get("grounded_shapes", None)
   if not gs:
-    return
+    return lambda: None
   max_shapes, scale = int(gs.get("max_shapes", 5)), float(gs.get("scale", 1.0))
   colours = int(gs.get("colours", 8))
   key = f"grounded_shapes-{gs.num_train}-{gs.num_validation}-{gs.seed}-{gs.size}"
@@ -458,24 +465,44 @@ def prepare_data(config) -> None:
     key += f"-c{colours}"
   root = os.path.join(cache_dir(), key)
   marker = os.path.join(root, "READY")
-  if jax.process_index() == 0 and not os.path.exists(marker):
-    from tfds_builders import build_grounded_shapes
-    import shutil
-
-    shutil.rmtree(root, ignore_errors=True)  # a half-built cache from an interrupted run
-    print(f"Building the grounded-shapes datasets into {root} (first use only)", flush=True)
-    report = build_grounded_shapes.build_all(os.path.join(root, "raw"), os.path.join(root, "tfds"),
-                                             num_train=gs.num_train, num_validation=gs.num_validation,
-                                             num_test=0, seed=gs.seed, size=gs.size,
-                                             max_shapes=max_shapes, scale=scale, colours=colours)
-    shutil.rmtree(os.path.join(root, "raw"), ignore_errors=True)
-    with open(marker, "w") as f:
-      json.dump(report, f)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("grounded_shapes_ready")
   with config.unlocked():
     config.data.tfds_dir = os.path.join(root, "tfds")
+  child = None
+  if jax.process_index() == 0 and not os.path.exists(marker):
+    import tfds_builders
+
+    shutil.rmtree(root, ignore_errors=True)  # a half-built cache from an interrupted run
+    os.makedirs(root)
+    print(f"Building the grounded-shapes datasets into {root} (first use only)", flush=True)
+    report = os.path.join(root, "report.json")
+    cmd = [sys.executable, "-m", "tfds_builders.build_grounded_shapes", "--raw_dir",
+           os.path.join(root, "raw"), "--data_dir", os.path.join(root, "tfds"), "--report", report,
+           f"--num_train={gs.num_train}", f"--num_validation={gs.num_validation}", "--num_test=0",
+           f"--seed={gs.seed}", f"--size={gs.size}", f"--max_shapes={max_shapes}", f"--scale={scale}",
+           f"--colours={colours}"]
+    env = dict(os.environ)
+    # The child imports tfds_builders from wherever this process did (a checkout or site-packages).
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(tfds_builders.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in [env.get("PYTHONPATH")] if p])
+    sys.stdout.flush()
+    child = subprocess.Popen(cmd, env=env)  # its progress lines go to our stdout / stderr
+
+  def wait() -> None:
+    nonlocal child
+    if child is not None:
+      rc, child = child.wait(), None
+      if rc != 0:
+        raise RuntimeError(f"building the grounded-shapes datasets into {root} failed (exit code {rc}; "
+                           f"its output is above). Command: {' '.join(cmd)}")
+      shutil.rmtree(os.path.join(root, "raw"), ignore_errors=True)
+      os.replace(report, marker)  # the build report; its presence marks the cache complete
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("grounded_shapes_ready")
+
+  if not background:
+    wait()
+  return wait
 
 
 class StepFlops:

@@ -1,7 +1,8 @@
 """Generates the grounded-shapes raw files and builds every TFDS dataset that reads them.
 
     python -m tfds_builders.build_grounded_shapes --raw_dir /tmp/gs_raw --data_dir /tmp/gs_tfds \
-        [--num_train 2000 --num_validation 200 --num_test 200 --seed 0]
+        [--num_train 2000 --num_validation 200 --num_test 200 --seed 0 --size 256 --max_shapes 5 \
+         --scale 1.0 --colours 8 --report report.json]
 
 Step 1 writes the raw files (`tfds_builders.grounded_shapes.generate`), step 2 runs the real builders'
 `grounded_shapes` configs on them (localized_narratives, coco_captions, coco_panoptic,
@@ -63,10 +64,19 @@ def main() -> None:
   parser.add_argument("--num_validation", type=int, default=200)
   parser.add_argument("--num_test", type=int, default=200)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--size", type=int, default=256, help="image side, pixels")
+  parser.add_argument("--max_shapes", type=int, default=5)
+  parser.add_argument("--scale", type=float, default=1.0, help="multiplies the shapes' radii")
+  parser.add_argument("--colours", type=int, default=8)
+  parser.add_argument("--report", default="", help="also write the JSON summary to this file")
   args = parser.parse_args()
   logging.basicConfig(level=logging.WARNING)
   report = build_all(args.raw_dir, args.data_dir, num_train=args.num_train,
-                     num_validation=args.num_validation, num_test=args.num_test, seed=args.seed)
+                     num_validation=args.num_validation, num_test=args.num_test, seed=args.seed,
+                     size=args.size, max_shapes=args.max_shapes, scale=args.scale, colours=args.colours)
+  if args.report:
+    with open(args.report, "w") as f:
+      json.dump(report, f)
   print(json.dumps(report))
 
 

@@ -197,6 +197,12 @@ class ShardGroup:
     for s, it in zip(self.shards, self.iters):
       it.set_state(states[s])
 
+  def close(self) -> None:
+    """Stops the shards' iterators (and their worker processes); no batches after this."""
+    for it in self.iters:
+      if hasattr(it, "close"):
+        it.close()
+
   def start_prefetch(self) -> None:
     for it in self.iters:
       if hasattr(it, "start_prefetch"):
