@@ -64,6 +64,7 @@ class EvalOptions:
   max_decode_len: int = 40         # generated tokens (captions, answers)
   dense_k: int = 10                # proposals per image (dense captioning)
   java_fallback: bool = False      # caption metrics without Java: no METEOR, Python tokenizer
+  keep_examples: int = 0           # per task, the first k examples' images + predictions (`kept`)
 
   @classmethod
   def from_config(cls, config, **overrides) -> "EvalOptions":
@@ -196,6 +197,26 @@ class _Scorer:
     raise ValueError(f"no scorer for task '{task}'")
 
 
+  def visual(self, ex: dict, out: dict[str, np.ndarray], i: int) -> dict | None:
+    """What a figure draws for one example (original image; boxes xyxy pixels, masks (H, W) bool of
+    it): referring → expression, box, gt_box, mask (None without refseg); reason_seg → query, answer,
+    masks (K, H, W): the first generated `[SEG]`'s mask, K = 0 when none was generated."""
+    image = np.asarray(ex["image"])
+    hw = task_lib.image_hw(ex["image"])
+    geom = T.resize_pad(hw[0], hw[1], self.cfg.image_size)
+    if self.task == "referring":
+      mask = (mask_to_image(out["mask_logits"][i][None], geom, hw)[0] if "mask_logits" in out else None)
+      return {"image": image, "expression": task_lib.as_text(ex["sentences"][0]),
+              "box": geom.inverse_boxes(np.asarray(out["box"][i], np.float32)[None])[0],
+              "gt_box": np.asarray(ex["box_xyxy"], np.float32).reshape(4), "mask": mask}
+    if self.task == "reason_seg":
+      masks = (mask_to_image(out["mask_logits"][i][None], geom, hw) if out["has_seg"][i]
+               else np.zeros((0,) + tuple(hw), bool))
+      return {"image": image, "query": task_lib.as_text(ex["queries"][0]),
+              "answer": self._words(out["tokens"][i], int(out["lengths"][i])), "masks": masks}
+    return None
+
+
 def summarize(task: str, records: list[dict], *, java_fallback: bool = False) -> dict[str, float]:
   """Per-example records of one task → the task's metrics (names without the task prefix)."""
   if not records:
@@ -274,7 +295,9 @@ def _allgather_objects(obj) -> list:
 class Evaluator:
   """Evaluates a train state on the held-out split of `config.tasks` (each task's `eval_split`,
   default "validation"). `run(state)` → {"<task>/<metric>": value, ...}; `records` then holds the
-  per-example predictions {task: [record, ...]} (gathered from every process, in example order)."""
+  per-example predictions {task: [record, ...]} (gathered from every process, in example order) and
+  `kept` {task: {example index: `_Scorer.visual`}} the first `keep_examples` that this process scored
+  (referring and reason_seg; the demo figure draws them without compiling inference programs)."""
 
   def __init__(self, config, setup, tokenizer, *, options: EvalOptions | None = None,
                split: str | None = None):
@@ -305,6 +328,7 @@ class Evaluator:
     self.conv = {n: train_lib.converter_name(config, n) for n in self.names}
     self.schema = task_lib.schema(train_lib.task_config(config, train=False))
     self.records: dict[str, list[dict]] = {}
+    self.kept: dict[str, dict[int, dict]] = {}
     rep = NamedSharding(setup.mesh, PartitionSpec())
     graphdef, cfg = setup.graphdef, setup.cfg
 
@@ -336,7 +360,7 @@ class Evaluator:
   def run(self, state, *, progress: bool = False) -> dict[str, float]:
     t0 = time.perf_counter()
     results: dict[str, float] = {}
-    self.records = {}
+    self.records, self.kept = {}, {}
     for name in self.names:
       recs, tf = self._run_task(name, state, progress)
       self.records[name] = recs
@@ -380,6 +404,8 @@ class Evaluator:
       for j, (i, ex) in enumerate(zip(idx, exs)):
         rec = scorer.record(ex, rows[j], host, where[i])
         recs.append((i, {"index": i} | rec))
+        if i < self.opts.keep_examples and conv in ("referring", "reason_seg"):
+          self.kept.setdefault(name, {})[i] = scorer.visual(ex, host, where[i])
       if bar is not None:
         bar.update(1)
     if bar is not None:

@@ -125,7 +125,9 @@ def main(argv):
 
   train_step = train_lib.make_train_step(setup, loss_config(config), seed=config.seed,
                                          accum_steps=config.optimizer.get("grad_accum_steps", 1))
-  evaluator = eval_lib.Evaluator(config, setup, tokenizer)
+  figure = bool(config.get("visualize", None) and config.visualize.get("enabled", False))
+  evaluator = eval_lib.Evaluator(config, setup, tokenizer, options=eval_lib.EvalOptions.from_config(
+      config, keep_examples=int(config.visualize.get("num_images", 3)) if figure else 0))
   writers = metric_writers.create_writers(workdir, enabled=True)
   preempt = _Preemption()
   total = int(config.optimizer.total_steps)
@@ -190,11 +192,12 @@ def main(argv):
     writers.write_scalars(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
     if pid == 0:  # the same files `pixelground.evaluate` writes for this checkpoint
       eval_lib.write_outputs(workdir, str(step), result, evaluator.records)
-    if config.get("visualize", None) and config.visualize.get("enabled", False):
+    if figure:
       path = os.path.join(workdir, "demo.png")
       if nproc == 1:
         from pixelground import visualize
-        visualize.demo_figure(config, train_lib.make_model(setup, state), tokenizer, path)
+        visualize.demo_figure(config, train_lib.make_model(setup, state), tokenizer, path,
+                              kept=evaluator.kept)
         print(f"Wrote {path}", flush=True)
         result["figure"] = path
       else:

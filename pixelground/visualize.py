@@ -113,13 +113,16 @@ def save_grid(rows: tp.Sequence[tp.Sequence[Image.Image]], path: str) -> None:
   out.save(path)
 
 
-def demo_figure(config, model, tokenizer, path: str) -> None:
+def demo_figure(config, model, tokenizer, path: str,
+                kept: tp.Mapping[str, tp.Mapping[int, dict]] | None = None) -> None:
   """The demo's figure: for `config.visualize.num_images` held-out images, one row each — the
   generated LN caption with its trace, a referring expression's box + mask, and a ReasonSeg `[SEG]` mask
-  (its own held-out image)."""
+  (its own held-out image). `kept`: the evaluator's kept examples (`eval_lib.Evaluator.kept`, the
+  predictions it scored); panels it lacks are predicted here (`inference.Predictor`)."""
   from pixelground import inference, train_lib
 
   predictor = inference.Predictor(model, tokenizer, max_prompt_len=int(config.data.max_prompt_len))
+  kept = kept or {}
   n = int(config.visualize.get("num_images", 3))
   src = {}
   for name in ("ln", "referring", "reason_seg"):
@@ -130,16 +133,23 @@ def demo_figure(config, model, tokenizer, path: str) -> None:
   for i in range(n):
     ex = src["ln"][i]
     cap = predictor.caption(np.asarray(ex["image"]), max_len=int(config.data.max_target_len))
-    ref = src["referring"][i]
-    expr = ref["sentences"][0]
-    expr = expr.decode() if isinstance(expr, bytes) else str(expr)
-    r = predictor.referring(np.asarray(ref["image"]), expr)
-    rs = src["reason_seg"][i]
-    q = rs["queries"][0]
-    q = q.decode() if isinstance(q, bytes) else str(q)
-    seg = predictor.segment(np.asarray(rs["image"]), q)
+    ref = kept.get("referring", {}).get(i)
+    if ref is None:
+      ex_ref = src["referring"][i]
+      expr = ex_ref["sentences"][0]
+      expr = expr.decode() if isinstance(expr, bytes) else str(expr)
+      r = predictor.referring(np.asarray(ex_ref["image"]), expr)
+      ref = {"image": np.asarray(ex_ref["image"]), "expression": expr, "box": r.box, "mask": r.mask,
+             "gt_box": np.asarray(ex_ref["box_xyxy"]).reshape(4)}
+    seg = kept.get("reason_seg", {}).get(i)
+    if seg is None:
+      ex_seg = src["reason_seg"][i]
+      q = ex_seg["queries"][0]
+      q = q.decode() if isinstance(q, bytes) else str(q)
+      r = predictor.segment(np.asarray(ex_seg["image"]), q)
+      seg = {"image": np.asarray(ex_seg["image"]), "query": q, "answer": r.text, "masks": r.masks}
     rows.append([draw_caption(np.asarray(ex["image"]), cap.text, cap.pieces, cap.boxes),
-                 draw_referring(np.asarray(ref["image"]), expr, r.box, r.mask,
-                                gt_box=np.asarray(ref["box_xyxy"]).reshape(4)),
-                 draw_segmentation(np.asarray(rs["image"]), q, seg.text, seg.masks)])
+                 draw_referring(ref["image"], ref["expression"], ref["box"], ref["mask"],
+                                gt_box=ref["gt_box"]),
+                 draw_segmentation(seg["image"], seg["query"], seg["answer"], seg["masks"])])
   save_grid(rows, path)

@@ -50,21 +50,52 @@ def small(tmp_path_factory):
   return config, tok
 
 
-def _evaluate(config, tok, mesh_axes, batch_size, tasks, devices=None, state=None):
+def _evaluate(config, tok, mesh_axes, batch_size, tasks, devices=None, state=None, keep=0):
   mesh = sharding.make_mesh(mesh_axes, devices=devices)
   setup = train_lib.build_setup(config, mesh)
   # One initialisation (its compile is the slow part), placed on each mesh.
   state = train_lib.init_state(setup) if state is None else jax.device_put(state, setup.state_shardings)
-  opts = eval_lib.EvalOptions.from_config(config, tasks=tasks, max_examples=6, batch_size=batch_size)
+  opts = eval_lib.EvalOptions.from_config(config, tasks=tasks, max_examples=6, batch_size=batch_size,
+                                          keep_examples=keep)
   ev = eval_lib.Evaluator(config, setup, tok, options=opts)
-  return ev.run(state), ev.records, state
+  result = ev.run(state)
+  if keep:
+    _check_kept(ev, train_lib.make_model(setup, state), tok, keep,
+                int(config.data.get("max_prompt_len", 32)))
+  return result, ev.records, state
+
+
+def _check_kept(ev, model, tok, keep, max_prompt_len):
+  """The kept examples (what the demo figure draws) are the scored predictions, and what the
+  single-image Predictor gives for the same input."""
+  from pixelground import inference
+
+  pred = inference.Predictor(model, tok, max_prompt_len=max_prompt_len)
+  assert sorted(ev.kept) == ["reason_seg", "referring"] and all(len(v) == keep for v in ev.kept.values())
+  for i, k in ev.kept["referring"].items():
+    rec = ev.records["referring"][i]
+    assert k["expression"] == rec["expression"]
+    np.testing.assert_allclose(k["box"], rec["box"], atol=0.01)
+    np.testing.assert_allclose(k["gt_box"], rec["gt_box"], atol=0.01)
+    r = pred.referring(k["image"], k["expression"])
+    np.testing.assert_allclose(k["box"], r.box, atol=0.05)
+    assert k["mask"].shape == r.mask.shape == k["image"].shape[:2]
+    assert np.mean(k["mask"] == r.mask) > 0.99
+  for i, k in ev.kept["reason_seg"].items():
+    rec = ev.records["reason_seg"][i]
+    assert (k["query"], k["answer"]) == (rec["query"], rec["answer"])
+    assert len(k["masks"]) == int(rec["has_seg"])
+    s = pred.segment(k["image"], k["query"], max_len=ev.opts.max_decode_len)
+    assert s.text == k["answer"] and s.masks.shape[1:] == k["masks"].shape[1:]
+    if len(k["masks"]):
+      assert np.mean(k["masks"][0] == s.masks[0]) > 0.99
 
 
 def test_evaluator_independent_of_batch_and_mesh(small):
   config, tok = small
   one = {"data": 1, "fsdp": 1, "tensor": 1}
   a, rec_a, state = _evaluate(config, tok, one, 4, ("referring", "reason_seg", "ln"),
-                              devices=jax.devices()[:1])                           # 2 batches, one padded
+                              devices=jax.devices()[:1], keep=2)                   # 2 batches, one padded
   b, rec_b, _ = _evaluate(config, tok, {"data": 2, "fsdp": 2, "tensor": 2}, 8, ("referring", "ln"),
                           state=state)                                             # 1 batch, 2 pad rows
   for k in b:

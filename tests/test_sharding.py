@@ -109,3 +109,20 @@ def test_sharded_forward_backward_matches_single_device(scan):
   for (path, g1), (_, g8) in zip(nnx.to_flat_state(grads_1), nnx.to_flat_state(grads_8)):
     np.testing.assert_allclose(np.asarray(g8.get_value()), np.asarray(g1.get_value()), atol=1e-5,
                                err_msg=str(path))
+
+
+def test_next_key_is_rngs_params_bit_for_bit():
+  """`layers.next_key` (what every parameter init draws) = NNX's own `rngs.params()`: the same keys in
+  the same order and the same final count, eagerly and under a trace — so models init as they did."""
+  from pixelground.models import layers
+
+  def draws(use_next_key: bool):
+    rngs = nnx.Rngs(params=3)
+    keys = [layers.next_key(rngs) if use_next_key else rngs.params() for _ in range(5)]
+    return jnp.stack([jax.random.key_data(k) for k in keys]), rngs.params.count[...]
+
+  for fn in (draws, jax.jit(draws, static_argnums=0)):
+    ours, theirs = fn(True), fn(False)
+    np.testing.assert_array_equal(ours[0], theirs[0])
+    assert int(ours[1]) == int(theirs[1]) == 5
+  assert len({tuple(np.asarray(k).ravel()) for k in draws(True)[0]}) == 5  # 5 distinct keys

@@ -34,13 +34,27 @@ def ones(key, shape, dtype):
   return jnp.ones(shape, dtype)
 
 
+def next_key(rngs: nnx.Rngs) -> jax.Array:
+  """`rngs.params()`, bit for bit: fold the stream's count into its key, then count + 1.
+
+  NNX writes the count as `count[...] += 1`, and under a trace (jit, eval_shape) that indexed write
+  compares the tracer's `.sharding`; JAX refuses with an error message whose origin search walks the
+  whole trace so far, so building a model costs time quadratic in its number of parameters (~10 s of
+  the demo's ~1,150). Replacing the count's value outright is the same update without that check."""
+  stream = rngs.params
+  stream.count._check_can_update()
+  key = jax.random.fold_in(stream.key[...], stream.count[...])
+  stream.count.set_value(stream.count[...] + 1)
+  return key
+
+
 def make_param(rngs: nnx.Rngs, init: Initializer, shape: tp.Sequence[int], axes: Axes, dtype,
                kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
   """A parameter of `shape` with logical `axes` (one name per dimension)."""
   shape = tuple(int(s) for s in shape)
   if len(axes) != len(shape):
     raise ValueError(f"axes {axes} do not match shape {shape}")
-  return kind(init(rngs.params(), shape, dtype), **{AXES_KEY: tuple(axes)})
+  return kind(init(next_key(rngs), shape, dtype), **{AXES_KEY: tuple(axes)})
 
 
 def count_params(model: nnx.Module, wrt: tp.Any = nnx.Param) -> int:
@@ -204,7 +218,7 @@ class LayerStack(nnx.Module):
     self.num_layers, self.scan, self.remat = num_layers, scan, remat
     if scan:
       graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_layer(nnx.Rngs(0))))
-      keys = jax.random.split(rngs.params(), num_layers)
+      keys = jax.random.split(next_key(rngs), num_layers)
       states = jax.vmap(lambda k: nnx.state(make_layer(nnx.Rngs(params=k))))(keys)
       self.layers = nnx.merge(graphdef, _prepend_axis(states, "layers"))
     else:
