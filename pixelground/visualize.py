@@ -28,10 +28,21 @@ def _canvas(image: np.ndarray, scale: int) -> Image.Image:
   return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
+def _edge(mask: np.ndarray) -> np.ndarray:
+  """Pixels of `mask` (H, W) bool with a 4-neighbour outside it (or on the image border)."""
+  p = np.pad(mask, 1)
+  inner = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+  return mask & ~inner
+
+
 def _overlay(img: Image.Image, mask: np.ndarray, colour, alpha: float = 0.45) -> Image.Image:
-  m = Image.fromarray((np.asarray(mask, bool) * int(255 * alpha)).astype(np.uint8)).resize(img.size,
-                                                                                        Image.NEAREST)
-  return Image.composite(Image.new("RGB", img.size, colour), img, m)
+  """`mask` (H, W) bool tinted with `colour` and outlined in white (a tint alone vanishes on a shape of
+  a similar colour)."""
+  mask = np.asarray(mask, bool)
+  m = Image.fromarray((mask * int(255 * alpha)).astype(np.uint8)).resize(img.size, Image.NEAREST)
+  out = Image.composite(Image.new("RGB", img.size, colour), img, m)
+  e = Image.fromarray(_edge(mask).astype(np.uint8) * 255).resize(img.size, Image.NEAREST)
+  return Image.composite(Image.new("RGB", img.size, (255, 255, 255)), out, e)
 
 
 def _with_text(img: Image.Image, text: str) -> Image.Image:

@@ -134,3 +134,23 @@ def test_lisa_segment_structure():
   logits, iou = inference._masks(model, jnp.zeros((1, 5, cfg.t5.d_model)), jnp.asarray([[2, 4]]), sam_emb,
                                  visual, image_mask)
   assert logits.shape == (1, 2, S, S) and iou.shape == (1, 2) and seg >= 0
+
+
+def test_mask_overlay_tints_and_outlines():
+  """The figures' masks: tinted inside, a white outline on the mask's edge pixels (4-neighbourhood,
+  image border included), the rest of the panel untouched; panels scale the mask with the image."""
+  from pixelground import visualize as V
+
+  m = np.zeros((6, 6), bool)
+  m[1:5, 1:5] = True
+  m[0, 5] = True  # a corner pixel: its own edge
+  edge = V._edge(m)
+  want = m.copy()
+  want[2:4, 2:4] = False
+  np.testing.assert_array_equal(edge, want)
+  base = np.full((6, 6, 3), 40, np.uint8)
+  img = np.asarray(V._overlay(V._canvas(base, 2), m, (230, 25, 75), alpha=0.5))
+  assert img.shape == (12, 12, 3)
+  assert (img[4:8, 4:8] != 40).all() and (img[4:8, 4:8] != 255).all()  # interior: tinted
+  assert (img[2:4, 2:10] == 255).all() and (img[0:2, 10:12] == 255).all()  # outline
+  assert (img[10:12, 0:12] == 40).all()  # outside: untouched
