@@ -131,6 +131,7 @@ def demo_figure(config, model, tokenizer, path: str,
   (its own held-out image). `kept`: the evaluator's kept examples (`eval_lib.Evaluator.kept`, the
   predictions it scored); panels it lacks are predicted here (`inference.Predictor`)."""
   from pixelground import inference, train_lib
+  from pixelground.data import tasks as task_lib
 
   predictor = inference.Predictor(model, tokenizer, max_prompt_len=int(config.data.max_prompt_len))
   kept = kept or {}
@@ -147,16 +148,14 @@ def demo_figure(config, model, tokenizer, path: str,
     ref = kept.get("referring", {}).get(i)
     if ref is None:
       ex_ref = src["referring"][i]
-      expr = ex_ref["sentences"][0]
-      expr = expr.decode() if isinstance(expr, bytes) else str(expr)
+      expr = task_lib.as_text(ex_ref["sentences"][0])
       r = predictor.referring(np.asarray(ex_ref["image"]), expr)
       ref = {"image": np.asarray(ex_ref["image"]), "expression": expr, "box": r.box, "mask": r.mask,
              "gt_box": np.asarray(ex_ref["box_xyxy"]).reshape(4)}
     seg = kept.get("reason_seg", {}).get(i)
     if seg is None:
       ex_seg = src["reason_seg"][i]
-      q = ex_seg["queries"][0]
-      q = q.decode() if isinstance(q, bytes) else str(q)
+      q = task_lib.as_text(ex_seg["queries"][0])
       r = predictor.segment(np.asarray(ex_seg["image"]), q)
       seg = {"image": np.asarray(ex_seg["image"]), "query": q, "answer": r.text, "masks": r.masks}
     rows.append([draw_caption(np.asarray(ex["image"]), cap.text, cap.pieces, cap.boxes),
