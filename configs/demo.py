@@ -80,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
                           "max_shapes": 3, "scale": 2.0, "colours": 4}})
   c.eval = ml_collections.ConfigDict({"tasks": ("ln", "caption", "referring", "reason_seg"),
                                       "batch_size": 50, "max_examples": 200, "max_decode_len": 40})
-  c.eval_every = 1500  # at the end only: each evaluation decodes every eval task (~55 s here)
+  c.eval_every = 1500  # at the end only: each evaluation decodes every eval task (~45 s here)
   c.log_every = 50
   c.checkpoint_every = 400
   c.visualize = ml_collections.ConfigDict({"enabled": True, "num_images": 3})
