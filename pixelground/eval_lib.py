@@ -200,7 +200,6 @@ class _Scorer:
               "captions": texts, "gt_boxes": gt_boxes.round(2).tolist(), "gt_phrases": gt_phrases}
     raise ValueError(f"no scorer for task '{task}'")
 
-
   def visual(self, ex: dict, out: dict[str, np.ndarray], i: int) -> dict | None:
     """What a figure draws for one example (original image; boxes xyxy pixels, masks (H, W) bool of
     it): referring → expression, box, gt_box, mask (None without refseg); reason_seg → query, answer,
