@@ -146,6 +146,17 @@ class _Scorer:
       toks = toks[:-1]
     return self.tok.decode(toks)
 
+  def pred_mask(self, ex: dict, out: dict[str, np.ndarray], i: int) -> np.ndarray | None:
+    """Example i's predicted mask, (H, W) bool of the original image: the referring box-prompted mask
+    (None without a refseg head), or the first generated `[SEG]`'s (empty when none was generated)."""
+    hw = task_lib.image_hw(ex["image"])
+    if "mask_logits" not in out:
+      return None
+    if self.task == "reason_seg" and not out["has_seg"][i]:
+      return np.zeros(hw, bool)
+    geom = T.resize_pad(hw[0], hw[1], self.cfg.image_size)
+    return mask_to_image(out["mask_logits"][i][None], geom, hw)[0]
+
   def record(self, ex: dict, row: dict[str, np.ndarray], out: dict[str, np.ndarray], i: int) -> dict:
     hw = task_lib.image_hw(ex["image"])
     geom = T.resize_pad(hw[0], hw[1], self.cfg.image_size)
@@ -157,15 +168,14 @@ class _Scorer:
       rec = {"expression": task_lib.as_text(ex["sentences"][0]), "box": box.round(2).tolist(),
              "gt_box": gt.round(2).tolist(), "box_iou": iou}
       if "mask_logits" in out and "mask" in ex:
-        pred = mask_to_image(out["mask_logits"][i][None], geom, hw)[0]
+        pred = self.pred_mask(ex, out, i)
         inter, union = M.intersection_union(pred, _plain(ex["mask"]))
         rec.update(mask_inter=int(inter), mask_union=int(union))
       return rec
     if task == "reason_seg":
       answer = self._words(out["tokens"][i], int(out["lengths"][i]))
       target, ignore = _plain(ex["target_mask"]), _plain(ex["ignore_mask"])
-      pred = (mask_to_image(out["mask_logits"][i][None], geom, hw)[0] if out["has_seg"][i]
-              else np.zeros(hw, bool))
+      pred = self.pred_mask(ex, out, i)
       inter, union = M.intersection_union(pred, target, ignore)
       return {"query": task_lib.as_text(ex["queries"][0]), "answer": answer,
               "has_seg": bool(out["has_seg"][i]), "mask_inter": int(inter), "mask_union": int(union)}
@@ -200,24 +210,14 @@ class _Scorer:
               "captions": texts, "gt_boxes": gt_boxes.round(2).tolist(), "gt_phrases": gt_phrases}
     raise ValueError(f"no scorer for task '{task}'")
 
-  def visual(self, ex: dict, out: dict[str, np.ndarray], i: int) -> dict | None:
-    """What a figure draws for one example (original image; boxes xyxy pixels, masks (H, W) bool of
-    it): referring → expression, box, gt_box, mask (None without refseg); reason_seg → query, answer,
-    masks (K, H, W): the first generated `[SEG]`'s mask, K = 0 when none was generated."""
-    image = np.asarray(ex["image"])
-    hw = task_lib.image_hw(ex["image"])
-    geom = T.resize_pad(hw[0], hw[1], self.cfg.image_size)
-    if self.task == "referring":
-      mask = (mask_to_image(out["mask_logits"][i][None], geom, hw)[0] if "mask_logits" in out else None)
-      return {"image": image, "expression": task_lib.as_text(ex["sentences"][0]),
-              "box": geom.inverse_boxes(np.asarray(out["box"][i], np.float32)[None])[0],
-              "gt_box": np.asarray(ex["box_xyxy"], np.float32).reshape(4), "mask": mask}
+  def visual(self, ex: dict, rec: dict, out: dict[str, np.ndarray], i: int) -> dict:
+    """What a figure draws for one example: its record (`record`: boxes xyxy pixels of the original
+    image) + the image and the predicted masks at its resolution — referring: "mask" (H, W) or None
+    without refseg; reason_seg: "masks" (K, H, W), the first generated `[SEG]`'s, K = 0 without one."""
+    pred = self.pred_mask(ex, out, i)
     if self.task == "reason_seg":
-      masks = (mask_to_image(out["mask_logits"][i][None], geom, hw) if out["has_seg"][i]
-               else np.zeros((0,) + tuple(hw), bool))
-      return {"image": image, "query": task_lib.as_text(ex["queries"][0]),
-              "answer": self._words(out["tokens"][i], int(out["lengths"][i])), "masks": masks}
-    return None
+      return rec | {"image": np.asarray(ex["image"]), "masks": pred[None][: int(rec["has_seg"])]}
+    return rec | {"image": np.asarray(ex["image"]), "mask": pred}
 
 
 def summarize(task: str, records: list[dict], *, java_fallback: bool = False) -> dict[str, float]:
@@ -364,26 +364,22 @@ class Evaluator:
     from concurrent.futures import ThreadPoolExecutor
 
     t0 = time.perf_counter()
-    results: dict[str, float] = {}
     self.records, self.kept = {}, {}
-    summaries = {}
+    tfs, counts, summaries = {}, {}, {}
     # Each task's summary is computed beside the next task's device work (caption metrics wait ~7 s
     # on Java's METEOR / PTB tokenizer processes).
     with ThreadPoolExecutor(1) as pool:
       for name in self.names:
-        recs, tf = self._run_task(name, state, progress)
-        self.records[name] = recs
-        results.update({f"{name}/{k}": v for k, v in tf.items()})
+        recs, tfs[name] = self._run_task(name, state, progress)
+        self.records[name], counts[name] = recs, len(recs)
         summaries[name] = pool.submit(summarize, self.conv[name], recs,
                                       java_fallback=self.opts.java_fallback)
-        results[f"{name}/count"] = len(recs)
-    out: dict[str, float] = {}
-    for name in self.names:  # metrics in task order, as before
-      out.update({k: v for k, v in results.items() if k.startswith(f"{name}/") and not k.endswith("/count")})
-      out.update({f"{name}/{k}": v for k, v in summaries[name].result().items()})
-      out[f"{name}/count"] = results[f"{name}/count"]
-    out["eval_seconds"] = time.perf_counter() - t0
-    return out
+    results: dict[str, float] = {}
+    for name in self.names:
+      metrics = tfs[name] | summaries[name].result() | {"count": counts[name]}
+      results.update({f"{name}/{k}": v for k, v in metrics.items()})
+    results["eval_seconds"] = time.perf_counter() - t0
+    return results
 
   def _run_task(self, name: str, state, progress: bool) -> tuple[list[dict], dict[str, float]]:
     task, conv, scorer = self.tasks[name], self.conv[name], self.scorers[name]
@@ -418,7 +414,7 @@ class Evaluator:
         rec = scorer.record(ex, rows[j], host, where[i])
         recs.append((i, {"index": i} | rec))
         if i < self.opts.keep_examples and conv in ("referring", "reason_seg"):
-          self.kept.setdefault(name, {})[i] = scorer.visual(ex, host, where[i])
+          self.kept.setdefault(name, {})[i] = scorer.visual(ex, rec, host, where[i])
       if bar is not None:
         bar.update(1)
     if bar is not None:
