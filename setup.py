@@ -47,7 +47,7 @@ EXTRAS_REQUIRE = {
         "transformers>=5.0,<6",
         # The Beam path of the image_text builder is tested with the DirectRunner.
         "apache-beam>=2.60",
-        # pixelground.metric_writers' event files are checked with TensorBoard's own reader (no TF needed).
+        # pixelground.training.writers' event files are checked with TensorBoard's own reader (no TF needed).
         "tensorboard>=2.16",
         # notebooks/: their plots, and tests/test_notebooks.py executes them headless in a kernel.
         "matplotlib>=3.8",

@@ -41,7 +41,7 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from pixelground import decoding  # noqa: E402
+from pixelground.inference import decoding  # noqa: E402
 from pixelground.checkpoints.t5 import load_t5  # noqa: E402
 
 PROMPT_LEN = 32

@@ -27,7 +27,7 @@ shapes at twice the default radii, in 4 colours.
 
 import ml_collections
 
-from pixelground import recipes
+from pixelground.config import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:

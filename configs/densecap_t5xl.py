@@ -1,14 +1,14 @@
 r"""PixelLLM dense captioning, full size (SPEC §3 row 4): from the trace stage + the class-agnostic
-proposal head (CenterNet-style heatmap + ltrb boxes on the fused map, `pixelground.models.proposals`);
+proposal head (CenterNet-style heatmap + ltrb boxes on the fused map, `pixelground.models.heads.proposals`);
 GT regions are captioned through the extractor with the prompt "an object of". Batch 64, 40k steps,
 AdamW 1e-4, wd 0.05, warm-up 1k, EVA layer decay 0.8; VG with scale jitter 0.1–2.0 and flips.
 
-    python -m pixelground.recipes count configs/densecap_t5xl.py
+    python -m pixelground.config.recipes count configs/densecap_t5xl.py
 """
 
 import ml_collections
 
-from pixelground import recipes
+from pixelground.config import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -1,12 +1,12 @@
 r"""PixelLLM joint training, full size (SPEC §3 row 5): every task at once from the web pretraining,
 batch 128, 240k steps, AdamW 1e-4, wd 0.05, warm-up 2k; single-task batches sampled by weight.
 
-    python -m pixelground.recipes count configs/joint_t5xl.py
+    python -m pixelground.config.recipes count configs/joint_t5xl.py
 """
 
 import ml_collections
 
-from pixelground import recipes
+from pixelground.config import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:

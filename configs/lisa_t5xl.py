@@ -3,12 +3,12 @@ vocabulary (the top T5 sentinel, id 32099), its decoder state → Linear → ReL
 decoder prompt. Loss CE + 2·BCE + 0.5·DICE; trains the mask decoder, the projection, LoRA, EVA02 and
 the extractor.
 
-    python -m pixelground.recipes count configs/lisa_t5xl.py
+    python -m pixelground.config.recipes count configs/lisa_t5xl.py
 """
 
 import ml_collections
 
-from pixelground import recipes
+from pixelground.config import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:

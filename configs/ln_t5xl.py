@@ -7,12 +7,12 @@ Trains EVA02, the prompt extractor + projection, LoRA and the point head.
     python -m pixelground.train --config=configs/ln_t5xl.py --workdir=/ckpt/ln_t5xl \
         --config.weights.sam=/w/sam_vit_h_4b8939.pth --config.weights.eva=/w/eva02_L.safetensors \
         --config.weights.t5=/w/flan-t5-xl
-    python -m pixelground.recipes count configs/ln_t5xl.py     # parameter counts, nothing allocated
+    python -m pixelground.config.recipes count configs/ln_t5xl.py     # parameter counts, nothing allocated
 """
 
 import ml_collections
 
-from pixelground import recipes
+from pixelground.config import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:

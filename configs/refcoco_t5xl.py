@@ -2,12 +2,12 @@ r"""PixelLLM referring localisation, full size (SPEC §3 row 2): from the trace 
 steps, AdamW 5e-5, warm-up 1k. Encoder text "where is {expression}"; the box is read at the
 EOS-predicting position.
 
-    python -m pixelground.recipes count configs/refcoco_t5xl.py
+    python -m pixelground.config.recipes count configs/refcoco_t5xl.py
 """
 
 import ml_collections
 
-from pixelground import recipes
+from pixelground.config import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -3,12 +3,12 @@ predicted box prompts SAM's mask decoder, whose 2 box tokens get the gated mask 
 Batch 64, 60k steps, AdamW 5e-5 (adapter ×10), warm-up 500; trains the mask adapter and the point head.
 Loss: CE + 0.1·point L1 + 20·focal + dice + IoU MSE.
 
-    python -m pixelground.recipes count configs/refseg_t5xl.py
+    python -m pixelground.config.recipes count configs/refseg_t5xl.py
 """
 
 import ml_collections
 
-from pixelground import recipes
+from pixelground.config import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:

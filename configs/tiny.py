@@ -5,7 +5,7 @@ Same structure as the full configs, every width tiny, 64-px inputs, the committe
 
 import ml_collections
 
-from pixelground import recipes
+from pixelground.config import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -1,4 +1,4 @@
-r"""Evaluates a checkpoint on every task of its config (the benchmarks' metrics; `pixelground.eval_lib`).
+r"""Evaluates a checkpoint on every task of its config (the benchmarks' metrics; `pixelground.inference.eval_lib`).
 
     python -m pixelground.evaluate --config=configs/demo.py --checkpoint=workdir/demo \
         [--tasks=referring,reason_seg] [--split=validation] [--workdir=OUT] [--max_examples=N]
@@ -24,7 +24,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from pixelground import runtime
+from pixelground.parallel import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=False)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints/ dir or checkpoints/<step>.")
@@ -48,16 +48,18 @@ def main(argv):
   del argv
   import jax
 
-  from pixelground import eval_lib, sharding, train_lib
+  from pixelground.inference import eval_lib
+  from pixelground.parallel import sharding
+  from pixelground.training import checkpointing, datasets, train_state
   from pixelground.data import tokenizer as tok_lib
 
   runtime.init_distributed()
   config = _CONFIG.value
-  train_lib.prepare_data(config)
+  datasets.prepare_data(config)
   tokenizer = tok_lib.load_tokenizer(config.tokenizer)
   mesh = sharding.make_mesh(dict(config.mesh))
-  setup = train_lib.build_setup(config, mesh)
-  state, step = train_lib.load_state(setup, _CHECKPOINT.value)
+  setup = train_state.build_setup(config, mesh)
+  state, step = checkpointing.load_state(setup, _CHECKPOINT.value)
   opts = eval_lib.EvalOptions.from_config(config, tasks=_TASKS.value, max_examples=_MAX.value,
                                           batch_size=_BATCH.value)
   evaluator = eval_lib.Evaluator(config, setup, tokenizer, options=opts, split=_SPLIT.value)

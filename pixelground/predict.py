@@ -101,14 +101,14 @@ def _scale_mask(mask: np.ndarray, shape) -> np.ndarray:
 def load_predictor(checkpoint: str, config: str | None):
   """Predictor.from_checkpoint, kept for the process (a notebook or test calling `main` repeatedly
   restores and compiles once)."""
-  from pixelground.inference import Predictor
+  from pixelground.inference.predictor import Predictor
   return Predictor.from_checkpoint(checkpoint, config)
 
 
 def run(predictor, image: np.ndarray, task: str, text: str | None, box: np.ndarray | None,
         top_k: int = 5):
   """→ (result dict (JSON-friendly, image pixels), PIL picture)."""
-  from pixelground import visualize as V
+  from pixelground.inference import visualize as V
 
   base, f = _draw_scale(image)
   if task == "caption":

@@ -15,7 +15,7 @@ dataset and feeds its slice of the global batch.
 
 Writes in WORKDIR: checkpoints/, tensorboard/ (event files, no TensorFlow needed), metrics.jsonl (every
 logged step and every evaluation), eval_<step>.json + predictions_<step>.jsonl (the final evaluation,
-`pixelground.eval_lib`: the files `pixelground.evaluate` writes for that checkpoint) and, for configs
+`pixelground.inference.eval_lib`: the files `pixelground.evaluate` writes for that checkpoint) and, for configs
 with `config.visualize`, demo.png. The last printed line is the final evaluation as JSON.
 """
 
@@ -30,7 +30,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pixelground import runtime
+from pixelground.parallel import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and outputs go here.", required=True)
@@ -64,16 +64,19 @@ def main(argv):
   runtime.init_distributed()
   import jax
 
-  from pixelground import eval_lib, metric_writers, sharding, train_lib
-  from pixelground.compile_check import chip_peak
+  from pixelground.inference import eval_lib
+  from pixelground.parallel import sharding
+  from pixelground.training import checkpointing, datasets, steps, train_state, weights
+  from pixelground.training import writers as metric_writers
+  from pixelground.perf.chips import chip_peak
   from pixelground.data import pipeline, tokenizer as tok_lib
-  from pixelground.recipes import loss_config
+  from pixelground.config.recipes import loss_config
 
   config = _CONFIG.value
   workdir = _WORKDIR.value
   # Compiled steps are cached across runs (a restart or a second demo run skips XLA compilation).
   if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(train_lib.cache_dir(), "xla"))
+    jax.config.update("jax_compilation_cache_dir", os.path.join(datasets.cache_dir(), "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   pid, nproc = jax.process_index(), jax.process_count()
   os.makedirs(workdir, exist_ok=True)
@@ -83,10 +86,10 @@ def main(argv):
 
   # The demo's datasets build (first use only) in a child process while the model is set up and its
   # initialisation compiles here.
-  data_ready = train_lib.prepare_data(config, background=True)
+  data_ready = datasets.prepare_data(config, background=True)
   tokenizer = tok_lib.load_tokenizer(config.tokenizer)
   mesh = sharding.make_mesh(dict(config.mesh))
-  setup = train_lib.build_setup(config, mesh)
+  setup = train_state.build_setup(config, mesh)
   batch_size = int(config.optimizer.batch_size)
   if batch_size % nproc:
     raise ValueError(f"config.optimizer.batch_size={batch_size} must divide by the {nproc} processes.")
@@ -94,23 +97,23 @@ def main(argv):
   if batch_size % num_shards:
     raise ValueError(f"config.optimizer.batch_size={batch_size} must divide by config.data.num_shards="
                      f"{num_shards}.")
-  ckpt = train_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                 keep=config.get("checkpoint_keep", 3),
                                 async_save=config.get("async_checkpoint", True))
   latest = ckpt.latest_step()
   if latest is None:  # initialise (+ import pretrained weights)
-    state = train_lib.init_state(setup)
-    state, imported = train_lib.import_weights(setup, state, config.get("weights", None))
+    state = train_state.init_state(setup)
+    state, imported = weights.import_weights(setup, state, config.get("weights", None))
     if imported:
       print(f"Imported pretrained weights: {', '.join(imported)}", flush=True)
 
   # Data: per-process shards of every task.
   data_ready()
   mixing = config.data.get("mixing", "batch")
-  tasks = train_lib.data_tasks(config, tokenizer)
+  tasks = datasets.data_tasks(config, tokenizer)
   names = [t.name for t in tasks]
   from pixelground.data.tasks import schema as full_schema
-  schema = full_schema(train_lib.task_config(config, train=True))
+  schema = full_schema(datasets.task_config(config, train=True))
   data_iter = pipeline.ShardGroup(
       lambda shard, count: pipeline.Loader(tasks, schema, batch_size=batch_size // count, seed=config.seed,
                                            mixing=mixing, shard_index=shard, shard_count=count,
@@ -123,7 +126,7 @@ def main(argv):
   n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
   n_all = n_train + sum(x.size for x in jax.tree.leaves(state["frozen"]))
 
-  train_step = train_lib.make_train_step(setup, loss_config(config), seed=config.seed,
+  train_step = steps.make_train_step(setup, loss_config(config), seed=config.seed,
                                          accum_steps=config.optimizer.get("grad_accum_steps", 1))
   figure = bool(config.get("visualize", None) and config.visualize.get("enabled", False))
   evaluator = eval_lib.Evaluator(config, setup, tokenizer, options=eval_lib.EvalOptions.from_config(
@@ -133,7 +136,7 @@ def main(argv):
   total = int(config.optimizer.total_steps)
   step = int(jax.device_get(state["step"]))
   peak = chip_peak(jax.devices()[0])  # FLOP/s of one chip; None on CPU (no MFU then)
-  step_flops = train_lib.StepFlops(config, setup, batch_size)
+  step_flops = steps.StepFlops(config, setup, batch_size)
   log_every = int(config.log_every)
   print(f"Training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters for {total} steps "
         f"(from step {step}) on mesh {dict(mesh.shape)}, {nproc} process(es); tasks {names}", flush=True)
@@ -141,14 +144,14 @@ def main(argv):
   t_start = time.perf_counter()
   window = {"t": time.perf_counter(), "data": 0.0, "steps": 0, "flops": 0.0}
   run_steps = 0
-  with jax.set_mesh(mesh):
+  with sharding.use(mesh, setup.rules):
     while step < total:
       t0 = time.perf_counter()
       local = next(data_iter)
-      task = train_lib.task_of_batch(local, names) if mixing == "batch" else None
+      task = datasets.task_of_batch(local, names) if mixing == "batch" else None
       batch = sharding.global_batch(local, mesh, setup.rules)
       window["data"] += time.perf_counter() - t0
-      state, metrics = train_step(state, batch, train_lib.heads_of(config, task))
+      state, metrics = train_step(state, batch, datasets.heads_of(config, task))
       step += 1
       run_steps += 1
       window["steps"] += 1
@@ -195,8 +198,8 @@ def main(argv):
     if figure:
       path = os.path.join(workdir, "demo.png")
       if nproc == 1:
-        from pixelground import visualize
-        visualize.demo_figure(config, train_lib.make_model(setup, state), tokenizer, path,
+        from pixelground.inference import visualize
+        visualize.demo_figure(config, train_state.make_model(setup, state), tokenizer, path,
                               kept=evaluator.kept)
         print(f"Wrote {path}", flush=True)
         result["figure"] = path

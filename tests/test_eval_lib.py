@@ -9,8 +9,10 @@ import pytest
 
 import jax
 
-from pixelground import eval_lib, sharding, train_lib
-from pixelground.configlib import load_config
+from pixelground.inference import eval_lib
+from pixelground.parallel import sharding
+from pixelground.training import datasets, train_state
+from pixelground.config.parse import load_config
 from pixelground.data import tokenizer as tok_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,22 +47,22 @@ def small(tmp_path_factory):
     for name in ("referring", "reason_seg"):
       config.tasks[name] = full.tasks[name]
     config.eval.max_decode_len = 8
-  train_lib.prepare_data(config)
+  datasets.prepare_data(config)
   tok = tok_lib.load_tokenizer(config.tokenizer)
   return config, tok
 
 
 def _evaluate(config, tok, mesh_axes, batch_size, tasks, devices=None, state=None, keep=0):
   mesh = sharding.make_mesh(mesh_axes, devices=devices)
-  setup = train_lib.build_setup(config, mesh)
+  setup = train_state.build_setup(config, mesh)
   # One initialisation (its compile is the slow part), placed on each mesh.
-  state = train_lib.init_state(setup) if state is None else jax.device_put(state, setup.state_shardings)
+  state = train_state.init_state(setup) if state is None else jax.device_put(state, setup.state_shardings)
   opts = eval_lib.EvalOptions.from_config(config, tasks=tasks, max_examples=6, batch_size=batch_size,
                                           keep_examples=keep)
   ev = eval_lib.Evaluator(config, setup, tok, options=opts)
   result = ev.run(state)
   if keep:
-    _check_kept(ev, train_lib.make_model(setup, state), tok, keep,
+    _check_kept(ev, train_state.make_model(setup, state), tok, keep,
                 int(config.data.get("max_prompt_len", 32)))
   return result, ev.records, state
 
@@ -68,7 +70,7 @@ def _evaluate(config, tok, mesh_axes, batch_size, tasks, devices=None, state=Non
 def _check_kept(ev, model, tok, keep, max_prompt_len):
   """The kept examples (what the demo figure draws) are the scored predictions, and what the
   single-image Predictor gives for the same input."""
-  from pixelground import inference
+  from pixelground.inference import predictor as inference
 
   pred = inference.Predictor(model, tok, max_prompt_len=max_prompt_len)
   assert sorted(ev.kept) == ["reason_seg", "referring"] and all(len(v) == keep for v in ev.kept.values())
@@ -117,7 +119,7 @@ def test_evaluator_independent_of_batch_and_mesh(small):
 
 def test_unknown_or_unsupported_task_is_named(small):
   config, tok = small
-  setup = train_lib.build_setup(config, sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+  setup = train_state.build_setup(config, sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
                                                            devices=jax.devices()[:1]))
   with pytest.raises(ValueError, match="unknown task 'nope'"):
     eval_lib.Evaluator(config, setup, tok, options=eval_lib.EvalOptions(tasks=("nope",)))

@@ -1,4 +1,4 @@
-"""Analytic step FLOPs (pixelground.flops) against the compiled and the traced program.
+"""Analytic step FLOPs (pixelground.perf.flops) against the compiled and the traced program.
 
 Three references: XLA's `cost_analysis()["flops"]` of the compiled forward (counts elementwise ops too,
 so it sits a few % above the matmul count); `flops.traced_flops`, the dot/conv FLOPs of the jaxpr
@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelground import flops as F
-from pixelground import recipes
+from pixelground.perf import flops as F
+from pixelground.config import recipes
 from pixelground.data import tasks
 from pixelground.models import eva02 as eva_lib
 from pixelground.models import pixelllm as P
+from pixelground.training import objective
 from pixelground.models import sam_decoder as dec_lib
 from pixelground.models import sam_encoder as sam_lib
 from pixelground.models import t5 as t5_lib
@@ -189,7 +190,7 @@ def _train_traced(cfg, keep) -> float:
 
   def loss(t, r):
     m = nnx.merge(gd, t, r)
-    return P.compute_losses(cfg, P.LossConfig(), m(batch, train=True), batch)[0]  # as the trainer
+    return objective.compute_losses(cfg, objective.LossConfig(), m(batch, train=True), batch)[0]  # as the trainer
 
   return F.traced_flops(jax.value_and_grad(loss), trained, rest)
 

@@ -9,11 +9,12 @@ import pytest
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelground import inference
+from pixelground.inference import predictor as inference
 from pixelground.data import tasks
 from pixelground.data import transforms as T
 from pixelground.data.tokenizer import load_tokenizer
 from pixelground.models import pixelllm as P
+from pixelground.training import objective
 from tfds_builders import build_grounded_shapes
 from tfds_builders.localized_narratives import LocalizedNarratives
 
@@ -34,12 +35,12 @@ def overfit(tmp_path_factory):
   cfg = P.tiny_config(vocab_size=tok.vocab_size)
   model = P.PixelLLM(cfg, rngs=nnx.Rngs(1))
   opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=P.trainable_filter())
-  loss_cfg = P.LossConfig(label_smoothing=0.0)
+  loss_cfg = objective.LossConfig(label_smoothing=0.0)
 
   @nnx.jit
   def step(model, opt, batch):
     (_, terms), grads = nnx.value_and_grad(
-        lambda m: P.compute_losses(cfg, loss_cfg, m(batch), batch), has_aux=True,
+        lambda m: objective.compute_losses(cfg, loss_cfg, m(batch), batch), has_aux=True,
         argnums=nnx.DiffState(0, P.trainable_filter()))(model)
     opt.update(model, grads)
     return terms
@@ -139,7 +140,7 @@ def test_lisa_segment_structure():
 def test_mask_overlay_tints_and_outlines():
   """The figures' masks: tinted inside, a white outline on the mask's edge pixels (4-neighbourhood,
   image border included), the rest of the panel untouched; panels scale the mask with the image."""
-  from pixelground import visualize as V
+  from pixelground.inference import visualize as V
 
   m = np.zeros((6, 6), bool)
   m[1:5, 1:5] = True

@@ -1,4 +1,4 @@
-"""pixelground.losses against independent references (NumPy float64 and PyTorch written here), hand-
+"""pixelground.training.losses against independent references (NumPy float64 and PyTorch written here), hand-
 computed tiny cases, masking / validity / ignore semantics, jit, gradients and bfloat16 inputs."""
 
 import functools
@@ -13,7 +13,7 @@ F = torch.nn.functional
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pixelground import losses  # noqa: E402
+from pixelground.training import losses  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32 vs float64 references
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)

@@ -1,4 +1,4 @@
-"""TensorBoard event files and JSON lines written without TensorFlow (pixelground.metric_writers)."""
+"""TensorBoard event files and JSON lines written without TensorFlow (pixelground.training.writers)."""
 
 import io
 import json
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelground import metric_writers as mw
+from pixelground.training import writers as mw
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -251,7 +251,7 @@ def test_killed_run_keeps_logged_lines(tmp_path):
   script = textwrap.dedent(f"""
       import os, signal, sys
       sys.path.insert(0, {REPO_ROOT!r})
-      from pixelground import metric_writers as mw
+      from pixelground.training import writers as mw
       jsonl = mw.JsonlWriter({str(tmp_path / "metrics.jsonl")!r})
       tb = mw.TensorBoardWriter({str(tmp_path / "tb")!r}, flush_secs=0)
       jsonl.write_scalars(7, {{"loss": 0.5}})

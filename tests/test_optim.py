@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelground import optim, recipes
+from pixelground.config import recipes
+from pixelground.training import optim
 from pixelground.models import eva02 as eva_lib
 
 

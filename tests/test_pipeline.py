@@ -114,7 +114,7 @@ def test_schema_padding_and_errors():
 def test_batches_become_sharded_global_arrays():
   """A loader batch → batch-sharded jax.Arrays on the 8-device fake mesh (one process: local = global)."""
   import jax
-  from pixelground import sharding
+  from pixelground.parallel import sharding
 
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
   batch = next(iter(pipeline.Loader(_tasks(), SCHEMA, batch_size=8, seed=0)))

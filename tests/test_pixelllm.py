@@ -16,6 +16,9 @@ from flax import nnx
 from pixelground.data import tasks
 from pixelground.data.tokenizer import load_tokenizer
 from pixelground.models import pixelllm as P
+from pixelground.models import extractor
+from pixelground.models.heads import box_refiner, location
+from pixelground.training import objective
 from tfds_builders import build_grounded_shapes
 from tfds_builders.localized_narratives import LocalizedNarratives
 from tfds_builders.reasonseg import ReasonSeg
@@ -64,12 +67,12 @@ def setup(tmp_path_factory):
 def _train(cfg, batch, steps, lr=3e-3, **loss):
   model = P.PixelLLM(cfg, rngs=nnx.Rngs(0))
   opt = nnx.Optimizer(model, optax.adam(lr), wrt=P.trainable_filter())
-  loss_cfg = P.LossConfig(label_smoothing=0.0, **loss)
+  loss_cfg = objective.LossConfig(label_smoothing=0.0, **loss)
 
   @nnx.jit
   def step(model, opt, batch):
     def loss_fn(m):
-      return P.compute_losses(cfg, loss_cfg, m(batch), batch)
+      return objective.compute_losses(cfg, loss_cfg, m(batch), batch)
     (_, terms), grads = nnx.value_and_grad(loss_fn, has_aux=True,
                                            argnums=nnx.DiffState(0, P.trainable_filter()))(model)
     opt.update(model, grads)
@@ -207,7 +210,7 @@ def test_mask_detail_branch_reaches_the_masks_and_trains(setup):
   assert np.abs(np.asarray(flat) - np.asarray(ref)).max() > 1e-3
 
   def loss(m):
-    return P.compute_losses(cfg, P.LossConfig(), m(batch, train=True), batch)[0]
+    return objective.compute_losses(cfg, objective.LossConfig(), m(batch, train=True), batch)[0]
 
   grads = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, P.trainable_filter())))(model)
   g = jax.tree.leaves(grads["mask_detail"])
@@ -239,11 +242,11 @@ def test_bilinear_sample_and_the_box_refiner_crop():
     return out
 
   want = np.asarray([[ref(b, x[b, i], y[b, i]) for i in range(50)] for b in range(2)])
-  np.testing.assert_allclose(np.asarray(P.bilinear_sample(jnp.asarray(img), x, y)), want, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(box_refiner.bilinear_sample(jnp.asarray(img), x, y)), want, atol=1e-5)
   # A crop of the image whose pixels hold their own centre coordinates reads back the sampling grid.
   tok = load_tokenizer("tiny")
   cfg = P.tiny_config(vocab_size=tok.vocab_size).replace(box_refine=8)
-  refiner = P.BoxRefiner(cfg, rngs=nnx.Rngs(0))
+  refiner = box_refiner.BoxRefiner(cfg, rngs=nnx.Rngs(0))
   c = np.arange(S, dtype=np.float32) + 0.5
   coords = np.stack([*np.meshgrid(c, c, indexing="xy"), np.zeros((S, S), np.float32)], -1)[None]
   box = jnp.asarray([[30.0, 20.0, 20.0, 40.0], [10.0, 10.0, 11.0, 12.0]])  # flipped x; tiny
@@ -277,13 +280,13 @@ def test_box_refiner_learns_and_prompts_both_masks(setup):
 
   keep = P.trainable_filter((r"^box_refiner\.",), lora=False)
   opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=keep)
-  loss_cfg = P.LossConfig(box_refine_weight=1.0)
+  loss_cfg = objective.LossConfig(box_refine_weight=1.0)
 
   @nnx.jit
   def step(m, opt):
     def loss_fn(m):
       o = m(batch, heads=P.TASK_HEADS["referring"])  # eval mode: the refiner sees the head's boxes
-      return P.compute_losses(cfg, loss_cfg, o, batch)[1]["box_refine_l1"]
+      return objective.compute_losses(cfg, loss_cfg, o, batch)[1]["box_refine_l1"]
     l, g = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, keep))(m)
     opt.update(m, g)
     return l
@@ -375,11 +378,11 @@ def test_pointer_window_points_at_the_strongest_cells(setup):
   per-token (trace) points, training and the grounding loss keep the full attention."""
   p = np.zeros((1, 16), np.float32)
   p[0, [0, 1, 4, 15]] = [0.3, 0.1, 0.2, 0.4]  # a 4×4 grid: a spread object top-left, a peak at (3, 3)
-  np.testing.assert_allclose(np.asarray(P.local_window(jnp.asarray(p), 4, 1))[0, 15], 1.0)
+  np.testing.assert_allclose(np.asarray(location.local_window(jnp.asarray(p), 4, 1))[0, 15], 1.0)
   p[0, 15] = 0.25
   want = np.zeros(16)
   want[[0, 1, 4]] = np.array([0.3, 0.1, 0.2]) / 0.6  # the argmax (0, 0) at the corner: a 2×2 window
-  np.testing.assert_allclose(np.asarray(P.local_window(jnp.asarray(p), 4, 1))[0], want, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(location.local_window(jnp.asarray(p), 4, 1))[0], want, rtol=1e-6)
   tok = setup["tok"]
   cfg = P.tiny_config(vocab_size=tok.vocab_size).replace(spatial_tokens=4, pointer_head=True,
                                                          pointer_window=1)
@@ -392,11 +395,11 @@ def test_pointer_window_points_at_the_strongest_cells(setup):
   out, trained = nnx.jit(lambda m, b: (m(b, heads=heads), m(b, heads=heads, train=True)))(model, batch)
   probs = np.asarray(out["spatial_attn"], np.float64)  # (B, T, 16), the full attention
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
-  full = (probs @ P.cell_centres(4) + 1) / 2 * S
+  full = (probs @ extractor.cell_centres(4) + 1) / 2 * S
   np.testing.assert_allclose(np.asarray(out["points"]), np.concatenate([full, full], -1), atol=1e-3)
   eos = np.asarray(batch["target_mask"]).sum(-1) - 1
-  local = np.asarray(P.local_window(jnp.asarray(probs[np.arange(4), eos]), 4, 1))
-  c = (local @ P.cell_centres(4) + 1) / 2 * S
+  local = np.asarray(location.local_window(jnp.asarray(probs[np.arange(4), eos]), 4, 1))
+  c = (local @ extractor.cell_centres(4) + 1) / 2 * S
   np.testing.assert_allclose(np.asarray(out["object_box"]), np.concatenate([c, c], -1), atol=1e-3)
   np.testing.assert_allclose(np.asarray(P.referring_box(out, batch)), np.asarray(out["object_box"]))
   assert np.abs(full[np.arange(4), eos] - c).max() > 0.5  # not the global centre
@@ -414,7 +417,7 @@ def test_dense_caption_proposals_overfit(setup):
   batch["target_mask"] = jnp.zeros((4, 4), bool)
   assert int(batch["region_valid"].sum()) >= 8
   model, first, last = _overfit("dense", cfg, batch, 80)
-  from pixelground.models import proposals
+  from pixelground.models.heads import proposals
   fused, _ = model.image_features(batch["image"], batch["image_mask"])
   heat, ltrb = model.proposal_head(fused)
   boxes, scores = proposals.top_proposals(heat, ltrb, 4)
@@ -444,7 +447,7 @@ def test_frozen_weights_bit_identical_after_10_steps(setup):
 
   @nnx.jit
   def step(model, opt, batch):
-    grads = nnx.grad(lambda m: P.compute_losses(cfg, P.LossConfig(), m(batch), batch)[0],
+    grads = nnx.grad(lambda m: objective.compute_losses(cfg, objective.LossConfig(), m(batch), batch)[0],
                      argnums=nnx.DiffState(0, keep))(model)
     opt.update(model, grads)
 

@@ -13,8 +13,10 @@ from PIL import Image
 import jax
 import jax.numpy as jnp
 
-from pixelground import predict, sharding, train_lib
-from pixelground.configlib import load_config
+from pixelground import predict
+from pixelground.parallel import sharding
+from pixelground.training import checkpointing, train_state
+from pixelground.config.parse import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = os.path.join(ROOT, "..", "shared", "data", "coco_panoptic_sample", "input_images")
@@ -31,7 +33,7 @@ def workdir(tmp_path_factory):
   with open(root / "config.json", "w") as f:
     f.write(config.to_json_best_effort(indent=1))
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  setup = train_lib.build_setup(config, mesh)
+  setup = train_state.build_setup(config, mesh)
   # Random leaves in the trainer's state layout: compiling the real initialiser costs ~50 s on 2 cores.
   rng = np.random.default_rng(0)
   state = jax.tree.map(lambda a: (rng.normal(0, 0.05, a.shape) if jnp.issubdtype(a.dtype, jnp.floating)
@@ -58,10 +60,10 @@ def _file(tmp_path, name, make):
 
 
 def test_checkpoint_lookup(workdir):
-  assert train_lib.find_checkpoint(str(workdir)) == (str(workdir / "checkpoints"), 7)
-  assert train_lib.find_checkpoint(str(workdir / "checkpoints" / "7"))[1] == 7
+  assert checkpointing.find_checkpoint(str(workdir)) == (str(workdir / "checkpoints"), 7)
+  assert checkpointing.find_checkpoint(str(workdir / "checkpoints" / "7"))[1] == 7
   with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
-    train_lib.find_checkpoint(str(workdir.parent))
+    checkpointing.find_checkpoint(str(workdir.parent))
 
 
 @pytest.mark.slow  # compiles the four decoders (~2 min on 2 cores)

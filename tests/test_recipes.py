@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from pixelground import recipes
+from pixelground.config import recipes
 from pixelground.models import eva02, pixelllm, sam_encoder
+from pixelground.training import objective
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 
@@ -57,8 +58,8 @@ def test_loss_config_and_task_weights():
   logits = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 8)), jnp.float32)
   batch = {"target_ids": jnp.asarray([[1, 2, 0], [3, 1, 0]]), "target_mask": jnp.asarray([[1, 1, 0], [1, 1, 0]], bool),
            "task_id": jnp.asarray([0, 1])}
-  plain, _ = pixelllm.compute_losses(cfg, pixelllm.LossConfig(label_smoothing=0.0), {"logits": logits}, batch)
-  weighted, terms = pixelllm.compute_losses(cfg, pixelllm.LossConfig(label_smoothing=0.0,
+  plain, _ = objective.compute_losses(cfg, objective.LossConfig(label_smoothing=0.0), {"logits": logits}, batch)
+  weighted, terms = objective.compute_losses(cfg, objective.LossConfig(label_smoothing=0.0,
                                                                      task_weights=(1.0, 3.0)),
                                             {"logits": logits}, batch)
   lp = np.asarray(jax_log_softmax(logits))

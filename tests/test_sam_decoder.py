@@ -13,7 +13,7 @@ from flax import nnx  # noqa: E402
 
 from pixelground.checkpoints.sam_decoder import load_sam_decoder  # noqa: E402
 from pixelground.models import sam_decoder as dec_lib  # noqa: E402
-from pixelground.sharding import variable_axes  # noqa: E402
+from pixelground.parallel.sharding import variable_axes  # noqa: E402
 
 DIM, GRID, IMAGE = 32, 8, 128
 TOL = 1e-4

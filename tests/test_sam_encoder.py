@@ -14,7 +14,7 @@ from flax import nnx  # noqa: E402
 
 from pixelground.checkpoints.sam import load_sam_image_encoder  # noqa: E402
 from pixelground.models import sam_encoder as sam_lib  # noqa: E402
-from pixelground.sharding import variable_axes  # noqa: E402
+from pixelground.parallel.sharding import variable_axes  # noqa: E402
 
 # (a) windowed blocks with padding (grid 4, window 3 → padded to 6) and one global block;
 # (b) global attention only.
@@ -168,7 +168,7 @@ def test_presets_and_axes():
 @pytest.mark.slow  # ~30 s; the sharded forward is also checked in test_vision_sharding
 def test_sharded_load_bf16_and_remat(tmp_path):
   """Loads onto an 8-device fsdp mesh with remat and bfloat16 compute; gradients flow."""
-  from pixelground.sharding import make_mesh
+  from pixelground.parallel.sharding import make_mesh
   model = _hf_model("windowed", seed=7)
   path = _save_hf(model, tmp_path)
   mesh = make_mesh({"fsdp": -1})

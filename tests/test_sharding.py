@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from pixelground import sharding
+from pixelground.parallel import sharding
 from pixelground.models import t5 as t5_lib
 
 CFG = t5_lib.T5Config(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_encoder_layers=2,

@@ -140,7 +140,7 @@ def test_checkpoint_keys_all_used(checkpoint):
 
 
 def test_sharded_load_matches(checkpoint):
-  from pixelground import sharding  # pylint: disable=import-outside-toplevel
+  from pixelground.parallel import sharding  # pylint: disable=import-outside-toplevel
   path, _ = checkpoint
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sharded, plain = load_swin(path, mesh=mesh), load_swin(path)

@@ -11,7 +11,7 @@ import torch
 import transformers
 from flax import nnx
 
-from pixelground import decoding
+from pixelground.inference import decoding
 from pixelground.checkpoints import loader, open_source
 from pixelground.checkpoints.t5 import export_t5x_target, load_t5
 from pixelground.checkpoints.t5x import save_t5x_checkpoint
@@ -336,7 +336,7 @@ def test_lora_zero_init_merge_and_filter():
 
 
 def test_config_errors_name_the_key():
-  from pixelground.configlib import ConfigError, from_config
+  from pixelground.config.parse import ConfigError, from_config
   with pytest.raises(ConfigError, match=r"'config.t5.d_modle'.*Did you mean 'd_model'"):
     from_config(t5_lib.T5Config, {"d_modle": 3}, where="config.t5")
   with pytest.raises(ValueError, match="lora_targets"):
@@ -370,7 +370,7 @@ def test_prefix_embeddings_match_transformers_inputs_embeds(tmp_root):
 @pytest.mark.parametrize("scan", [False, True])
 def test_load_straight_into_mesh(scan, tmp_root):
   from jax.sharding import PartitionSpec as P
-  from pixelground import sharding
+  from pixelground.parallel import sharding
   hf, path = saved_hf("flan_t5_untied", tmp_root, sharded=True)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   model = load_t5(path, mesh=mesh, rules=sharding.DEFAULT_RULES, scan_layers=scan, lora_rank=2,
@@ -417,7 +417,7 @@ def test_preset_parameter_counts(name, count):
 def test_flan_t5_small_size_sharded_scan_parity(tmp_path):
   """Real FLAN-T5-small dimensions (vocab 32128, d 512, 8+8 layers, untied lm_head) from sharded
   safetensors into the 8-device mesh with scanned layers: logits and 32 greedy tokens match PyTorch."""
-  from pixelground import sharding
+  from pixelground.parallel import sharding
   torch.manual_seed(0)
   cfg = transformers.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
                               feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,

@@ -96,6 +96,7 @@ def test_seg_boxes_put_the_mask_box_at_the_seg_step(data, tok):
   predicts `[SEG]`; without the option the row has no box target; `refseg_rows` ignores such rows."""
   import jax.numpy as jnp
   from pixelground.models import pixelllm as P
+  from pixelground.training import objective
 
   tiny = P.tiny_config(vocab_size=tok.vocab_size)
 
@@ -116,7 +117,7 @@ def test_seg_boxes_put_the_mask_box_at_the_seg_step(data, tok):
     ref = boxed.referring(data["ref"][i], np.random.default_rng(i))
     batch = {k: jnp.asarray(np.stack([row[k], ref[k]])) for k in
              ("target_ids", "seg_positions", "seg_valid", "token_box_valid")}
-    assert np.asarray(P.refseg_rows(tiny, batch)).tolist() == [False, bool(ref["token_box_valid"].any())]
+    assert np.asarray(objective.refseg_rows(tiny, batch)).tolist() == [False, bool(ref["token_box_valid"].any())]
 
 
 def test_mixed_loader_over_real_datasets(data, tok):

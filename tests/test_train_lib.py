@@ -10,7 +10,7 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 
-from pixelground import train_lib
+from pixelground.training import checkpointing
 from pixelground.data import pipeline
 
 
@@ -26,7 +26,7 @@ def test_checkpoint_round_trip_and_other_process_count(tmp_path):
   g = _group()
   for _ in range(3):
     next(g)
-  ck = train_lib.Checkpointer(str(tmp_path), keep=2)
+  ck = checkpointing.Checkpointer(str(tmp_path), keep=2)
   state = {"a": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(3)}
   ck.save(3, state, g, force=True)
   ck.wait()
@@ -40,7 +40,7 @@ def test_checkpoint_round_trip_and_other_process_count(tmp_path):
   assert all(np.array_equal(a, b) for a, b in zip(want, got))
   ck.close()
   # Two processes now: process 1 owns input shard 1 and resumes it from the same files.
-  handler = train_lib.ShardStateHandler()
+  handler = checkpointing.ShardStateHandler()
   p1 = handler.restore(epath.Path(tmp_path) / "3" / "data", _group(index=1, count=2))
   assert all(np.array_equal(next(p1)["x"], w[2:]) for w in want)
   with pytest.raises(ValueError, match="multiple of the number of processes"):
@@ -53,7 +53,7 @@ def test_second_checkpointer_in_one_process_saves(tmp_path):
   # Orbax keeps the first args class registered for a handler: a second Checkpointer in the same
   # process (evaluate, then train, in a notebook) must reuse it, not register new classes.
   for i in range(2):
-    ck = train_lib.Checkpointer(str(tmp_path / str(i)), keep=1)
+    ck = checkpointing.Checkpointer(str(tmp_path / str(i)), keep=1)
     assert ck.save(1, {"a": jnp.ones(3)}, _group(), force=True)
     ck.wait()
     ck.close()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pixelground import sharding
+from pixelground.parallel import sharding
 from pixelground.models import eva02, sam_decoder, sam_encoder, swin
 
 MESH_AXES = {"data": 2, "fsdp": 2, "tensor": 2}

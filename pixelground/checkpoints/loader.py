@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from pixelground import sharding as sharding_lib
+from pixelground.parallel import sharding as sharding_lib
 from pixelground.checkpoints.sources import TensorSource
 
 Path = tuple[str | int, ...]

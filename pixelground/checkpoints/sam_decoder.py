@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from pixelground import sharding as sharding_lib
+from pixelground.parallel import sharding as sharding_lib
 from pixelground.checkpoints import loader
 from pixelground.checkpoints.sources import TensorSource, open_source
 from pixelground.models import sam_decoder as dec_lib

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from pixelground import sharding as sharding_lib
+from pixelground.parallel import sharding as sharding_lib
 from pixelground.checkpoints import loader
 from pixelground.checkpoints.sources import TensorSource, open_source
 from pixelground.models import t5 as t5_lib

@@ -23,7 +23,7 @@ and the loss masks by `task_id`.
 Workers: `num_workers > 0` runs the conversion in Grain worker processes (`mp_prefetch`); 0 keeps it in
 the main process (threads only). The iterator state is the same either way.
 
-Global batches: `pixelground.sharding.global_batch(batch, mesh, rules)` assembles the per-process
+Global batches: `pixelground.parallel.sharding.global_batch(batch, mesh, rules)` assembles the per-process
 batches into sharded `jax.Array`s (each process passes its own `batch_size` rows).
 """
 

@@ -10,7 +10,7 @@
   panoptic    panoptic quality PQ / SQ / RQ, COCO panoptic PNG id helpers
 
 The accumulators (`add` per example or image, `result()` at the end) keep running sums, not masks. The
-teacher-forced metrics computed during training live in `pixelground.train_metrics`. Importing this
+teacher-forced metrics computed during training live in `pixelground.training.metrics`. Importing this
 package needs numpy and scipy only; captions (and the default METEOR of densecap) load pycocoevalcap on
 first use.
 """

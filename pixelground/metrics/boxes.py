@@ -3,7 +3,7 @@
 Boxes are float arrays with the coordinates on the last axis. `xyxy` = [x0, y0, x1, y1] (corners),
 `xywh` = [x, y, width, height] (COCO's `bbox`). Any consistent unit works (pixels or normalised); the
 IoU is unit-free. Corners may come in either order (x1 < x0 is allowed and sorted first), matching
-`pixelground.train_metrics.box_iou`: PixelLLM's two predicted points are unordered.
+`pixelground.training.metrics.box_iou`: PixelLLM's two predicted points are unordered.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def refer_accuracy(pred, gt, thresh: float = 0.5) -> float:
   """Referring-localisation Acc@thresh: share of expressions whose predicted box has IoU ≥ thresh.
 
   The comparison is ≥ (IoU exactly 0.5 counts as a hit), the same convention as the in-training
-  `referring_acc50` in `pixelground.train_metrics`; keep it fixed when comparing runs.
+  `referring_acc50` in `pixelground.training.metrics`; keep it fixed when comparing runs.
 
   Args:
     pred, gt: (N, 4) xyxy boxes in the same units (pixels or normalised), one row per expression.

@@ -8,7 +8,7 @@ Inputs, shape (H, W) per example (or (..., H, W) for a batch), at the resolution
 (LISA: the original image):
   pred    bool, or real-valued logits: a pixel is predicted where `pred > 0`. Probabilities must be
           thresholded by the caller first (p > 0.5 ⇔ logit > 0); 0/1 integers work as they are.
-  target  bool or {0, 1}; a float target is binarised at > 0.5 (as `pixelground.losses.mask_iou`).
+  target  bool or {0, 1}; a float target is binarised at > 0.5 (as `pixelground.training.losses.mask_iou`).
   ignore  optional bool, True where a pixel is not scored (ReasonSeg "ignore" polygons, padding): such
           pixels count in neither the intersection nor the union.
 """

@@ -35,7 +35,7 @@ def token_point_l1(pred, target, valid=None, *, match: str = "ordered") -> np.nd
       target that is all zeros means "no trace for this word" and is never scored (LN convention).
     valid: optional (T,) bool, False for padding / tokens not to score.
     match: "ordered" — point 0 vs (x0, y0) and point 1 vs (x1, y1): exactly the in-training `trace_l1`
-      of `pixelground.train_metrics` (mean |pred − target| over the 4 coordinates). "nearest" — each
+      of `pixelground.training.metrics` (mean |pred − target| over the 4 coordinates). "nearest" — each
       predicted point vs the nearer (in L1) of the two corners, so a swapped point pair is not
       penalised (SPEC's "predicted point vs nearest GT corner"). Both are per-coordinate means.
 

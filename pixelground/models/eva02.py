@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelground.configlib import ModelConfig, preset_config
+from pixelground.config.parse import ModelConfig, preset_config
 from pixelground.models.layers import count_params, LayerNorm, LayerStack, Projection, make_param, normal, zeros
 from pixelground.models.resize import resize_bicubic
 

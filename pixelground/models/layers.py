@@ -2,7 +2,7 @@
 with optional LoRA, and a stack of identical layers that is either scanned or unrolled.
 
 Conventions: parameters are created in `param_dtype` and cast to the compute `dtype` where used; every
-parameter carries logical axis names in its `axes` metadata (see `pixelground.sharding`).
+parameter carries logical axis names in its `axes` metadata (see `pixelground.parallel.sharding`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelground.sharding import AXES_KEY
+from pixelground.parallel.sharding import AXES_KEY, batch_axes
 
 Axes = tuple[str | None, ...]
 Initializer = tp.Callable[[jax.Array, tuple[int, ...], tp.Any], jax.Array]
@@ -175,18 +175,15 @@ REMAT_POLICIES = {
 }
 
 
-# Mesh axes of the activations' batch dim (the "batch" logical rule); `pixelground.sharding` sets it.
-BATCH_AXES: list[tuple[str, ...]] = [("data", "fsdp")]
-
-
 def constrain_batch(x: jax.Array) -> jax.Array:
   """Pins an activation's leading (batch) dim to the batch mesh axes of the current mesh (no-op without
   one, or when the batch does not divide). Without it XLA may keep activations sharded over `data` only
-  and split weights' embed dim over `fsdp`, so weight-free ops (attention) run on fsdp× the batch."""
+  and split weights' embed dim over `fsdp`, so weight-free ops (attention) run on fsdp× the batch. The
+  batch axes are the "batch" rule of the active `sharding.use(mesh, rules)` context."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  axes = tuple(a for a in BATCH_AXES[0] if a in mesh.shape and mesh.shape[a] > 1)
+  axes = tuple(a for a in batch_axes() if a in mesh.shape and mesh.shape[a] > 1)
   size = math.prod(mesh.shape[a] for a in axes)
   if not axes or x.shape[0] % size:
     return x

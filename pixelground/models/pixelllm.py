@@ -33,13 +33,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelground.configlib import ModelConfig
+from pixelground.config.parse import ModelConfig
 from pixelground.models import eva02 as eva_lib
-from pixelground.models import proposals as prop_lib
 from pixelground.models import sam_decoder as dec_lib
 from pixelground.models import sam_encoder as sam_lib
 from pixelground.models import t5 as t5_lib
-from pixelground.models.layers import LayerNorm, count_params, Projection, make_param, normal, zeros
+from pixelground.models.extractor import PromptExtractor
+from pixelground.models.heads import proposals as prop_lib
+from pixelground.models.heads.box_refiner import BoxRefiner, ordered_box
+from pixelground.models.heads.location import LocationHead
+from pixelground.models.heads.mask_adapter import MaskAdapter
+from pixelground.models.heads.mask_detail import MaskDetail
+from pixelground.models.heads.seg_projection import SegProjection
+from pixelground.models.layers import count_params
 from pixelground.models.resize import resize_bicubic
 
 IMAGENET_MEAN = np.asarray([123.675, 116.28, 103.53], np.float32)
@@ -64,50 +70,31 @@ class PixelLLMConfig(ModelConfig):
   extractor_heads: int = 8
   extractor_mlp: int = 2048
   query_hidden: int = 1024
-  # Demo aid (0 = off, as in the paper): also pass the two-way transformer's updated image tokens
-  # (+ PE + a linear embedding of the cell centre's (x, y)), average-pooled to a k×k grid, to T5 after
-  # the queries (k = spatial_tokens). The decoder can then pick the named object in one attention hop
-  # and read its position linearly — a from-scratch model does neither through the queries within a
-  # CPU budget (issue 7); pretrained encoders make this unnecessary in the full configs.
+  # From-scratch aids (all off in the paper configs; docs/demo.md explains each and what it measured).
+  # spatial_tokens = k: the extractor's updated image tokens (+ PE + an (x, y) embedding), pooled to a
+  # k×k grid, follow the queries into T5 — a decoder can then find an object in one attention hop.
   spatial_tokens: int = 0
-  # Demo aid (off in the paper configs; needs spatial_tokens): the location head points at the k×k
-  # grid tokens (one attention from each decoder state) and predicts its 2 points as offsets from the
-  # attention-weighted cell centre, reading the attended tokens' features too. With
-  # `LossConfig.attention_grounding_weight` the grounding loss then supervises this attention instead
-  # of T5's cross-attention head 0.
+  # pointer_head (needs spatial_tokens): the location head attends to the k×k grid tokens and predicts
+  # its 2 points as offsets from the attended cell centre.
   pointer_head: bool = False
-  # Demo aid (0 = off; needs pointer_head): for an object box (the referring box at the EOS, the box
-  # at a `[SEG]`) at evaluation and inference, the pointer's centre and read use its attention only
-  # within the (2r + 1)² cells around its argmax (renormalised), r = pointer_window: attention split
-  # between two objects then points at the stronger one, not between them (a local soft-argmax). LN
-  # trace boxes (which may span several objects) and training keep the full attention — trained
-  # through the window too, the demo's referring Acc@0.5 fell from 0.76 to 0.55.
+  # pointer_window = r (needs pointer_head): object boxes (the referring EOS box, a `[SEG]` box) at
+  # evaluation read the pointer's attention only in the (2r + 1)² cells around its argmax, so
+  # attention split between two objects points at one of them. Training keeps the full attention.
   pointer_window: int = 0
-  # Which box prompts the referring-mask decoder in training: "predicted" (the location head's, as at
-  # inference) or "target" (the ground-truth box; a from-scratch mask decoder fed garbage boxes early on
-  # learns to ignore them — the demo's choice). Evaluation and inference always use the predicted box.
+  # The box that prompts the referring-mask decoder in training: "predicted" (as at inference) or
+  # "target" (ground truth: a from-scratch mask decoder fed poor boxes learns to ignore its prompt).
   refseg_train_box: str = "predicted"
-  # LISA `[SEG]` masks also prompted with the box the location head predicts at the `[SEG]` token (two
-  # corner tokens beside the `[SEG]` embedding; gradient stopped) — a from-scratch aid, off in LISA.
-  # "predicted": that box in training too; "target": the ground-truth box where the batch carries one
-  # (`TaskConfig.seg_boxes`), as `refseg_train_box`. Evaluation and inference use the predicted box.
+  # `[SEG]` masks also prompted with the box the location head predicts at the `[SEG]` token
+  # ("predicted"), or with the ground-truth box in training ("target", `TaskConfig.seg_boxes`).
   seg_box_prompt: str = ""
-  # Demo aid (0 = off, as in SAM): a high-resolution image branch for the mask decoder with this many
-  # channels — a 3×3 conv over the input image, then a patch conv down to the decoder's output grid
-  # (4 × SAM's grid) — that the hypernetworks weight beside the upscaled embedding (in the spirit of
-  # HQ-SAM's early-feature fusion). A from-scratch SAM on an 8×8 grid draws blobs; in the demo this
-  # branch with prompt_dim 64 (neither alone) lifts the true-box referring-mask gIoU 0.57 → 0.75.
+  # mask_detail = C: a high-resolution image branch (3×3 conv, then a patch conv to the mask decoder's
+  # output grid) that the hypernetworks read beside the upscaled embedding (HQ-SAM's early fusion).
   mask_detail: int = 0
-  # Demo aid (0 = off): with "target" box prompts (`refseg_train_box`, `seg_box_prompt`) each
-  # ground-truth corner coordinate moves by N(0, (train_box_noise × box side)²) in training, as SAM's
-  # box prompts do (10%), so the mask decoder learns to work from the imprecise boxes it gets at
-  # evaluation. Needs the trainer's rng (no rng: no noise).
+  # Ground-truth box prompts ("target" above) jittered by N(0, (noise × box side)²) per corner in
+  # training, as SAM trains its box prompts, so the decoder learns from imprecise boxes.
   train_box_noise: float = 0.0
-  # Demo aid (0 = off): a second look at the location head's object boxes (the referring box at the
-  # EOS, the `[SEG]` box). The input image is resampled on a box_refine × box_refine grid over the box
-  # grown 1.6× about its centre; a small conv net on that crop, with the box's decoder state (which
-  # names the object), regresses 4 corrections in units of the crop (R-CNN's second stage, on pixels).
-  # Both mask prompts read the refined box; it trains on its own L1 (`LossConfig.box_refine_weight`).
+  # box_refine = n: a conv net on an n×n crop of the image around each object box, with the box's
+  # decoder state, regresses a correction (trained on its own L1); both mask prompts read the result.
   box_refine: int = 0
   loc_hidden: int = 512
   loc_layers: int = 4
@@ -181,259 +168,6 @@ class PixelLLMConfig(ModelConfig):
   @property
   def feature_dim(self) -> int:
     return (self.sam.out_channels if self.sam else 0) + (self.eva.width if self.eva else 0)
-
-
-def cell_centres(k: int) -> np.ndarray:
-  """(k², 2) float32 (x, y) centres of a k×k grid over the S×S input, row-major, in [-1, 1] units."""
-  c = (np.arange(k, dtype=np.float32) + 0.5) / k * 2 - 1
-  return np.stack(np.meshgrid(c, c, indexing="xy"), axis=-1).reshape(k * k, 2)
-
-
-class PromptExtractor(nnx.Module):
-  """PixelLLM's prompt feature extractor (SPEC 1.5) → (B, num_queries, d_model) visual tokens."""
-
-  def __init__(self, cfg: PixelLLMConfig, *, rngs: nnx.Rngs):
-    w, p, q, hq, d = (cfg.extractor_width, cfg.prompt.prompt_dim, cfg.num_queries, cfg.query_hidden,
-                      cfg.t5.d_model)
-    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-    self.num_queries = q
-    self.proj_feat = Projection((cfg.feature_dim,), (w,), ("embed",), ("extractor",), use_bias=True,
-                                **common)
-    self.proj_pe = Projection((p,), (w,), ("embed",), ("extractor",), use_bias=True, **common)
-    self.proj_sparse = Projection((p,), (w,), ("embed",), ("extractor",), use_bias=True, **common)
-    self.proj_dense = Projection((p,), (w,), ("embed",), ("extractor",), use_bias=True, **common)
-    self.queries = make_param(rngs, normal(0.02), (q, w), (None, "extractor"), cfg.weight_dtype)
-    self.transformer = dec_lib.TwoWayTransformer(cfg.extractor_depth, w, cfg.extractor_heads,
-                                                 cfg.extractor_mlp, 2, **common)
-    self.query_kernel = make_param(rngs, normal(w ** -0.5), (q, w, hq), (None, "extractor", "mlp"),
-                                   cfg.weight_dtype)
-    self.query_bias = make_param(rngs, zeros, (q, hq), (None, "mlp"), cfg.weight_dtype)
-    self.out = Projection((hq,), (d,), ("mlp",), ("embed",), use_bias=True, **common)
-    self.norm = LayerNorm(d, "embed", eps=1e-6, **common)
-    self.spatial = cfg.spatial_tokens
-    if self.spatial:
-      self.spatial_coords = Projection((2,), (w,), (None,), ("extractor",), use_bias=False, **common)
-      self.spatial_out = Projection((w,), (d,), ("extractor",), ("embed",), use_bias=True, **common)
-      self.spatial_norm = LayerNorm(d, "embed", eps=1e-6, **common)
-    self.dtype = cfg.compute_dtype
-
-  def __call__(self, feats: jax.Array, pe: jax.Array, sparse: jax.Array, dense: jax.Array) -> jax.Array:
-    """feats (B, g, g, C) fused map; pe (g, g, P) image PE; sparse (B, N, P) prompt tokens; dense
-    (B, g, g, P) dense prompt → (B, Q, d_model), or (B, Q + k², d_model) with `spatial_tokens` = k."""
-    b = feats.shape[0]
-    keys = self.proj_feat(feats) + self.proj_dense(dense)
-    key_pe = self.proj_pe(pe)
-    queries = jnp.broadcast_to(self.queries[...].astype(self.dtype)[None], (b,) + self.queries.shape)
-    tokens = jnp.concatenate([queries, self.proj_sparse(sparse)], axis=1)
-    out, image = self.transformer(tokens, keys, key_pe)
-    q = out[:, : self.num_queries]
-    h = jnp.einsum("bqw,qwh->bqh", q, self.query_kernel[...].astype(self.dtype),
-                   preferred_element_type=jnp.float32) + self.query_bias[...].astype(jnp.float32)
-    visual = self.norm(self.out(h.astype(self.dtype)))
-    if not self.spatial:
-      return visual
-    g, k = feats.shape[1], self.spatial
-    grid = (image.reshape(feats.shape[:3] + (-1,)) + key_pe[None]).astype(jnp.float32)
-    grid = grid.reshape(b, k, g // k, k, g // k, -1).mean(axis=(2, 4)).reshape(b, k * k, -1)
-    xy = cell_centres(k)
-    grid = grid + self.spatial_coords(jnp.asarray(xy, self.dtype)).astype(jnp.float32)[None]
-    return jnp.concatenate([visual, self.spatial_norm(self.spatial_out(grid.astype(self.dtype)))],
-                           axis=1)
-
-
-class LocationHead(nnx.Module):
-  """SPEC 1.7: LN + MLP (GELU) on decoder states → raw (…, 4) = 2 points (x, y) in [-1, 1] units.
-
-  With `pointer` (the demo's `pointer_head`): a single-head attention from each LN'd state to the k×k
-  grid tokens (query/key width `hidden`); the attended tokens (projected d → d) are added to the MLP's
-  input, and the attention-weighted cell centre c is returned so that the caller places the 2 points at
-  c + MLP output (offsets). `window` r > 0: called with `local`, c and the read use the attention
-  within the (2r + 1)² cells around its argmax only (renormalised)."""
-
-  def __init__(self, d_model: int, hidden: int, num_layers: int, *, pointer: bool = False,
-               window: int = 0, dtype, param_dtype, rngs: nnx.Rngs):
-    common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.norm = LayerNorm(d_model, "embed", eps=1e-6, **common)
-    dims = [d_model] + [hidden] * (num_layers - 1) + [4]
-    self.layers = nnx.List([Projection((a,), (c,), ("embed" if i == 0 else "mlp",),
-                                       ("mlp" if i < num_layers - 1 else None,), use_bias=True, **common)
-                            for i, (a, c) in enumerate(zip(dims[:-1], dims[1:]))])
-    self.pointer, self.window = pointer, window
-    if pointer:
-      self.grid_norm = LayerNorm(d_model, "embed", eps=1e-6, **common)
-      self.query = Projection((d_model,), (hidden,), ("embed",), ("mlp",), use_bias=False, **common)
-      self.key = Projection((d_model,), (hidden,), ("embed",), ("mlp",), use_bias=False, **common)
-      self.value = Projection((d_model,), (d_model,), ("embed",), ("mlp",), use_bias=False, **common)
-    self.dtype = dtype
-
-  def __call__(self, hidden: jax.Array, grid: jax.Array | None = None, *, local: bool = False
-               ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """hidden (B, T, d); grid (B, k², d) tokens (pointer only) → (raw (B, T, 4) float32, attention
-    (B, T, k²) float32 (always the full one) and centre (B, T, 2) in [-1, 1] units — both None without
-    the pointer). `local`: apply `window`."""
-    x = self.norm(hidden)
-    probs = centre = None
-    if self.pointer:
-      g = self.grid_norm(grid)
-      q, k = self.query(x), self.key(g)
-      logits = jnp.einsum("btd,bnd->btn", q, k, preferred_element_type=jnp.float32)
-      probs = jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1)
-      k = int(round(grid.shape[1] ** 0.5))
-      use = local_window(probs, k, self.window) if self.window and local else probs
-      centre = jnp.einsum("btn,nc->btc", use, jnp.asarray(cell_centres(k), jnp.float32))
-      read = jnp.einsum("btn,bnd->btd", use.astype(self.dtype), g, preferred_element_type=jnp.float32)
-      x = x + self.value(read.astype(self.dtype))
-    for i, layer in enumerate(self.layers):
-      x = layer(x)
-      if i < len(self.layers) - 1:
-        x = jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
-    return x.astype(jnp.float32), probs, centre
-
-
-def local_window(probs: jax.Array, k: int, r: int) -> jax.Array:
-  """probs (..., k²) over a row-major k×k grid → the same restricted to the (2r + 1)² cells around
-  each argmax (clipped at the border) and renormalised to sum 1."""
-  am = jnp.argmax(probs, axis=-1)[..., None]
-  cells = jnp.arange(k * k)
-  inside = (jnp.abs(cells // k - am // k) <= r) & (jnp.abs(cells % k - am % k) <= r)
-  local = jnp.where(inside, probs, 0.0)
-  return local / jnp.sum(local, axis=-1, keepdims=True)
-
-
-class SegProjection(nnx.Module):
-  """LISA: Linear(d→d) → ReLU → Linear(d→P) from `[SEG]`-predicting decoder states to a SAM prompt."""
-
-  def __init__(self, d_model: int, prompt_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-    common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.fc1 = Projection((d_model,), (d_model,), ("embed",), ("mlp",), use_bias=True, **common)
-    self.fc2 = Projection((d_model,), (prompt_dim,), ("mlp",), ("embed",), use_bias=True, **common)
-
-  def __call__(self, h: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.relu(self.fc1(h)))
-
-
-class MaskAdapter(nnx.Module):
-  """SPEC 1.8: 2 learned tokens through a two-way transformer over [visual tokens; decoder states]
-  (both projected to the prompt dim P first: the adapter stays small, ~1M parameters at P = 256),
-  then a P → P projection gated by tanh(α) (α = 0 at init: SAM's box prompt is unchanged at the start)
-  → added to the 2 box-corner tokens."""
-
-  def __init__(self, cfg: PixelLLMConfig, *, rngs: nnx.Rngs):
-    d, p = cfg.t5.d_model, cfg.prompt.prompt_dim
-    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-    self.proj_in = Projection((d,), (p,), ("embed",), (None,), use_bias=True, **common)
-    self.tokens = make_param(rngs, normal(0.02), (2, p), (None, None), cfg.weight_dtype)
-    self.transformer = dec_lib.TwoWayTransformer(cfg.adapter_depth, p, cfg.adapter_heads, 2 * p, 2,
-                                                 **common)
-    self.proj_out = Projection((p,), (p,), (None,), (None,), use_bias=True, **common)
-    self.alpha = make_param(rngs, zeros, (), (), jnp.float32)
-    self.dtype = cfg.compute_dtype
-
-  def __call__(self, visual: jax.Array, hidden: jax.Array) -> jax.Array:
-    """visual (B, Q, d) visual tokens; hidden (B, T, d) decoder states → (B, 2, P) additive update."""
-    b = visual.shape[0]
-    keys = self.proj_in(jnp.concatenate([visual.astype(self.dtype), hidden.astype(self.dtype)], axis=1))
-    tokens = jnp.broadcast_to(self.tokens[...].astype(self.dtype)[None], (b,) + self.tokens.shape)
-    out, _ = self.transformer(tokens, keys, jnp.zeros(keys.shape[1:], self.dtype))
-    return self.proj_out(out) * jnp.tanh(self.alpha[...]).astype(self.dtype)
-
-
-class MaskDetail(nnx.Module):
-  """`mask_detail` (demo aid): image (B, S, S, 3) ImageNet-normalised → (B, 4gs, 4gs, C) features at
-  SAM's mask-decoder output resolution: 3×3 conv (3 → C) + GELU at S×S, then an s×s stride-s conv
-  (C → C), s = S / (4 gs)."""
-
-  def __init__(self, cfg: PixelLLMConfig, *, rngs: nnx.Rngs):
-    c, pd = cfg.mask_detail, cfg.weight_dtype
-    self.stride, self.dtype = cfg.image_size // (4 * cfg.sam_grid), cfg.compute_dtype
-    self.conv1 = make_param(rngs, normal(27 ** -0.5), (3, 3, 3, c), (None, None, "channels", "conv_out"), pd)
-    self.conv1_bias = make_param(rngs, zeros, (c,), ("conv_out",), pd)
-    s = self.stride
-    self.conv2 = make_param(rngs, normal((s * s * c) ** -0.5), (s, s, c, c),
-                            (None, None, "conv_in", "conv_out"), pd)
-    self.conv2_bias = make_param(rngs, zeros, (c,), ("conv_out",), pd)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    dn = ("NHWC", "HWIO", "NHWC")
-    y = jax.lax.conv_general_dilated(x.astype(self.dtype), self.conv1[...].astype(self.dtype), (1, 1),
-                                     ((1, 1), (1, 1)), dimension_numbers=dn,
-                                     preferred_element_type=jnp.float32)
-    y = dec_lib.gelu(y + self.conv1_bias[...]).astype(self.dtype)
-    return dec_lib.patch_conv(y, self.conv2[...], self.conv2_bias[...], self.dtype)
-
-
-def bilinear_sample(image: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
-  """image (B, H, W, C); x, y (B, ...) coordinates in pixels (pixel i spans [i, i + 1), so its centre
-  is i + 0.5) → (B, ..., C) float32 bilinear samples; points off the image read 0."""
-  b, h, w, c = image.shape
-  fx, fy = x.astype(jnp.float32) - 0.5, y.astype(jnp.float32) - 0.5
-  x0, y0 = jnp.floor(fx), jnp.floor(fy)
-  flat = image.reshape(b, h * w, c).astype(jnp.float32)
-  out = jnp.zeros(x.shape + (c,), jnp.float32)
-  for dy, wy in ((0, 1.0 - (fy - y0)), (1, fy - y0)):
-    for dx, wx in ((0, 1.0 - (fx - x0)), (1, fx - x0)):
-      xi, yi = (x0 + dx).astype(jnp.int32), (y0 + dy).astype(jnp.int32)
-      inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-      idx = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).reshape(b, -1)
-      v = jax.vmap(lambda f, i: f[i])(flat, idx).reshape(x.shape + (c,))
-      out = out + v * jnp.where(inside, wx * wy, 0.0)[..., None]
-  return out
-
-
-class BoxRefiner(nnx.Module):
-  """`box_refine` = n (demo aid): box (B, 4) + its decoder state (B, d) + the normalised image
-  (B, S, S, 3) → refined box (B, 4), [x0, y0, x1, y1] model-input pixels. The image is resampled on an
-  n×n grid over the box grown `GROW`× about its centre (each side at least `MIN_SIDE` px); 3×3 conv
-  (3 → C) + GELU, 3×3 conv (C → C) + GELU, two 2×2 stride-2 convs (→ 2C) + GELU, flatten; that plus
-  the LN'd state, each projected to `loc_hidden`, summed, GELU, → 4 corrections in units of the crop's
-  half sides (zero-initialised: the refiner starts as the identity)."""
-
-  GROW, MIN_SIDE, CHANNELS = 1.6, 4.0, 16
-
-  def __init__(self, cfg: PixelLLMConfig, *, rngs: nnx.Rngs):
-    n, c, pd, hid = cfg.box_refine, self.CHANNELS, cfg.weight_dtype, cfg.loc_hidden
-    common = dict(dtype=cfg.compute_dtype, param_dtype=pd, rngs=rngs)
-    self.n, self.dtype = n, cfg.compute_dtype
-    conv = lambda k, i, o: (make_param(rngs, normal((k * k * i) ** -0.5), (k, k, i, o),
-                                       (None, None, "conv_in", "conv_out"), pd),
-                            make_param(rngs, zeros, (o,), ("conv_out",), pd))
-    self.conv1, self.conv1_bias = conv(3, 3, c)
-    self.conv2, self.conv2_bias = conv(3, c, c)
-    self.down1, self.down1_bias = conv(2, c, 2 * c)
-    self.down2, self.down2_bias = conv(2, 2 * c, 2 * c)
-    self.proj_crop = Projection(((n // 4) ** 2 * 2 * c,), (hid,), ("mlp",), ("mlp",), use_bias=True,
-                                **common)
-    self.norm = LayerNorm(cfg.t5.d_model, "embed", eps=1e-6, **common)
-    self.proj_state = Projection((cfg.t5.d_model,), (hid,), ("embed",), ("mlp",), **common)
-    self.out = Projection((hid,), (4,), ("mlp",), (None,), init_std=0.0, use_bias=True, **common)
-
-  def crop(self, box: jax.Array, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """→ (the n×n crop (B, n, n, 3) float32, the crop's half sides (B, 2) [x, y] pixels)."""
-    box = _ordered(box.astype(jnp.float32))
-    centre = (box[:, :2] + box[:, 2:]) / 2
-    half = jnp.maximum((box[:, 2:] - box[:, :2]) * self.GROW, self.MIN_SIDE) / 2
-    u = (jnp.arange(self.n, dtype=jnp.float32) + 0.5) / self.n * 2 - 1
-    xs = centre[:, :1] + u * half[:, :1]  # (B, n)
-    ys = centre[:, 1:] + u * half[:, 1:]
-    xx = jnp.broadcast_to(xs[:, None, :], (box.shape[0], self.n, self.n))
-    yy = jnp.broadcast_to(ys[:, :, None], (box.shape[0], self.n, self.n))
-    return bilinear_sample(pixels, xx, yy), half
-
-  def __call__(self, box: jax.Array, state: jax.Array, pixels: jax.Array) -> jax.Array:
-    box = _ordered(jax.lax.stop_gradient(box).astype(jnp.float32))
-    crop, half = self.crop(box, pixels)
-    dn = ("NHWC", "HWIO", "NHWC")
-    y = crop.astype(self.dtype)
-    for w, bias in ((self.conv1, self.conv1_bias), (self.conv2, self.conv2_bias)):
-      y = jax.lax.conv_general_dilated(y, w[...].astype(self.dtype), (1, 1), ((1, 1), (1, 1)),
-                                       dimension_numbers=dn, preferred_element_type=jnp.float32)
-      y = dec_lib.gelu(y + bias[...]).astype(self.dtype)
-    for w, bias in ((self.down1, self.down1_bias), (self.down2, self.down2_bias)):
-      y = dec_lib.gelu(dec_lib.patch_conv(y, w[...], bias[...], self.dtype))
-    x = self.proj_crop(y.reshape(y.shape[0], -1)) + self.proj_state(self.norm(state))
-    x = jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(self.dtype)
-    delta = self.out(x).astype(jnp.float32)
-    return box + delta * jnp.concatenate([half, half], axis=-1)
 
 
 class MaskFeatures(tp.NamedTuple):
@@ -589,7 +323,7 @@ class PixelLLM(nnx.Module):
       box = jnp.take_along_axis(boxes, positions[..., None], axis=1).reshape(b * k, 4)
       if self.box_refiner is not None:
         box = self.box_refiner(box, h.reshape(b * k, -1), jnp.repeat(sam.pixels, k, axis=0))
-      corners = self.prompt_encoder.embed_boxes(_ordered(jax.lax.stop_gradient(box)))
+      corners = self.prompt_encoder.embed_boxes(ordered_box(jax.lax.stop_gradient(box)))
       prompt = jnp.concatenate([prompt, corners.astype(prompt.dtype)], axis=1)  # (B·K, 3, P)
     gs = sam.emb.shape[1:3]
     emb = jnp.repeat(sam.emb, k, axis=0)
@@ -653,7 +387,7 @@ class PixelLLM(nnx.Module):
         state = jax.lax.stop_gradient(at(hidden))  # a second stage: it leaves the first alone
         out["object_box_pos"] = pos
         out["object_box"] = (self.box_refiner(at(objects), state, sam.pixels)
-                             if self.box_refiner is not None else _ordered(at(objects)))
+                             if self.box_refiner is not None else ordered_box(at(objects)))
         if train and "token_boxes" in batch and self.box_refiner is not None:  # small errors too
           out["object_box_from_target"] = self.box_refiner(at(targeted), state, sam.pixels)
       if "lisa" in enabled and "seg_positions" in batch:
@@ -693,7 +427,7 @@ class PixelLLM(nnx.Module):
     (gradient stopped: the box head trains on its own L1) prompts SAM's mask decoder, its 2 corner
     tokens shifted by the gated adapter → (mask logits (B, S, S), IoU (B,))."""
     b = box.shape[0]
-    sparse = self.prompt_encoder.embed_boxes(_ordered(jax.lax.stop_gradient(box)))  # (B, 2, P)
+    sparse = self.prompt_encoder.embed_boxes(ordered_box(jax.lax.stop_gradient(box)))  # (B, 2, P)
     sparse = sparse + self.mask_adapter(visual, hidden).astype(sparse.dtype)
     gs = sam.emb.shape[1:3]
     dense = jnp.broadcast_to(self.prompt_encoder.no_mask_embed[...].astype(sam.emb.dtype),
@@ -718,100 +452,6 @@ def param_counts(cfg: PixelLLMConfig, trainable: tp.Any = None) -> dict[str, tp.
           "trainable": count_params(model, trainable if trainable is not None else trainable_filter())}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Losses and trainable selection
-# ----------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """Loss weights (SPEC §2): text CE (label smoothing over the other classes), point L1 × 0.1 on
-  absolute pixels, LISA masks BCE × 2 + DICE × 0.5. `task_weights[i]` scales task i's text loss."""
-  label_smoothing: float = 0.1
-  point_weight: float = 0.1
-  mask_bce_weight: float = 2.0
-  mask_dice_weight: float = 0.5
-  ref_focal_weight: float = 20.0   # PixelLLM referring segmentation: focal × 20 + dice + IoU MSE
-  ref_dice_weight: float = 1.0
-  ref_iou_weight: float = 1.0
-  proposal_weight: float = 1.0     # heatmap focal + GIoU
-  box_refine_weight: float = 0.1   # `box_refine`: L1 (pixels, as point_weight) of the refined boxes
-  # Demo aid (0 = off, as in the papers; needs PixelLLMConfig.spatial_tokens): −log of the attention
-  # mass that head 0 of the last decoder cross-attention puts on the grid tokens inside each located
-  # token's target box.
-  attention_grounding_weight: float = 0.0
-  task_weights: tuple[float, ...] = ()
-
-
-def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax.Array],
-                   batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(total loss, {term: value}) for a teacher-forced batch; every term is logged separately.
-
-  Each term only sees the rows that carry its targets (masks in the batch), so mixed-task batches
-  work: text on target_mask, points on token_box_valid, masks on seg_valid.
-  """
-  from pixelground import losses as L
-
-  terms: dict[str, jax.Array] = {}
-  total = jnp.zeros((), jnp.float32)
-  if "logits" in out:  # absent for dense-captioning batches (no main caption)
-    ce, per_example = L.text_cross_entropy(out["logits"], batch["target_ids"], batch["target_mask"],
-                                           label_smoothing=loss_cfg.label_smoothing)
-    if loss_cfg.task_weights and "task_id" in batch:
-      w = jnp.asarray(loss_cfg.task_weights, jnp.float32)[batch["task_id"]]
-      has = jnp.any(batch["target_mask"], axis=-1).astype(jnp.float32)
-      ce = jnp.sum(w * per_example * has) / jnp.maximum(jnp.sum(has), 1.0)
-    terms["text_ce"] = ce
-    terms["token_accuracy"] = L.token_accuracy(out["logits"], batch["target_ids"], batch["target_mask"])
-    total = total + ce
-  if "points" in out and "token_boxes" in batch:  # single-task batches may lack other tasks' fields
-    target_px = batch["token_boxes"].astype(jnp.float32) * cfg.image_size
-    terms["point_l1"] = L.point_l1(out["points"], target_px, batch["token_box_valid"])
-    total = total + loss_cfg.point_weight * terms["point_l1"]
-    if loss_cfg.attention_grounding_weight and "spatial_attn" in out:
-      terms["attention_grounding"] = L.attention_grounding(out["spatial_attn"], batch["token_boxes"],
-                                                           batch["token_box_valid"])
-      total = total + loss_cfg.attention_grounding_weight * terms["attention_grounding"]
-  if cfg.box_refine and "object_box" in out and "token_boxes" in batch and "seg_valid" in batch:
-    pos = out["object_box_pos"][:, None]
-    rows = batch["seg_valid"][:, 0] & jnp.take_along_axis(batch["token_box_valid"], pos, axis=1)[:, 0]
-    target = jnp.take_along_axis(batch["token_boxes"], pos[..., None], axis=1) * cfg.image_size
-    preds = [out[k][:, None] for k in ("object_box", "object_box_from_target") if k in out]
-    terms["box_refine_l1"] = sum(L.point_l1(p, target.astype(jnp.float32), rows[:, None])
-                                 for p in preds) / len(preds)
-    total = total + loss_cfg.box_refine_weight * terms["box_refine_l1"]
-  if "seg_logits" in out and "seg_masks" in batch:
-    masks = batch["seg_masks"].astype(jnp.float32)
-    ignore = (jnp.broadcast_to(batch["ignore_mask"][:, None], masks.shape) if "ignore_mask" in batch
-              else jnp.zeros(masks.shape, bool))
-    valid = seg_rows(cfg, batch)
-    bce = L.mask_bce(out["seg_logits"], masks, valid, ignore=ignore)
-    dice = L.dice_loss(out["seg_logits"], masks, valid, ignore=ignore)
-    terms.update(mask_bce=bce, mask_dice=dice)
-    total = total + loss_cfg.mask_bce_weight * bce + loss_cfg.mask_dice_weight * dice
-  if "region_logits" in out:
-    valid = batch["region_valid"]
-    terms.update(prop_lib.losses(out["heat"], out["ltrb"], batch["region_boxes"], valid))
-    rids = batch["region_ids"]
-    rmask = (rids != cfg.t5.pad_id) & valid[..., None]  # EOS (id 1) is a scored token, pad is not
-    b, r, lr, v = out["region_logits"].shape
-    terms["region_ce"], _ = L.text_cross_entropy(out["region_logits"].reshape(b * r, lr, v),
-                                                 rids.reshape(b * r, lr), rmask.reshape(b * r, lr),
-                                                 label_smoothing=loss_cfg.label_smoothing)
-    total = (total + loss_cfg.proposal_weight * (terms["proposal_heatmap"] + terms["proposal_giou"])
-             + terms["region_ce"])
-  if "ref_logits" in out and "seg_masks" in batch:
-    target = batch["seg_masks"][:, 0].astype(jnp.float32)
-    valid = refseg_rows(cfg, batch)
-    focal = L.sigmoid_focal_loss(out["ref_logits"], target, valid)
-    rdice = L.dice_loss(out["ref_logits"], target, valid)
-    riou = L.iou_mse(out["ref_iou"], out["ref_logits"], target, valid)
-    terms.update(ref_focal=focal, ref_dice=rdice, ref_iou_mse=riou)
-    total = (total + loss_cfg.ref_focal_weight * focal + loss_cfg.ref_dice_weight * rdice
-             + loss_cfg.ref_iou_weight * riou)
-  terms["total"] = total
-  return total, terms
-
-
 def referring_box(out: dict[str, jax.Array], batch: dict[str, jax.Array]) -> jax.Array:
   """The referring box (B, 4) [x0, y0, x1, y1] model-input pixels of a referring batch's teacher-forced
   outputs `out`: the object box where the model made one (refined with `box_refine`, through the
@@ -820,28 +460,6 @@ def referring_box(out: dict[str, jax.Array], batch: dict[str, jax.Array]) -> jax
     return out["object_box"]
   eos = jnp.maximum(jnp.sum(batch["target_mask"], axis=-1).astype(jnp.int32) - 1, 0)
   return jnp.take_along_axis(out["points"], eos[:, None, None], axis=1)[:, 0]
-
-
-def seg_rows(cfg: PixelLLMConfig, batch: dict[str, jax.Array]) -> jax.Array:
-  """(B, K) bool: `[SEG]` slots whose target token really is `[SEG]` (LISA / narrative grounding rows;
-  a referring row's slot 0 marks its EOS for the box-prompted mask instead)."""
-  at = jnp.take_along_axis(batch["target_ids"], batch["seg_positions"], axis=1)
-  return batch["seg_valid"] & (at == cfg.seg_token_id)
-
-
-def _ordered(box: jax.Array) -> jax.Array:
-  """(..., 4) [x0, y0, x1, y1] with each pair sorted (a predicted box may come out flipped)."""
-  x0, y0, x1, y1 = jnp.split(box, 4, axis=-1)
-  return jnp.concatenate([jnp.minimum(x0, x1), jnp.minimum(y0, y1), jnp.maximum(x0, x1),
-                          jnp.maximum(y0, y1)], axis=-1)
-
-
-def refseg_rows(cfg: PixelLLMConfig, batch: dict[str, jax.Array]) -> jax.Array:
-  """(B,) bool: referring-segmentation rows (a mask target and a box target at the EOS, slot 0 pointing
-  at the EOS — a LISA row with `TaskConfig.seg_boxes` has its box at a `[SEG]`, which is not EOS)."""
-  at = jnp.take_along_axis(batch["target_ids"], batch["seg_positions"][:, :1], axis=1)[:, 0]
-  return (batch["seg_valid"][:, 0] & jnp.any(batch["token_box_valid"], axis=-1)
-          & (at == cfg.t5.eos_id))
 
 
 # Heads each task needs (`PixelLLM.__call__(batch, heads=...)`); anything else is not computed.

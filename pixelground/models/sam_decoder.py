@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelground.configlib import ModelConfig
+from pixelground.config.parse import ModelConfig
 from pixelground.models.layers import LayerNorm, Projection, make_param, normal, zeros
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelground.configlib import ModelConfig, preset_config
+from pixelground.config.parse import ModelConfig, preset_config
 from pixelground.models.layers import LayerNorm, Projection, make_param, normal
 
 MASK_VALUE = -100.0  # the reference's additive mask for cross-region pairs in shifted windows

@@ -10,7 +10,7 @@ D d_model, V vocab. Token ids are int32; pad 0, EOS 1, decoder start = pad.
 The encoder takes optional prefix embeddings (PixelLLM's visual tokens) ahead of the embedded text with
 one padding mask over the whole input. The decoder returns logits and its final hidden states (after the
 final norm), which PixelLLM's location head reads. `init_decode` / `decode_step` implement incremental
-decoding with a KV cache (see `pixelground.decoding` for greedy and beam search).
+decoding with a KV cache (see `pixelground.inference.decoding` for greedy and beam search).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelground.configlib import ModelConfig, preset_config
+from pixelground.config.parse import ModelConfig, preset_config
 from pixelground.models.layers import LayerStack, Projection, RMSNorm, make_param, normal
 
 NEG_INF = -1e9  # additive mask value; finite so fully masked rows stay NaN-free.

@@ -4,7 +4,7 @@ checkpoint at the end — enough for every notebook to run its evaluation and dr
 
 import os
 
-from pixelground.configlib import load_config
+from pixelground.config.parse import load_config
 
 _DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.py")
 

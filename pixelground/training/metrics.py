@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixelground import losses as L
+from pixelground.training import losses as L
 from pixelground.models import pixelllm as P
+from pixelground.training import objective
 
 # task name → the token-accuracy metric its text reports
 _TOKEN_ACC = {"caption": "caption_token_acc", "ln": "ln_token_acc", "region_caption": "region_token_acc",
@@ -69,12 +70,12 @@ def batch_metrics(cfg: P.PixelLLMConfig, task: str, out: dict[str, jax.Array],
     hit = (box_iou(pred, gt) >= 0.5) & has_box
     m["referring_acc50"] = (jnp.sum(hit).astype(jnp.float32), jnp.sum(has_box).astype(jnp.float32))
     if "ref_logits" in out:
-      valid = P.refseg_rows(cfg, batch)
+      valid = objective.refseg_rows(cfg, batch)
       iou = L.mask_iou(out["ref_logits"], batch["seg_masks"][:, 0].astype(jnp.float32),
                        ignore=~batch["image_mask"])
       m["referring_miou"] = (jnp.sum(jnp.where(valid, iou, 0.0)), jnp.sum(valid).astype(jnp.float32))
   if task == "reason_seg" and "seg_logits" in out:
-    valid = P.seg_rows(cfg, batch)
+    valid = objective.seg_rows(cfg, batch)
     ignore = batch["ignore_mask"][:, None] | ~batch["image_mask"][:, None]
     iou = L.mask_iou(out["seg_logits"], batch["seg_masks"].astype(jnp.float32),
                      ignore=jnp.broadcast_to(ignore, out["seg_logits"].shape))

@@ -40,6 +40,7 @@ import math
 import typing as tp
 
 from pixelground.models import pixelllm as P
+from pixelground.models.heads.box_refiner import BoxRefiner
 
 # Units whose trained/frozen state decides the multipliers. "t5.encoder" / "t5.decoder" are the T5
 # base weights of each stack, "….lora" their LoRA factors.
@@ -299,7 +300,7 @@ def _mask_decoder(c: _Counter, cfg: P.PixelLLMConfig, n: int, num_sparse: int, g
 def _box_refiner(c: _Counter, cfg: P.PixelLLMConfig, n: float, w: bool) -> None:
   """`box_refine`: n runs of the refiner on an n_c×n_c crop (its inputs — pixels and a stopped
   decoder state — carry no gradient; the crop's bilinear sampling is a gather, not counted)."""
-  nc, ch, hid = cfg.box_refine, P.BoxRefiner.CHANNELS, cfg.loc_hidden
+  nc, ch, hid = cfg.box_refine, BoxRefiner.CHANNELS, cfg.loc_hidden
   g = c.dense(27 * ch, n * nc * nc, w=w, x=False)                      # 3×3 conv, 3 → C
   g = c.dense(9 * ch * ch, n * nc * nc, w=w, x=g)                      # 3×3 conv, C → C
   g = c.dense(4 * ch * 2 * ch, n * (nc // 2) ** 2, w=w, x=g)           # 2×2 stride 2, C → 2C

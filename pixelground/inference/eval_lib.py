@@ -39,14 +39,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pixelground import decoding, sharding, train_metrics
 from pixelground import metrics as M
 from pixelground.data import pipeline
 from pixelground.data import tasks as task_lib
 from pixelground.data import transforms as T
-from pixelground.inference import mask_to_image
+from pixelground.inference import decoding
+from pixelground.inference.predictor import mask_to_image
 from pixelground.models import pixelllm as P
-from pixelground.models import proposals as prop_lib
+from pixelground.models.heads import proposals as prop_lib
+from pixelground.parallel import sharding
+from pixelground.training import metrics as train_metrics
 
 # Converters `Evaluator` knows how to score.
 SUPPORTED = ("referring", "reason_seg", "ln", "caption", "region_caption", "dense_caption")
@@ -304,16 +306,16 @@ class Evaluator:
 
   def __init__(self, config, setup, tokenizer, *, options: EvalOptions | None = None,
                split: str | None = None):
-    from pixelground import train_lib
+    from pixelground.training import datasets
 
     self.setup, self.tok = setup, tokenizer
     self.opts = options or EvalOptions.from_config(config)
     names = list(self.opts.tasks or [n for n in config.tasks.keys()
-                                     if train_lib.converter_name(config, n) in SUPPORTED])
+                                     if datasets.converter_name(config, n) in SUPPORTED])
     for n in names:
       if n not in config.tasks:
         raise ValueError(f"config.eval.tasks: unknown task '{n}' (config.tasks has {list(config.tasks)}).")
-      conv = train_lib.converter_name(config, n)
+      conv = datasets.converter_name(config, n)
       if conv not in SUPPORTED:
         raise ValueError(f"config.eval.tasks: task '{n}' (converter '{conv}') has no evaluation; "
                          f"supported: {SUPPORTED}.")
@@ -325,11 +327,11 @@ class Evaluator:
     nproc = jax.process_count()
     if self.opts.batch_size % nproc:
       raise ValueError(f"config.eval.batch_size={self.opts.batch_size} must divide by {nproc} processes.")
-    self.tasks = {t.name: t for t in train_lib.data_tasks(config, tokenizer, split_key="eval_split",
+    self.tasks = {t.name: t for t in datasets.data_tasks(config, tokenizer, split_key="eval_split",
                                                            train=False, names=names)}
     self.names = [n for n in names if n in self.tasks]
-    self.conv = {n: train_lib.converter_name(config, n) for n in self.names}
-    self.schema = task_lib.schema(train_lib.task_config(config, train=False))
+    self.conv = {n: datasets.converter_name(config, n) for n in self.names}
+    self.schema = task_lib.schema(datasets.task_config(config, train=False))
     self.records: dict[str, list[dict]] = {}
     self.kept: dict[str, dict[int, dict]] = {}
     rep = NamedSharding(setup.mesh, PartitionSpec())
@@ -402,7 +404,7 @@ class Evaluator:
       padded = rows + [zero] * (local - len(rows))
       batch = {k: np.stack([r[k] for r in padded]) for k in padded[0]}
       batch["eval_index"] = np.asarray(idx + [-1] * (local - len(idx)), np.int32)
-      with jax.set_mesh(self.setup.mesh):
+      with sharding.use(self.setup.mesh, self.setup.rules):
         gb = sharding.global_batch(batch, self.setup.mesh, self.setup.rules)
         out = self._forward(state["params"], state["frozen"], gb, _SAME_FORWARD.get(conv, conv))
         if conv in ("reason_seg", "caption", "region_caption", "dense_caption"):

@@ -7,7 +7,7 @@
 
 Command line (the README's parameter-count check, nothing allocated — `nnx.eval_shape`):
 
-    python -m pixelground.recipes count configs/ln_t5xl.py
+    python -m pixelground.config.recipes count configs/ln_t5xl.py
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import typing as tp
 
 import ml_collections
 
-from pixelground.configlib import from_config
+from pixelground.config.parse import from_config
 from pixelground.models import eva02 as eva_lib
 from pixelground.models import pixelllm as P
 from pixelground.models import sam_decoder as dec_lib
 from pixelground.models import sam_encoder as sam_lib
 from pixelground.models import t5 as t5_lib
+from pixelground.training import objective
 
 # Published sizes of the parts (parameters), for the count check.
 REFERENCE_SIZES = {"sam_encoder": ("SAM ViT-H image encoder", 632e6),
@@ -110,13 +111,13 @@ def _override(cfg, section, where: str):
   return cfg.replace(**top, **sub_cfgs)
 
 
-def loss_config(c: ml_collections.ConfigDict) -> P.LossConfig:
+def loss_config(c: ml_collections.ConfigDict) -> objective.LossConfig:
   """`config.loss` (any LossConfig field; unknown keys raise naming the key) + per-task text-loss
   weights from `config.tasks[name].loss_weight` (default 1), in task order = task_id order."""
   fields = dict(c.loss.to_dict()) if "loss" in c else {}
   if "tasks" in c:
     fields["task_weights"] = tuple(float(t.get("loss_weight", 1.0)) for t in c.tasks.values())
-  return from_config(P.LossConfig, ml_collections.ConfigDict(fields), where="config.loss")
+  return from_config(objective.LossConfig, ml_collections.ConfigDict(fields), where="config.loss")
 
 
 def optimizer_config(*, lr: float, steps: int, warmup: int, weight_decay: float = 0.0,
@@ -130,7 +131,7 @@ def optimizer_config(*, lr: float, steps: int, warmup: int, weight_decay: float 
 
 def count(config_path: str) -> dict[str, tp.Any]:
   """Parameter counts of the config's model from `nnx.eval_shape` (nothing is allocated)."""
-  from pixelground.configlib import load_config
+  from pixelground.config.parse import load_config
 
   full = load_config(config_path)
   cfg = build_model_config(full.model)
@@ -140,7 +141,7 @@ def count(config_path: str) -> dict[str, tp.Any]:
 
 def main(argv: list[str]) -> None:
   if len(argv) != 3 or argv[1] != "count":
-    raise SystemExit("usage: python -m pixelground.recipes count CONFIG.py")
+    raise SystemExit("usage: python -m pixelground.config.recipes count CONFIG.py")
   r = count(argv[2])
   print(f"{'part':16s} {'parameters':>15s}")
   for name, n in sorted(r["parts"].items(), key=lambda kv: -kv[1]):

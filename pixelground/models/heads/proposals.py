@@ -86,7 +86,7 @@ def targets(boxes: jax.Array, valid: jax.Array, g: int) -> tuple[jax.Array, jax.
 def losses(heat: jax.Array, ltrb: jax.Array, boxes: jax.Array, valid: jax.Array
            ) -> dict[str, jax.Array]:
   """Proposal losses: {"proposal_heatmap": focal, "proposal_giou": 1 − GIoU at the GT centres}."""
-  from pixelground import losses as L
+  from pixelground.training import losses as L
 
   b, g = heat.shape[0], heat.shape[1]
   gt_heat, idx = targets(boxes, valid, g)

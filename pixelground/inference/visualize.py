@@ -130,7 +130,8 @@ def demo_figure(config, model, tokenizer, path: str,
   generated LN caption with its trace, a referring expression's box + mask, and a ReasonSeg `[SEG]` mask
   (its own held-out image). `kept`: the evaluator's kept examples (`eval_lib.Evaluator.kept`, the
   predictions it scored); panels it lacks are predicted here (`inference.Predictor`)."""
-  from pixelground import inference, train_lib
+  from pixelground.inference import predictor as inference
+  from pixelground.training import datasets
   from pixelground.data import tasks as task_lib
 
   predictor = inference.Predictor(model, tokenizer, max_prompt_len=int(config.data.max_prompt_len))
@@ -139,7 +140,7 @@ def demo_figure(config, model, tokenizer, path: str,
   src = {}
   for name in ("ln", "referring", "reason_seg"):
     t = config.tasks[name]
-    builder = train_lib.open_builder(t.dataset, config.data.tfds_dir, f"config.tasks.{name}")
+    builder = datasets.open_builder(t.dataset, config.data.tfds_dir, f"config.tasks.{name}")
     src[name] = builder.as_data_source(t.get("eval_split", "validation"))
   rows = []
   for i in range(n):

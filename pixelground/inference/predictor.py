@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelground import decoding
-from pixelground.configlib import load_config  # noqa: F401  (inference.load_config: notebooks)
+from pixelground.config.parse import load_config  # noqa: F401  (inference.load_config: notebooks)
 from pixelground.data import tasks as task_lib
 from pixelground.data import transforms as T
+from pixelground.inference import decoding
 from pixelground.models import pixelllm
 
 
@@ -109,7 +109,7 @@ def _generate(model, batch, *, max_len: int, num_beams: int, no_repeat_previous:
 @functools.partial(nnx.jit, static_argnames=("k", "max_len", "vocab_limit"))
 def _dense(model, batch, *, k: int, max_len: int, vocab_limit: int | None = None):
   """Proposals (top-k heatmap peaks) → one caption per proposal, decoded as a batch of k."""
-  from pixelground.models import proposals as prop_lib
+  from pixelground.models.heads import proposals as prop_lib
 
   fused, _ = model.image_features(batch["image"], batch["image_mask"])
   heat, ltrb = model.proposal_head(fused)
@@ -148,16 +148,17 @@ class Predictor:
     or one step directory (the newest step unless one is named). `config`: the training config (a
     ConfigDict or a config file path); default: the `config.json` the trainer wrote in the workdir.
     `mesh` defaults to one device (single-image inference)."""
-    from pixelground import sharding, train_lib
+    from pixelground.parallel import sharding
+    from pixelground.training import checkpointing, train_state
     from pixelground.data import tokenizer as tok_lib
 
-    root, _ = train_lib.find_checkpoint(path)
+    root, _ = checkpointing.find_checkpoint(path)
     config = load_config(config if config is not None else os.path.join(os.path.dirname(root),
                                                                         "config.json"))
     mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    setup = train_lib.build_setup(config, mesh)
-    state, _ = train_lib.load_state(setup, path)
-    model = train_lib.make_model(setup, state)
+    setup = train_state.build_setup(config, mesh)
+    state, _ = checkpointing.load_state(setup, path)
+    model = train_state.make_model(setup, state)
     return cls(model, tok_lib.load_tokenizer(config.tokenizer),
                max_prompt_len=int(config.data.get("max_prompt_len", 32)))
 

@@ -11,7 +11,7 @@ Config keys (`recipes.optimizer_config` writes them):
   lr_multipliers {regex or part: m}            e.g. {"mask_adapter": 10.0}: LR × m for matching params
   layer_decay {part: rate}                     e.g. {"eva": 0.8}: ViT layer-wise LR decay (below)
 Gradient accumulation is not an optimizer wrapper: the train step splits its batch into
-`optimizer.grad_accum_steps` micro-batches and averages their gradients (`train_lib`).
+`optimizer.grad_accum_steps` micro-batches and averages their gradients (`pixelground.training.steps`).
 
 Weight decay applies to weight matrices only: ≥ 2 dims per layer (the stacked `layers` axis of a scanned
 stack removed) and not a bias (some are stored head-split, e.g. (heads, head_dim)), norm scale, position
@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixelground.sharding import variable_axes
+from pixelground.parallel.sharding import variable_axes
 
 _KNOWN = {"name", "learning_rate", "total_steps", "warmup_steps", "end_lr_fraction", "weight_decay", "b1",
           "b2", "eps", "grad_clip_norm", "lr_multipliers", "layer_decay", "batch_size", "grad_accum_steps"}

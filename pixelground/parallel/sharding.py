@@ -14,6 +14,7 @@ replica of a sharded parameter).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import typing as tp
@@ -21,6 +22,7 @@ import typing as tp
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MeshAxes = str | tuple[str, ...] | None
@@ -137,14 +139,24 @@ def create_sharded(make_model: tp.Callable[[], nnx.Module], mesh: Mesh, rules: R
   return nnx.merge(graphdef, state)
 
 
+@contextlib.contextmanager
+def use(mesh: Mesh, rules: Rules):
+  """The mesh and logical-axis rules that steps are traced under: `jax.set_mesh(mesh)` plus Flax's
+  logical-axis-rules context, from which `batch_axes()` reads the activations' batch mesh axes."""
+  with jax.set_mesh(mesh), spmd.logical_axis_rules(tuple(rules)):
+    yield
+
+
+def batch_axes() -> tuple[str, ...]:
+  """Mesh axes of the "batch" rule in the active `use(...)` context (`DEFAULT_RULES` outside one)."""
+  rule = dict(spmd.get_logical_axis_rules() or DEFAULT_RULES).get("batch")
+  return (rule,) if isinstance(rule, str) else tuple(rule or ())
 
 
 def batch_spec(ndim: int, rules: Rules, mesh: Mesh, batch_axis: int = 0) -> PartitionSpec:
   axes = [None] * ndim
   axes[batch_axis] = "batch"
   return logical_to_spec(axes, rules, mesh)
-
-
 
 
 def global_batch(local_batch: tp.Any, mesh: Mesh, rules: Rules) -> tp.Any:
@@ -163,13 +175,7 @@ def global_batch(local_batch: tp.Any, mesh: Mesh, rules: Rules) -> tp.Any:
   return jax.tree.map(one, local_batch)
 
 
-
-
-
-
-
-
 __all__ = [
     "DEFAULT_RULES", "AXES_KEY", "make_mesh", "logical_to_spec", "state_shardings", "create_sharded",
-    "batch_spec", "global_batch", "variable_axes",
+    "use", "batch_axes", "batch_spec", "global_batch", "variable_axes",
 ]

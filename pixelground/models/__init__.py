@@ -1,0 +1,1 @@
+"""Model parts (one file each) and the composed PixelLLM (+ LISA) model."""

@@ -1,0 +1,1 @@
+"""Performance accounting: analytic model FLOPs, FLOPs of compiled HLO, accelerator peak / memory tables."""

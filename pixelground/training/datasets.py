@@ -1,0 +1,163 @@
+"""Training data from `config.tasks`: the TFDS builder of each dataset name, the task converters, the
+per-task heads, and the grounded-shapes cache the runlocal configs build on first use."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import typing as tp
+
+import jax
+import numpy as np
+
+from pixelground.data import pipeline, tasks as task_lib
+from pixelground.models import pixelllm as P
+
+# TFDS builder of each dataset name used in `config.tasks[*].dataset` ("name/config").
+DATASETS = {
+    "localized_narratives": ("tfds_builders.localized_narratives", "LocalizedNarratives"),
+    "coco_captions": ("tfds_builders.coco_captions", "CocoCaptions"),
+    "coco_panoptic": ("tfds_builders.coco_panoptic", "CocoPanoptic"),
+    "panoptic_narrative_grounding": ("tfds_builders.panoptic_narrative_grounding",
+                                     "PanopticNarrativeGrounding"),
+    "refcoco": ("tfds_builders.refcoco", "RefCoco"),
+    "reasonseg": ("tfds_builders.reasonseg", "ReasonSeg"),
+    "vg_densecap": ("tfds_builders.vg_densecap", "VgDensecap"),
+    "image_text": ("tfds_builders.image_text", "ImageText"),
+}
+
+
+
+def task_config(config, *, train: bool) -> task_lib.TaskConfig:
+  """`config.data` → TaskConfig (unknown keys in config.data that are TaskConfig-like are rejected)."""
+  d = config.data
+  fields = {f.name for f in dataclasses.fields(task_lib.TaskConfig)}
+  kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items() if k in fields}
+  return task_lib.TaskConfig(train=train, **kw)
+
+
+def open_builder(dataset: str, data_dir: str, where: str):
+  """"name/config" → the TFDS builder (prepared data must exist under `data_dir`)."""
+  name, _, cfg_name = dataset.partition("/")
+  if name not in DATASETS:
+    raise ValueError(f"{where}: unknown dataset '{name}' (known: {sorted(DATASETS)}).")
+  module, cls = DATASETS[name]
+  builder = getattr(importlib.import_module(module), cls)(data_dir=data_dir, config=cfg_name or None)
+  if not os.path.isdir(builder.data_dir):
+    raise FileNotFoundError(f"{where}: dataset '{dataset}' is not prepared under {data_dir} (expected "
+                            f"{builder.data_dir}); build it first (see tfds_builders/README.md).")
+  return builder
+
+
+def make_converters(config, tokenizer, *, train: bool, categories=None) -> task_lib.Converters:
+  return task_lib.Converters(task_config(config, train=train), tokenizer, categories=categories)
+
+
+def data_tasks(config, tokenizer, *, split_key: str = "split", train: bool = True,
+               names: tp.Sequence[str] | None = None) -> list[pipeline.Task]:
+  """One pipeline.Task per `config.tasks` entry (or the `names` subset): builder split + converter."""
+  out = []
+  data_dir = config.data.tfds_dir
+  for name, t in config.tasks.items():
+    if names is not None and name not in names:
+      continue
+    where = f"config.tasks.{name}"
+    builder = open_builder(t.dataset, data_dir, where)
+    split = t.get(split_key, "train" if split_key == "split" else "validation")
+    if split not in builder.info.splits:
+      raise ValueError(f"{where}.{split_key}: split '{split}' not in {t.dataset} "
+                       f"(has {sorted(builder.info.splits)}).")
+    converter_name = t.get("converter", name)
+    categories = builder.info.metadata.get("categories") if builder.info.metadata else None
+    conv = make_converters(config, tokenizer, train=train, categories=categories)
+    if not hasattr(conv, converter_name):
+      raise ValueError(f"{where}.converter: no converter '{converter_name}'.")
+    out.append(pipeline.Task(name, builder.as_data_source(split), getattr(conv, converter_name),
+                             float(t.get("weight", 1.0)),
+                             schema=task_lib.task_schema(conv.cfg, converter_name)
+                             if config.data.get("mixing", "batch") == "batch" else None))
+  return out
+
+
+def task_of_batch(batch: dict[str, np.ndarray], names: tp.Sequence[str]) -> str:
+  ids = np.unique(batch["task_id"])
+  if len(ids) != 1:
+    raise ValueError("per-task steps need single-task batches (config.data.mixing='batch')")
+  return names[int(ids[0])]
+
+
+def converter_name(config, task: str) -> str:
+  return config.tasks[task].get("converter", task)
+
+
+def heads_of(config, task: str | None) -> tuple[str, ...] | None:
+  """The heads a batch of `task` trains (None for mixed-task batches: every head)."""
+  return None if task is None else tuple(P.TASK_HEADS.get(converter_name(config, task), ()))
+
+
+def cache_dir() -> str:
+  return os.path.expanduser(os.environ.get("PIXELGROUND_CACHE", "~/.cache/pixelground"))
+
+
+def prepare_data(config, *, background: bool = False) -> tp.Callable[[], None]:
+  """`config.data.grounded_shapes` (num_train, num_validation, seed, size[, max_shapes, scale,
+  colours]) → generates and builds the synthetic datasets once into the cache (keyed by those numbers)
+  and points `config.data.tfds_dir` there. Process 0 builds; the others wait for it.
+
+  Returns `wait()`: blocks until the data is ready (raises if the build failed). With `background`, the
+  build runs in a child process and `wait` must be called before reading the data — the trainer sets
+  up and compiles the model meanwhile on the core the (single-threaded) build leaves idle."""
+  gs = config.data.get("grounded_shapes", None)
+  if not gs:
+    return lambda: None
+  max_shapes, scale = int(gs.get("max_shapes", 5)), float(gs.get("scale", 1.0))
+  colours = int(gs.get("colours", 8))
+  key = f"grounded_shapes-{gs.num_train}-{gs.num_validation}-{gs.seed}-{gs.size}"
+  if (max_shapes, scale) != (5, 1.0):
+    key += f"-n{max_shapes}-x{scale:g}"
+  if colours != 8:
+    key += f"-c{colours}"
+  root = os.path.join(cache_dir(), key)
+  marker = os.path.join(root, "READY")
+  with config.unlocked():
+    config.data.tfds_dir = os.path.join(root, "tfds")
+  child = None
+  if jax.process_index() == 0 and not os.path.exists(marker):
+    import tfds_builders
+
+    shutil.rmtree(root, ignore_errors=True)  # a half-built cache from an interrupted run
+    os.makedirs(root)
+    print(f"Building the grounded-shapes datasets into {root} (first use only)", flush=True)
+    report = os.path.join(root, "report.json")
+    cmd = [sys.executable, "-m", "tfds_builders.build_grounded_shapes", "--raw_dir",
+           os.path.join(root, "raw"), "--data_dir", os.path.join(root, "tfds"), "--report", report,
+           f"--num_train={gs.num_train}", f"--num_validation={gs.num_validation}", "--num_test=0",
+           f"--seed={gs.seed}", f"--size={gs.size}", f"--max_shapes={max_shapes}", f"--scale={scale}",
+           f"--colours={colours}"]
+    env = dict(os.environ)
+    # The child imports tfds_builders from wherever this process did (a checkout or site-packages).
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(tfds_builders.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in [env.get("PYTHONPATH")] if p])
+    sys.stdout.flush()
+    child = subprocess.Popen(cmd, env=env)  # its progress lines go to our stdout / stderr
+
+  def wait() -> None:
+    nonlocal child
+    if child is not None:
+      rc, child = child.wait(), None
+      if rc != 0:
+        raise RuntimeError(f"building the grounded-shapes datasets into {root} failed (exit code {rc}; "
+                           f"its output is above). Command: {' '.join(cmd)}")
+      shutil.rmtree(os.path.join(root, "raw"), ignore_errors=True)
+      os.replace(report, marker)  # the build report; its presence marks the cache complete
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("grounded_shapes_ready")
+
+  if not background:
+    wait()
+  return wait

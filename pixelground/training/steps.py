@@ -1,0 +1,102 @@
+"""The jitted train and evaluation steps, and the analytic FLOPs of a train step (for MFU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing as tp
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from pixelground.models import pixelllm as P
+from pixelground.parallel import sharding
+from pixelground.training import datasets, metrics as train_metrics, objective
+from pixelground.training.train_state import Setup
+
+def make_train_step(setup: Setup, loss_cfg: objective.LossConfig, *, accum_steps: int = 1, seed: int = 0,
+                    drop_path: bool = True):
+  """train_step(state, batch, heads) → (state, metrics). `heads` (static: a tuple from
+  `heads_of(config, task)`) picks the heads to run (None: all — mixed-task batches); tasks with the
+  same heads and batch fields share one compiled program. Gradients are averaged over `accum_steps` micro-batches (a scan)."""
+  cfg, graphdef, tx = setup.cfg, setup.graphdef, setup.tx
+  batch_spec = lambda x: NamedSharding(setup.mesh, sharding.batch_spec(x.ndim, setup.rules, setup.mesh))
+
+  def loss_fn(params, frozen, batch, rng, heads):
+    model = nnx.merge(graphdef, params, frozen)
+    out = model(batch, rng=rng if drop_path else None, heads=heads, train=True)
+    return objective.compute_losses(cfg, loss_cfg, out, batch)
+
+  def step(state, batch, heads):
+    rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+      (_, terms), grads = grad_fn(state["params"], state["frozen"], batch, rng, heads)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]),
+                           batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_spec(x)), mb)
+        (_, t), g = grad_fn(state["params"], state["frozen"], mb, jax.random.fold_in(rng, i), heads)
+        return jax.tree.map(jnp.add, carry, (g, t)), None
+
+      zeros = jax.eval_shape(lambda: grad_fn(state["params"], state["frozen"],
+                                             jax.tree.map(lambda x: x[0], micro), rng, heads))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+      (grads, terms), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+      grads, terms = jax.tree.map(lambda x: x / accum_steps, (grads, terms))
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(terms, grad_norm=optax.global_norm(grads), lr=setup.schedule(state["step"]))
+    return {"step": state["step"] + 1, "params": params, "frozen": state["frozen"], "opt": opt}, metrics
+
+  return jax.jit(step, static_argnums=2, donate_argnums=0,
+                 out_shardings=(setup.state_shardings, None))
+
+
+def make_eval_step(setup: Setup):
+  """eval_step(state, batch, task) → {metric: (sum, count)} (teacher-forced, see train_metrics)."""
+  cfg, graphdef = setup.cfg, setup.graphdef
+
+  def step(state, batch, task):
+    model = nnx.merge(graphdef, state["params"], state["frozen"])
+    out = model(batch, heads=P.TASK_HEADS.get(task, ()))
+    return train_metrics.batch_metrics(cfg, task, out, batch)
+
+  return jax.jit(step, static_argnums=2)
+
+
+class StepFlops:
+  """Analytic model FLOPs of one train step of each task (`pixelground.perf.flops`), cached per task."""
+
+  def __init__(self, config, setup: Setup, batch_size: int):
+    self.config, self.setup, self.batch_size = config, setup, batch_size
+    self.cache: dict[tp.Any, float] = {}
+
+  def __call__(self, task: str | None) -> float:
+    if task not in self.cache:
+      self.cache[task] = self._compute(task)
+    return self.cache[task]
+
+  def _compute(self, task: str | None) -> float:
+    from pixelground.perf import flops as flops_lib
+
+    cfg, d = self.setup.cfg, self.config.data
+    conv = datasets.converter_name(self.config, task) if task else None
+    heads = set(P.TASK_HEADS.get(conv, ())) if conv else {"lisa", "refseg", "proposals", "refbox"}
+    cfg = dataclasses.replace(cfg, lisa=cfg.lisa and "lisa" in heads,
+                              refseg=cfg.refseg and "refseg" in heads,
+                              proposals=cfg.proposals and "proposals" in heads,
+                              box_refine=cfg.box_refine if "refbox" in heads else 0)
+    dense = conv == "dense_caption"
+    return float(flops_lib.step_flops(
+        cfg, batch_size=self.batch_size, prompt_len=int(d.get("max_prompt_len", 32)),
+        target_len=0 if dense else int(d.get("max_target_len", 128)),
+        num_seg=int(d.get("max_seg", 4)) if cfg.lisa else 0,
+        num_regions=int(d.get("max_regions", 16)) if cfg.proposals else 0,
+        region_len=int(d.get("max_region_len", 16)) if cfg.proposals else 0,
+        trainable=self.setup.keep)["total"])
