@@ -1,31 +1,43 @@
-r"""PixelLLM joint training, full size (SPEC §3 row 5): every task at once from the web pretraining,
-batch 128, 240k steps, AdamW 1e-4, wd 0.05, warm-up 2k; single-task batches sampled by weight.
+r"""PixelLLM joint training, full size (SPEC §3 row 5): every PixelLLM task at once, batch 128, 240k
+steps, AdamW 1e-4, wd 0.05, warm-up 2k; single-task batches sampled by weight. The published run starts
+from WebLI pretraining, which is not public: set `init_from` to a web-data pretraining run.
 
-    python -m pixelground.config.recipes count configs/joint_t5xl.py
+Full size:
+
+    python -m pixelground.train --config=configs/joint_t5xl.py --workdir=/ckpt/joint_t5xl \
+        --config.weights.sam=/w/sam_vit_h_4b8939.pth --config.weights.eva=/w/eva02_L.safetensors \
+        --config.weights.t5=/w/flan-t5-xl --config.data.tfds_dir=/data/tfds --multihost
+
+  Not trained here. Compile check: COMPILE_EXPECT
+
+CPU variant (the same recipe shrunk):
+
+    python -m pixelground.train --config=configs/joint_t5xl.py:runlocal --workdir=/tmp/joint_t5xl
+
+  RUNLOCAL_EXPECT
 """
 
-import ml_collections
-
-from pixelground.config import recipes
+from pixelground.config import base, recipes
 
 
-def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = recipes.model_config("xl")
+def full():
+  c = base.config(model=recipes.model_config("xl"), tokenizer="spiece.model",
+                  optimizer=recipes.optimizer_config(lr=1e-4, steps=240_000, warmup=2_000, batch_size=128,
+                                                     weight_decay=0.05))
   c.model.refseg = True
   c.model.proposals = True
-  c.weights = ml_collections.ConfigDict({"init": "", "sam": "", "eva": "", "t5": ""})
-  c.tokenizer = "spiece.model"
-  c.optimizer = recipes.optimizer_config(lr=1e-4, steps=240_000, warmup=2_000, weight_decay=0.05,
-                                         batch_size=128)
-  c.tasks = ml_collections.ConfigDict({
-      "ln": {"dataset": "localized_narratives/coco", "weight": 2.0},
-      "caption": {"dataset": "coco_captions/2017", "weight": 1.0},
-      "referring": {"dataset": "refcoco/refcoco_unc", "weight": 1.0},
-      "region_caption": {"dataset": "refcoco/refcocog_umd", "weight": 1.0},
-      "dense_caption": {"dataset": "vg_densecap", "weight": 1.0}})
-  c.data = ml_collections.ConfigDict({"image_size": 384, "scale_range": (0.75, 1.25),
-                                      "max_target_len": 128, "mixing": "batch", "num_workers": 8})
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 8, "tensor": 1})
+  c.tasks = base.tasks(
+      ln=base.task("localized_narratives/coco", weight=2.0),
+      caption=base.task("coco_captions/2017"),
+      referring=base.task("refcoco/refcoco_unc"),
+      region_caption=base.task("refcoco/refcocog_umd"),
+      dense_caption=base.task("vg_densecap/default", eval_split="test"))
+  c.data.update(image_size=384, scale_range=(0.75, 1.25), max_target_len=128, mixing="batch",
+                num_workers=8)
+  c.checkpoint_every = 5000
+  c.mesh.update(data=-1, fsdp=8, tensor=1)
   return c
+
+
+def get_config(arg=None):
+  return recipes.variant(full, arg)

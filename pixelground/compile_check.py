@@ -34,7 +34,6 @@ The report (stdout; the last line is one JSON object with every number):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -79,10 +78,10 @@ def topology_devices(topology: str) -> list:
 
 def _default_task(config) -> str | None:
   """The most weighted task (ties: the first) for single-task batches, None for mixed batches."""
-  if config.data.get("mixing", "batch") != "batch" or not config.get("tasks"):
+  if config.data.mixing != "batch":
     return None
-  names = list(config.tasks.keys())
-  return max(names, key=lambda n: (float(config.tasks[n].get("weight", 1.0)), -names.index(n)))
+  names = list(config.tasks)
+  return max(names, key=lambda n: (config.tasks[n].weight, -names.index(n)))
 
 
 def abstract_batch(config, setup, batch_size: int, task: str | None) -> dict:
@@ -90,15 +89,13 @@ def abstract_batch(config, setup, batch_size: int, task: str | None) -> dict:
   import jax
   from jax.sharding import NamedSharding
 
+  from pixelground.config import schema as schema_lib
   from pixelground.data import tasks as task_lib
   from pixelground.parallel import sharding
-  from pixelground.training import datasets
 
-  tcfg = datasets.task_config(config, train=True)
-  if task is None:
-    schema = task_lib.schema(tcfg)
-  else:
-    schema = task_lib.task_schema(tcfg, datasets.converter_name(config, task))
+  config = schema_lib.parse(config)
+  tcfg = config.task_config(train=True)
+  schema = task_lib.schema(tcfg) if task is None else task_lib.task_schema(tcfg, config.converter(task))
   schema = dict(schema, task_id=((), "int32"))
 
   def one(shape, dtype):
@@ -114,21 +111,9 @@ def analytic_flops(config, setup, batch_size: int, task: str | None) -> dict[str
   (`steps.StepFlops`), with the per-part split and the forward-only split (train=False), and
   `with_remat` = total + the forward of every part that `remat="full"` recomputes."""
   from pixelground.perf import flops as flops_lib
-  from pixelground.training import datasets
-  from pixelground.models import pixelllm as P
+  from pixelground.training import steps
 
-  cfg, d = setup.cfg, config.data
-  conv = datasets.converter_name(config, task) if task else None
-  heads = set(P.TASK_HEADS.get(conv, ())) if conv else {"lisa", "refseg", "proposals"}
-  cfg = dataclasses.replace(cfg, lisa=cfg.lisa and "lisa" in heads,
-                            refseg=cfg.refseg and "refseg" in heads,
-                            proposals=cfg.proposals and "proposals" in heads)
-  kw = dict(batch_size=batch_size, prompt_len=int(d.get("max_prompt_len", 32)),
-            target_len=0 if conv == "dense_caption" else int(d.get("max_target_len", 128)),
-            num_seg=int(d.get("max_seg", 4)) if cfg.lisa else 0,
-            num_regions=int(d.get("max_regions", 16)) if cfg.proposals else 0,
-            region_len=int(d.get("max_region_len", 16)) if cfg.proposals else 0,
-            trainable=setup.keep)
+  cfg, kw = steps.flops_inputs(config, setup, batch_size, task)
   train = flops_lib.step_flops(cfg, **kw)
   fwd = flops_lib.step_flops(cfg, train=False, **kw)
   remat_parts = {"eva": cfg.eva.remat if cfg.eva is not None else "none",
@@ -190,10 +175,11 @@ def compile_check(config, *, topology: str, batch_size: int | None = None,
   that many of the most expensive contractions of the compiled program."""
   import jax
 
-  from pixelground.config.recipes import loss_config
+  from pixelground.config import schema
   from pixelground.parallel import sharding
   from pixelground.training import datasets, steps, train_state
 
+  config = schema.parse(config)
   if task == "":
     task = _default_task(config)
   elif task == "mixed":
@@ -201,8 +187,8 @@ def compile_check(config, *, topology: str, batch_size: int | None = None,
   if task is not None and task not in config.tasks:
     raise ValueError(f"--task: '{task}' is not in config.tasks ({sorted(config.tasks)})")
   batch_size = int(batch_size or config.optimizer.batch_size)
-  accum = int(config.optimizer.get("grad_accum_steps", 1) or 1)
-  axes = dict(mesh_axes) if mesh_axes else dict(config.mesh)
+  accum = config.optimizer.grad_accum_steps
+  axes = dict(mesh_axes) if mesh_axes else config.mesh.axes()
 
   devices = topology_devices(topology)
   kind = devices[0].device_kind
@@ -219,7 +205,7 @@ def compile_check(config, *, topology: str, batch_size: int | None = None,
                        setup.abstract_state, setup.state_shardings)
   batch = abstract_batch(config, setup, batch_size, task)
   heads = datasets.heads_of(config, task)
-  step = steps.make_train_step(setup, loss_config(config), accum_steps=accum, seed=config.seed)
+  step = steps.make_train_step(setup, config.loss, accum_steps=accum, seed=config.seed)
   n = len(devices)
   report: dict[str, tp.Any] = {
       "topology": topology, "chip": chip_family(kind), "device_kind": kind, "chips": n,

@@ -48,26 +48,29 @@ def main(argv):
   del argv
   import jax
 
+  from pixelground.config import schema
+  from pixelground.data import tokenizer as tok_lib
   from pixelground.inference import eval_lib
   from pixelground.parallel import sharding
   from pixelground.training import checkpointing, datasets, train_state
-  from pixelground.data import tokenizer as tok_lib
 
   runtime.init_distributed()
-  config = _CONFIG.value
+  config = schema.parse(_CONFIG.value)
+  out = _WORKDIR.value or output_dir(_CHECKPOINT.value)
+  os.makedirs(out, exist_ok=True)
+  runtime.log_to_workdir(out, "evaluate")
   datasets.prepare_data(config)
   tokenizer = tok_lib.load_tokenizer(config.tokenizer)
-  mesh = sharding.make_mesh(dict(config.mesh))
+  mesh = sharding.make_mesh(config.mesh.axes())
   setup = train_state.build_setup(config, mesh)
   state, step = checkpointing.load_state(setup, _CHECKPOINT.value)
-  opts = eval_lib.EvalOptions.from_config(config, tasks=_TASKS.value, max_examples=_MAX.value,
-                                          batch_size=_BATCH.value)
+  opts = eval_lib.eval_options(config, tasks=_TASKS.value, max_examples=_MAX.value,
+                               batch_size=_BATCH.value)
   evaluator = eval_lib.Evaluator(config, setup, tokenizer, options=opts, split=_SPLIT.value)
   split = _SPLIT.value or "eval_split"
   print(f"Evaluating step {step} on {evaluator.names} ({split}), mesh {dict(mesh.shape)}, "
         f"{jax.process_count()} process(es)", flush=True)
   metrics = evaluator.run(state, progress=True)
-  out = _WORKDIR.value or output_dir(_CHECKPOINT.value)
   if jax.process_index() == 0:
     tag = f"{_SPLIT.value}_{step}" if _SPLIT.value else str(step)
     eval_lib.write_outputs(out, tag, {"step": step, **metrics}, evaluator.records)

@@ -64,60 +64,64 @@ def main(argv):
   runtime.init_distributed()
   import jax
 
+  from pixelground.config import schema
+  from pixelground.data import pipeline, tasks as task_lib, tokenizer as tok_lib
   from pixelground.inference import eval_lib
   from pixelground.parallel import sharding
+  from pixelground.perf.chips import chip_peak
   from pixelground.training import checkpointing, datasets, steps, train_state, weights
   from pixelground.training import writers as metric_writers
-  from pixelground.perf.chips import chip_peak
-  from pixelground.data import pipeline, tokenizer as tok_lib
-  from pixelground.config.recipes import loss_config
 
-  config = _CONFIG.value
+  config = schema.parse(_CONFIG.value)  # unknown / missing keys fail here, named
   workdir = _WORKDIR.value
+  pid, nproc = jax.process_index(), jax.process_count()
+  os.makedirs(workdir, exist_ok=True)
+  runtime.log_to_workdir(workdir, "train")
   # Compiled steps are cached across runs (a restart or a second demo run skips XLA compilation).
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.join(datasets.cache_dir(), "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  pid, nproc = jax.process_index(), jax.process_count()
-  os.makedirs(workdir, exist_ok=True)
   if pid == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+      f.write(config.to_json())
 
-  # The demo's datasets build (first use only) in a child process while the model is set up and its
-  # initialisation compiles here.
+  # The grounded-shapes datasets build (first use only) in a child process while the model is set up
+  # and its initialisation compiles here.
   data_ready = datasets.prepare_data(config, background=True)
   tokenizer = tok_lib.load_tokenizer(config.tokenizer)
-  mesh = sharding.make_mesh(dict(config.mesh))
+  mesh = sharding.make_mesh(config.mesh.axes())
   setup = train_state.build_setup(config, mesh)
-  batch_size = int(config.optimizer.batch_size)
+  batch_size = config.optimizer.batch_size
   if batch_size % nproc:
     raise ValueError(f"config.optimizer.batch_size={batch_size} must divide by the {nproc} processes.")
-  num_shards = int(config.data.get("num_shards", 0) or nproc)
+  num_shards = config.data.num_shards or nproc
   if batch_size % num_shards:
     raise ValueError(f"config.optimizer.batch_size={batch_size} must divide by config.data.num_shards="
                      f"{num_shards}.")
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                keep=config.get("checkpoint_keep", 3),
-                                async_save=config.get("async_checkpoint", True))
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint_keep,
+                                    async_save=config.async_checkpoint)
   latest = ckpt.latest_step()
-  if latest is None:  # initialise (+ import pretrained weights)
+  if latest is None:  # initialise, import pretrained files, then the earlier stage's shared parameters
     state = train_state.init_state(setup)
-    state, imported = weights.import_weights(setup, state, config.get("weights", None))
-    if imported:
-      print(f"Imported pretrained weights: {', '.join(imported)}", flush=True)
+    state, reports = weights.import_weights(setup, state, config.weights)
+    if config.init_from.path:
+      state, rep = weights.init_from(setup, state, config.init_from)
+      reports.append(rep)
+    for rep in reports:
+      print(weights.format_report(rep), flush=True)
+  elif config.init_from.path:
+    print(f"Resuming: config.init_from ({config.init_from.path}) is not used.", flush=True)
 
   # Data: per-process shards of every task.
   data_ready()
-  mixing = config.data.get("mixing", "batch")
+  mixing = config.data.mixing
   tasks = datasets.data_tasks(config, tokenizer)
   names = [t.name for t in tasks]
-  from pixelground.data.tasks import schema as full_schema
-  schema = full_schema(datasets.task_config(config, train=True))
+  batch_schema = task_lib.schema(config.task_config(train=True))
   data_iter = pipeline.ShardGroup(
-      lambda shard, count: pipeline.Loader(tasks, schema, batch_size=batch_size // count, seed=config.seed,
-                                           mixing=mixing, shard_index=shard, shard_count=count,
-                                           num_workers=config.data.get("num_workers", 0)),
+      lambda shard, count: pipeline.Loader(tasks, batch_schema, batch_size=batch_size // count,
+                                           seed=config.seed, mixing=mixing, shard_index=shard,
+                                           shard_count=count, num_workers=config.data.num_workers),
       num_shards=num_shards, process_index=pid, process_count=nproc)
   if latest is not None:  # resume: model, optimizer, step and input-pipeline state
     state, data_iter = ckpt.restore(latest, setup, data_iter)
@@ -126,18 +130,18 @@ def main(argv):
   n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
   n_all = n_train + sum(x.size for x in jax.tree.leaves(state["frozen"]))
 
-  train_step = steps.make_train_step(setup, loss_config(config), seed=config.seed,
-                                         accum_steps=config.optimizer.get("grad_accum_steps", 1))
-  figure = bool(config.get("visualize", None) and config.visualize.get("enabled", False))
-  evaluator = eval_lib.Evaluator(config, setup, tokenizer, options=eval_lib.EvalOptions.from_config(
-      config, keep_examples=int(config.visualize.get("num_images", 3)) if figure else 0))
+  train_step = steps.make_train_step(setup, config.loss, seed=config.seed,
+                                     accum_steps=config.optimizer.grad_accum_steps)
+  figure = config.visualize.enabled
+  evaluator = eval_lib.Evaluator(config, setup, tokenizer,
+                                 keep_examples=config.visualize.num_images if figure else 0)
   writers = metric_writers.create_writers(workdir, enabled=True)
   preempt = _Preemption()
-  total = int(config.optimizer.total_steps)
+  total = config.optimizer.total_steps
   step = int(jax.device_get(state["step"]))
   peak = chip_peak(jax.devices()[0])  # FLOP/s of one chip; None on CPU (no MFU then)
   step_flops = steps.StepFlops(config, setup, batch_size)
-  log_every = int(config.log_every)
+  log_every = config.log_every
   print(f"Training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters for {total} steps "
         f"(from step {step}) on mesh {dict(mesh.shape)}, {nproc} process(es); tasks {names}", flush=True)
 

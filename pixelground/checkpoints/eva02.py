@@ -139,7 +139,7 @@ def config_from_source(source: TensorSource, prefix: str, **overrides) -> eva_li
 
 def load_eva02(path: str | os.PathLike, cfg: eva_lib.Eva02Config | None = None, *,
                mesh: Mesh | None = None, rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
-               seed: int = 0, **overrides) -> eva_lib.Eva02:
+               seed: int = 0, report: dict | None = None, **overrides) -> eva_lib.Eva02:
   """Loads a timm EVA02 checkpoint, streaming tensors into their shardings.
 
   Args:
@@ -159,4 +159,4 @@ def load_eva02(path: str | os.PathLike, cfg: eva_lib.Eva02Config | None = None, 
     ignore = lambda key: (not key.startswith(prefix)) or bool(_IGNORED.match(key[len(prefix):]))
     return loader.load_model(lambda: eva_lib.Eva02(cfg, rngs=nnx.Rngs(seed)), source,
                              make_mapping(cfg, keys, prefix), mesh=mesh, rules=rules,
-                             ignore_unused=ignore)
+                             ignore_unused=ignore, report=report)

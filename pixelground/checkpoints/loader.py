@@ -70,7 +70,7 @@ def flatten_state(state) -> tuple[list[tuple[Path, nnx.Variable]], tp.Any]:
 def load_model(make_model: tp.Callable[[], nnx.Module], source: TensorSource, mapping: Mapping, *,
                mesh: Mesh | None = None, rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
                ignore_unused: tp.Callable[[str], bool] = lambda key: False,
-               strict: bool = True) -> nnx.Module:
+               strict: bool = True, report: dict | None = None) -> nnx.Module:
   """Builds `make_model()` with parameters read from `source` through `mapping`.
 
   Args:
@@ -80,6 +80,9 @@ def load_model(make_model: tp.Callable[[], nnx.Module], source: TensorSource, ma
     mesh/rules: target placement; without a mesh everything goes to the first device.
     ignore_unused: source keys that may legitimately stay unused (e.g. aliases of tied embeddings).
     strict: raise on source keys nothing consumed.
+    report: if given, filled with what happened: "file" (the source path), "keys" (every source key),
+      "loaded" {parameter path: its source keys}, "initialised" [parameter paths the model's initialisers
+      made], "unused" [source keys nothing consumed, ignored ones included].
   """
   abstract = nnx.eval_shape(make_model)
   graphdef, abs_state = nnx.split(abstract)
@@ -103,6 +106,10 @@ def load_model(make_model: tp.Callable[[], nnx.Module], source: TensorSource, ma
         raise CheckpointError(f"{source.path}: missing key '{key}' (needed for parameter "
                               f"'{path_str(path)}' of shape {tuple(var.shape)}).")
   used = {k for plan in plans if plan is not None for k in plan.keys}
+  if report is not None:
+    report.update(file=str(source.path), keys=sorted(available), unused=sorted(available - used),
+                  loaded={path_str(p): plan.keys for (p, _), plan in zip(flat, plans) if plan is not None},
+                  initialised=[path_str(p) for (p, _), plan in zip(flat, plans) if plan is None])
   unused = sorted(k for k in available - used if not ignore_unused(k))
   if unused and strict:
     raise CheckpointError(f"{source.path}: unexpected key '{unused[0]}' "

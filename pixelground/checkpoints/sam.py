@@ -164,7 +164,7 @@ def config_from_source(source: TensorSource, fmt: str, prefix: str, **overrides
 def load_sam_image_encoder(path: str | os.PathLike, cfg: sam_lib.SamEncoderConfig | None = None, *,
                            mesh: Mesh | None = None,
                            rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
-                           prefix: str | None = None, seed: int = 0,
+                           prefix: str | None = None, seed: int = 0, report: dict | None = None,
                            **overrides) -> sam_lib.SamImageEncoder:
   """Loads a SAM image encoder (original `.pth` or HF `SamModel`), streaming tensors into shardings.
 
@@ -188,7 +188,7 @@ def load_sam_image_encoder(path: str | os.PathLike, cfg: sam_lib.SamEncoderConfi
     ignore = (lambda key: not key.startswith(prefix)) if prefix else (lambda key: False)
     return loader.load_model(lambda: sam_lib.SamImageEncoder(cfg, rngs=nnx.Rngs(seed)), source,
                              make_mapping(cfg, fmt, prefix), mesh=mesh, rules=rules,
-                             ignore_unused=ignore)
+                             ignore_unused=ignore, report=report)
 
 
 def load_sam(path: str | os.PathLike, *, mesh: Mesh | None = None,

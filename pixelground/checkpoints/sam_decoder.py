@@ -247,7 +247,7 @@ def config_from_source(source: TensorSource, fmt: str = "hf", **overrides) -> de
 
 def load_sam_decoder(path: str | os.PathLike, cfg: dec_lib.SamDecoderConfig | None = None, *,
                      mesh: Mesh | None = None, rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
-                     seed: int = 0, **overrides) -> dec_lib.SamDecoder:
+                     seed: int = 0, report: dict | None = None, **overrides) -> dec_lib.SamDecoder:
   """Loads `SamDecoder` (prompt encoder + mask decoder) from a HF `SamModel` or original SAM checkpoint.
 
   Args:
@@ -264,4 +264,5 @@ def load_sam_decoder(path: str | os.PathLike, cfg: dec_lib.SamDecoderConfig | No
     elif overrides:
       cfg = cfg.replace(**overrides)
     return loader.load_model(lambda: dec_lib.SamDecoder(cfg, rngs=nnx.Rngs(seed)), source,
-                             make_mapping(fmt, cfg), mesh=mesh, rules=rules, ignore_unused=_ignored)
+                             make_mapping(fmt, cfg), mesh=mesh, rules=rules, ignore_unused=_ignored,
+                             report=report)

@@ -164,7 +164,7 @@ def detect_format(source: TensorSource) -> str:
 
 def load_t5(path: str | os.PathLike, cfg: t5_lib.T5Config | None = None, *, mesh: Mesh | None = None,
             rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES, seed: int = 0, strict: bool = True,
-            **overrides) -> t5_lib.T5:
+            report: dict | None = None, **overrides) -> t5_lib.T5:
   """Loads a T5 checkpoint (HF or T5X) into a new `T5`, streaming tensors into their shardings.
 
   Args:
@@ -187,7 +187,7 @@ def load_t5(path: str | os.PathLike, cfg: t5_lib.T5Config | None = None, *, mesh
     ignore = _hf_ignorable(cfg) if fmt == "hf" else _t5x_ignorable
     return loader.load_model(lambda: t5_lib.T5(cfg, rngs=nnx.Rngs(seed)), source,
                              make_mapping(cfg, fmt), mesh=mesh, rules=rules, ignore_unused=ignore,
-                             strict=strict)
+                             strict=strict, report=report)
 
 
 def export_t5x_target(model: t5_lib.T5) -> dict[str, np.ndarray]:

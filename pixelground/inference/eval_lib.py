@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pixelground import metrics as M
+from pixelground.config import schema
 from pixelground.data import pipeline
 from pixelground.data import tasks as task_lib
 from pixelground.data import transforms as T
@@ -57,26 +58,10 @@ HEADLINE = {"referring": ("acc50", "mask_giou"), "reason_seg": ("giou",), "ln": 
             "caption": ("CIDEr", "token_acc"), "region_caption": ("CIDEr",), "dense_caption": ("map",)}
 
 
-@dataclasses.dataclass
-class EvalOptions:
-  """`config.eval` fields (all optional)."""
-  tasks: tuple[str, ...] = ()      # task names of config.tasks (default: every supported task)
-  batch_size: int = 32             # global batch
-  max_examples: int = 0            # per task, 0 = the whole split
-  max_decode_len: int = 40         # generated tokens (captions, answers)
-  dense_k: int = 10                # proposals per image (dense captioning)
-  java_fallback: bool = False      # caption metrics without Java: no METEOR, Python tokenizer
-  keep_examples: int = 0           # per task, the first k examples' images + predictions (`kept`)
-
-  @classmethod
-  def from_config(cls, config, **overrides) -> "EvalOptions":
-    ev = dict(config.get("eval", None) or {})
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in ev.items() if k in fields}
-    kw.update({k: v for k, v in overrides.items() if v is not None})
-    if "tasks" in kw:
-      kw["tasks"] = tuple(kw["tasks"] or ())
-    return cls(**kw)
+def eval_options(config, **overrides) -> schema.EvalConfig:
+  """`config.eval` with the non-None `overrides` applied (the evaluate CLI's flags, notebooks)."""
+  kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None}
+  return dataclasses.replace(schema.parse(config).eval, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,34 +289,33 @@ class Evaluator:
   `kept` {task: {example index: `_Scorer.visual`}} the first `keep_examples` that this process scored
   (referring and reason_seg; the demo figure draws them without compiling inference programs)."""
 
-  def __init__(self, config, setup, tokenizer, *, options: EvalOptions | None = None,
-               split: str | None = None):
+  def __init__(self, config, setup, tokenizer, *, options: schema.EvalConfig | None = None,
+               keep_examples: int = 0, split: str | None = None):
+    """`options`: `config.eval` unless given (`eval_options`); `keep_examples`: per task, the first k
+    examples' images + predictions are kept in `kept`; `split`: every task's split instead of its
+    `eval_split`."""
     from pixelground.training import datasets
 
+    config = schema.parse(config)
     self.setup, self.tok = setup, tokenizer
-    self.opts = options or EvalOptions.from_config(config)
-    names = list(self.opts.tasks or [n for n in config.tasks.keys()
-                                     if datasets.converter_name(config, n) in SUPPORTED])
+    self.opts = options or config.eval
+    self.keep_examples = keep_examples
+    names = list(self.opts.tasks or [n for n in config.tasks if config.converter(n) in SUPPORTED])
     for n in names:
       if n not in config.tasks:
         raise ValueError(f"config.eval.tasks: unknown task '{n}' (config.tasks has {list(config.tasks)}).")
-      conv = datasets.converter_name(config, n)
+      conv = config.converter(n)
       if conv not in SUPPORTED:
         raise ValueError(f"config.eval.tasks: task '{n}' (converter '{conv}') has no evaluation; "
                          f"supported: {SUPPORTED}.")
-    if split is not None:
-      config = config.copy_and_resolve_references()
-      with config.unlocked():
-        for n in names:
-          config.tasks[n].eval_split = split
     nproc = jax.process_count()
     if self.opts.batch_size % nproc:
       raise ValueError(f"config.eval.batch_size={self.opts.batch_size} must divide by {nproc} processes.")
-    self.tasks = {t.name: t for t in datasets.data_tasks(config, tokenizer, split_key="eval_split",
+    self.tasks = {t.name: t for t in datasets.data_tasks(config, tokenizer, split=split,
                                                            train=False, names=names)}
     self.names = [n for n in names if n in self.tasks]
-    self.conv = {n: datasets.converter_name(config, n) for n in self.names}
-    self.schema = task_lib.schema(datasets.task_config(config, train=False))
+    self.conv = {n: config.converter(n) for n in self.names}
+    self.schema = task_lib.schema(config.task_config(train=False))
     self.records: dict[str, list[dict]] = {}
     self.kept: dict[str, dict[int, dict]] = {}
     rep = NamedSharding(setup.mesh, PartitionSpec())
@@ -387,7 +371,7 @@ class Evaluator:
     task, conv, scorer = self.tasks[name], self.conv[name], self.scorers[name]
     mine, num_batches = self._indices(len(task.source))
     local = self.opts.batch_size // jax.process_count()
-    schema = task.schema or self.schema
+    batch_schema = task.schema or self.schema
     task_id = self.names.index(name)
     acc = train_metrics.Accumulator()
     recs: list[tuple[int, dict]] = []
@@ -398,9 +382,9 @@ class Evaluator:
     for b in range(num_batches):
       idx = mine[b * local:(b + 1) * local]
       exs = [task.source[i] for i in idx]
-      rows = [pipeline._pad_to_schema(task.convert(ex, np.random.default_rng(i)), schema, task_id, name)
+      rows = [pipeline._pad_to_schema(task.convert(ex, np.random.default_rng(i)), batch_schema, task_id, name)
               for i, ex in zip(idx, exs)]
-      zero = {k: np.zeros_like(v) for k, v in rows[0].items()} if rows else self._zero_row(schema, name)
+      zero = {k: np.zeros_like(v) for k, v in rows[0].items()} if rows else self._zero_row(batch_schema, name)
       padded = rows + [zero] * (local - len(rows))
       batch = {k: np.stack([r[k] for r in padded]) for k in padded[0]}
       batch["eval_index"] = np.asarray(idx + [-1] * (local - len(idx)), np.int32)
@@ -415,7 +399,7 @@ class Evaluator:
       for j, (i, ex) in enumerate(zip(idx, exs)):
         rec = scorer.record(ex, rows[j], host, where[i])
         recs.append((i, {"index": i} | rec))
-        if i < self.opts.keep_examples and conv in ("referring", "reason_seg"):
+        if i < self.keep_examples and conv in ("referring", "reason_seg"):
           self.kept.setdefault(name, {})[i] = scorer.visual(ex, rec, host, where[i])
       if bar is not None:
         bar.update(1)

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelground.config.parse import load_config  # noqa: F401  (inference.load_config: notebooks)
 from pixelground.data import tasks as task_lib
 from pixelground.data import transforms as T
 from pixelground.inference import decoding
@@ -148,19 +147,20 @@ class Predictor:
     or one step directory (the newest step unless one is named). `config`: the training config (a
     ConfigDict or a config file path); default: the `config.json` the trainer wrote in the workdir.
     `mesh` defaults to one device (single-image inference)."""
+    from pixelground.config import schema
+    from pixelground.data import tokenizer as tok_lib
     from pixelground.parallel import sharding
     from pixelground.training import checkpointing, train_state
-    from pixelground.data import tokenizer as tok_lib
 
     root, _ = checkpointing.find_checkpoint(path)
-    config = load_config(config if config is not None else os.path.join(os.path.dirname(root),
+    config = schema.parse(config if config is not None else os.path.join(os.path.dirname(root),
                                                                         "config.json"))
     mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     setup = train_state.build_setup(config, mesh)
     state, _ = checkpointing.load_state(setup, path)
     model = train_state.make_model(setup, state)
     return cls(model, tok_lib.load_tokenizer(config.tokenizer),
-               max_prompt_len=int(config.data.get("max_prompt_len", 32)))
+               max_prompt_len=config.data.max_prompt_len)
 
   # -- shared ------------------------------------------------------------------------------------------
   def _inputs(self, image: np.ndarray, prompt: str, box: np.ndarray | None):

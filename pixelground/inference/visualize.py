@@ -130,22 +130,24 @@ def demo_figure(config, model, tokenizer, path: str,
   generated LN caption with its trace, a referring expression's box + mask, and a ReasonSeg `[SEG]` mask
   (its own held-out image). `kept`: the evaluator's kept examples (`eval_lib.Evaluator.kept`, the
   predictions it scored); panels it lacks are predicted here (`inference.Predictor`)."""
+  from pixelground.config import schema
+  from pixelground.data import tasks as task_lib
   from pixelground.inference import predictor as inference
   from pixelground.training import datasets
-  from pixelground.data import tasks as task_lib
 
-  predictor = inference.Predictor(model, tokenizer, max_prompt_len=int(config.data.max_prompt_len))
+  config = schema.parse(config)
+  predictor = inference.Predictor(model, tokenizer, max_prompt_len=config.data.max_prompt_len)
   kept = kept or {}
-  n = int(config.visualize.get("num_images", 3))
+  n = config.visualize.num_images
   src = {}
   for name in ("ln", "referring", "reason_seg"):
     t = config.tasks[name]
-    builder = datasets.open_builder(t.dataset, config.data.tfds_dir, f"config.tasks.{name}")
-    src[name] = builder.as_data_source(t.get("eval_split", "validation"))
+    builder = datasets.open_builder(t.dataset, datasets.data_dir(config), f"config.tasks.{name}")
+    src[name] = builder.as_data_source(t.eval_split)
   rows = []
   for i in range(n):
     ex = src["ln"][i]
-    cap = predictor.caption(np.asarray(ex["image"]), max_len=int(config.data.max_target_len))
+    cap = predictor.caption(np.asarray(ex["image"]), max_len=config.data.max_target_len)
     ref = kept.get("referring", {}).get(i)
     if ref is None:
       ex_ref = src["referring"][i]

@@ -30,3 +30,14 @@ def init_distributed() -> None:
     jax.distributed.initialize(_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
   elif _MULTIHOST.value:
     jax.distributed.initialize()
+
+
+def log_to_workdir(workdir: str, program: str) -> None:
+  """Library log records (absl / Python logging: INFO and up) go to `workdir/<program>.INFO` (one file
+  per process); the terminal keeps warnings and errors beside the CLI's own progress lines."""
+  from absl import logging as absl_logging
+
+  handler = absl_logging.get_absl_handler()
+  handler.use_absl_log_file(program_name=program, log_dir=workdir)
+  flags.FLAGS.stderrthreshold = "warning"
+  absl_logging.set_verbosity(absl_logging.INFO)

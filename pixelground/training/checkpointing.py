@@ -120,18 +120,19 @@ class Checkpointer:
     self.manager.close()
 
 
-def find_checkpoint(path: str) -> tuple[str, int]:
+def find_checkpoint(path: str, *, where: str = "--checkpoint") -> tuple[str, int]:
   """A training workdir, its checkpoints/ directory, or one step directory (checkpoints/1200) →
-  (checkpoints directory, step) — the newest step unless a step directory was given."""
-  path = os.path.abspath(path.rstrip("/"))
+  (checkpoints directory, step) — the newest step unless a step directory was given. `where` names
+  the flag or config key in errors."""
+  path = os.path.abspath(os.path.expanduser(path.rstrip("/")))
   if not os.path.exists(path):
-    raise FileNotFoundError(f"--checkpoint: {path} does not exist.")
+    raise FileNotFoundError(f"{where}: {path} does not exist.")
   if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
     return os.path.dirname(path), int(os.path.basename(path))
   root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
   steps = [int(d) for d in os.listdir(root) if d.isdigit() and os.path.isdir(os.path.join(root, d, "state"))]
   if not steps:
-    raise FileNotFoundError(f"--checkpoint: no finished checkpoint under {root} (expected step "
+    raise FileNotFoundError(f"{where}: no finished checkpoint under {root} (expected step "
                             "directories such as checkpoints/1200/state).")
   return root, max(steps)
 

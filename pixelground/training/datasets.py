@@ -3,7 +3,6 @@ per-task heads, and the grounded-shapes cache the runlocal configs build on firs
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 import shutil
@@ -14,6 +13,7 @@ import typing as tp
 import jax
 import numpy as np
 
+from pixelground.config import schema
 from pixelground.data import pipeline, tasks as task_lib
 from pixelground.models import pixelllm as P
 
@@ -32,14 +32,6 @@ DATASETS = {
 
 
 
-def task_config(config, *, train: bool) -> task_lib.TaskConfig:
-  """`config.data` → TaskConfig (unknown keys in config.data that are TaskConfig-like are rejected)."""
-  d = config.data
-  fields = {f.name for f in dataclasses.fields(task_lib.TaskConfig)}
-  kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items() if k in fields}
-  return task_lib.TaskConfig(train=train, **kw)
-
-
 def open_builder(dataset: str, data_dir: str, where: str):
   """"name/config" → the TFDS builder (prepared data must exist under `data_dir`)."""
   name, _, cfg_name = dataset.partition("/")
@@ -53,33 +45,32 @@ def open_builder(dataset: str, data_dir: str, where: str):
   return builder
 
 
-def make_converters(config, tokenizer, *, train: bool, categories=None) -> task_lib.Converters:
-  return task_lib.Converters(task_config(config, train=train), tokenizer, categories=categories)
-
-
-def data_tasks(config, tokenizer, *, split_key: str = "split", train: bool = True,
-               names: tp.Sequence[str] | None = None) -> list[pipeline.Task]:
-  """One pipeline.Task per `config.tasks` entry (or the `names` subset): builder split + converter."""
+def data_tasks(config, tokenizer, *, train: bool = True, names: tp.Sequence[str] | None = None,
+               split: str | None = None) -> list[pipeline.Task]:
+  """One `pipeline.Task` per `config.tasks` entry (or the `names` subset): its builder's split (the
+  task's `split` in training, `eval_split` otherwise, or `split` for all) and converter."""
+  config = schema.parse(config)
   out = []
-  data_dir = config.data.tfds_dir
+  root = data_dir(config)
+  tcfg = config.task_config(train=train)
   for name, t in config.tasks.items():
     if names is not None and name not in names:
       continue
     where = f"config.tasks.{name}"
-    builder = open_builder(t.dataset, data_dir, where)
-    split = t.get(split_key, "train" if split_key == "split" else "validation")
-    if split not in builder.info.splits:
-      raise ValueError(f"{where}.{split_key}: split '{split}' not in {t.dataset} "
+    builder = open_builder(t.dataset, root, where)
+    key = "split" if train else "eval_split"
+    use = split or getattr(t, key)
+    if use not in builder.info.splits:
+      raise ValueError(f"{where}.{key}: split '{use}' not in {t.dataset} "
                        f"(has {sorted(builder.info.splits)}).")
-    converter_name = t.get("converter", name)
+    conv_name = config.converter(name)
     categories = builder.info.metadata.get("categories") if builder.info.metadata else None
-    conv = make_converters(config, tokenizer, train=train, categories=categories)
-    if not hasattr(conv, converter_name):
-      raise ValueError(f"{where}.converter: no converter '{converter_name}'.")
-    out.append(pipeline.Task(name, builder.as_data_source(split), getattr(conv, converter_name),
-                             float(t.get("weight", 1.0)),
-                             schema=task_lib.task_schema(conv.cfg, converter_name)
-                             if config.data.get("mixing", "batch") == "batch" else None))
+    conv = task_lib.Converters(tcfg, tokenizer, categories=categories)
+    if not hasattr(conv, conv_name):
+      raise ValueError(f"{where}.converter: no converter '{conv_name}'.")
+    out.append(pipeline.Task(name, builder.as_data_source(use), getattr(conv, conv_name), t.weight,
+                             schema=task_lib.task_schema(conv.cfg, conv_name)
+                             if config.data.mixing == "batch" else None))
   return out
 
 
@@ -90,41 +81,48 @@ def task_of_batch(batch: dict[str, np.ndarray], names: tp.Sequence[str]) -> str:
   return names[int(ids[0])]
 
 
-def converter_name(config, task: str) -> str:
-  return config.tasks[task].get("converter", task)
-
-
 def heads_of(config, task: str | None) -> tuple[str, ...] | None:
   """The heads a batch of `task` trains (None for mixed-task batches: every head)."""
-  return None if task is None else tuple(P.TASK_HEADS.get(converter_name(config, task), ()))
+  return None if task is None else tuple(P.TASK_HEADS.get(schema.parse(config).converter(task), ()))
 
 
 def cache_dir() -> str:
   return os.path.expanduser(os.environ.get("PIXELGROUND_CACHE", "~/.cache/pixelground"))
 
 
+def _grounded_shapes_root(gs) -> str:
+  """The cache directory of one `config.data.grounded_shapes` setting (keyed by its numbers)."""
+  key = f"grounded_shapes-{gs.num_train}-{gs.num_validation}-{gs.seed}-{gs.size}"
+  if (gs.max_shapes, gs.scale) != (5, 1.0):
+    key += f"-n{gs.max_shapes}-x{gs.scale:g}"
+  if gs.colours != 8:
+    key += f"-c{gs.colours}"
+  return os.path.join(cache_dir(), key)
+
+
+def data_dir(config) -> str:
+  """Where the config's prepared TFDS datasets live: the grounded-shapes cache when
+  `config.data.grounded_shapes` is set, else `config.data.tfds_dir` (~ expanded)."""
+  config = schema.parse(config)
+  gs = config.data.grounded_shapes
+  if gs is not None:
+    return os.path.join(_grounded_shapes_root(gs), "tfds")
+  return os.path.expanduser(config.data.tfds_dir)
+
+
 def prepare_data(config, *, background: bool = False) -> tp.Callable[[], None]:
-  """`config.data.grounded_shapes` (num_train, num_validation, seed, size[, max_shapes, scale,
-  colours]) → generates and builds the synthetic datasets once into the cache (keyed by those numbers)
-  and points `config.data.tfds_dir` there. Process 0 builds; the others wait for it.
+  """With `config.data.grounded_shapes` set: generates and builds the synthetic datasets once into the
+  cache (`data_dir(config)`). Process 0 builds; the others wait for it. Without it: nothing to do.
 
   Returns `wait()`: blocks until the data is ready (raises if the build failed). With `background`, the
   build runs in a child process and `wait` must be called before reading the data — the trainer sets
   up and compiles the model meanwhile on the core the (single-threaded) build leaves idle."""
-  gs = config.data.get("grounded_shapes", None)
-  if not gs:
+  gs = schema.parse(config).data.grounded_shapes
+  if gs is None:
     return lambda: None
-  max_shapes, scale = int(gs.get("max_shapes", 5)), float(gs.get("scale", 1.0))
-  colours = int(gs.get("colours", 8))
-  key = f"grounded_shapes-{gs.num_train}-{gs.num_validation}-{gs.seed}-{gs.size}"
-  if (max_shapes, scale) != (5, 1.0):
-    key += f"-n{max_shapes}-x{scale:g}"
-  if colours != 8:
-    key += f"-c{colours}"
-  root = os.path.join(cache_dir(), key)
+  max_shapes, scale, colours = gs.max_shapes, gs.scale, gs.colours
+  root = _grounded_shapes_root(gs)
   marker = os.path.join(root, "READY")
-  with config.unlocked():
-    config.data.tfds_dir = os.path.join(root, "tfds")
   child = None
   if jax.process_index() == 0 and not os.path.exists(marker):
     import tfds_builders

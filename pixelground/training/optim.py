@@ -34,11 +34,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from pixelground.config import schema
+from pixelground.config.schema import OptimizerConfig
 from pixelground.parallel.sharding import variable_axes
-
-_KNOWN = {"name", "learning_rate", "total_steps", "warmup_steps", "end_lr_fraction", "weight_decay", "b1",
-          "b2", "eps", "grad_clip_norm", "lr_multipliers", "layer_decay", "batch_size", "grad_accum_steps"}
-
 
 def _path_name(path) -> str:
   return ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
@@ -82,8 +80,9 @@ def lr_scales(state, opt_cfg, depths: tp.Mapping[str, int]) -> tp.Any:
   """Per-parameter LR scale (a float, or a (L, 1, ...) array for scanned stacks), same tree as `state`.
 
   `depths`: {part: number of blocks} of the ViTs named in `opt_cfg.layer_decay`."""
-  multipliers = dict(opt_cfg.get("lr_multipliers", None) or {})
-  layer_decay = dict(opt_cfg.get("layer_decay", None) or {})
+  opt_cfg = as_optimizer_config(opt_cfg)
+  multipliers = dict(opt_cfg.lr_multipliers)
+  layer_decay = dict(opt_cfg.layer_decay)
   for part in layer_decay:
     if part not in depths:
       raise ValueError(f"config.optimizer.layer_decay names '{part}', which is not a ViT of this model "
@@ -126,30 +125,31 @@ def _scale_by_tree(scales) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def as_optimizer_config(opt_cfg) -> OptimizerConfig:
+  """`config.optimizer` (ConfigDict or dict) → `OptimizerConfig`; unknown keys raise naming the key."""
+  if isinstance(opt_cfg, OptimizerConfig):
+    return opt_cfg
+  return schema.section(OptimizerConfig, opt_cfg, "config.optimizer")
+
+
 def schedule(opt_cfg) -> optax.Schedule:
+  opt_cfg = as_optimizer_config(opt_cfg)
   peak, total, warmup = float(opt_cfg.learning_rate), int(opt_cfg.total_steps), int(opt_cfg.warmup_steps)
-  end = peak * float(opt_cfg.get("end_lr_fraction", 0.0))
+  end = peak * float(opt_cfg.end_lr_fraction)
   return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), max(total, warmup + 1), end)
 
 
 def build(opt_cfg, trainable_state, *, depths: tp.Mapping[str, int] | None = None
           ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(optax transformation over `trainable_state`, LR schedule). Unknown config keys raise."""
-  unknown = set(opt_cfg.keys()) - _KNOWN
-  if unknown:
-    raise ValueError(f"config.optimizer: unknown keys {sorted(unknown)} (known: {sorted(_KNOWN)}).")
-  if opt_cfg.get("name", "adamw") != "adamw":
-    raise ValueError(f"config.optimizer.name={opt_cfg.name!r}: only 'adamw' is implemented.")
+  """(optax transformation over `trainable_state`, LR schedule) from `config.optimizer`."""
+  opt_cfg = as_optimizer_config(opt_cfg)
   lr = schedule(opt_cfg)
   parts = []
-  clip = float(opt_cfg.get("grad_clip_norm", 0.0) or 0.0)
-  if clip > 0:
-    parts.append(optax.clip_by_global_norm(clip))
-  parts.append(optax.scale_by_adam(b1=float(opt_cfg.get("b1", 0.9)), b2=float(opt_cfg.get("b2", 0.999)),
-                                   eps=float(opt_cfg.get("eps", 1e-8))))
-  wd = float(opt_cfg.get("weight_decay", 0.0) or 0.0)
-  if wd > 0:
-    parts.append(optax.add_decayed_weights(wd, mask=decay_mask(trainable_state)))
+  if opt_cfg.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(float(opt_cfg.grad_clip_norm)))
+  parts.append(optax.scale_by_adam(b1=float(opt_cfg.b1), b2=float(opt_cfg.b2), eps=float(opt_cfg.eps)))
+  if opt_cfg.weight_decay > 0:
+    parts.append(optax.add_decayed_weights(float(opt_cfg.weight_decay), mask=decay_mask(trainable_state)))
   scales = lr_scales(trainable_state, opt_cfg, depths or {})
   if any(not (isinstance(s, float) and s == 1.0) for s in jax.tree.leaves(scales)):
     parts.append(_scale_by_tree(scales))

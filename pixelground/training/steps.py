@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding
 
 from pixelground.models import pixelllm as P
 from pixelground.parallel import sharding
-from pixelground.training import datasets, metrics as train_metrics, objective
+from pixelground.config import schema
+from pixelground.training import metrics as train_metrics, objective
 from pixelground.training.train_state import Setup
 
 def make_train_step(setup: Setup, loss_cfg: objective.LossConfig, *, accum_steps: int = 1, seed: int = 0,
@@ -70,33 +71,38 @@ def make_eval_step(setup: Setup):
   return jax.jit(step, static_argnums=2)
 
 
+def flops_inputs(config, setup: Setup, batch_size: int, task: str | None
+                 ) -> tuple[P.PixelLLMConfig, dict[str, tp.Any]]:
+  """(model config with only `task`'s heads, keyword arguments of `flops.step_flops`) for one train
+  step of `task` (None: a mixed-task batch, every head) at global batch `batch_size`."""
+  config = schema.parse(config)
+  cfg, d = setup.cfg, config.data
+  conv = config.converter(task) if task else None
+  heads = set(P.TASK_HEADS.get(conv, ())) if conv else {"lisa", "refseg", "proposals", "refbox"}
+  cfg = dataclasses.replace(cfg, lisa=cfg.lisa and "lisa" in heads,
+                            refseg=cfg.refseg and "refseg" in heads,
+                            proposals=cfg.proposals and "proposals" in heads,
+                            box_refine=cfg.box_refine if "refbox" in heads else 0)
+  kw = dict(batch_size=batch_size, prompt_len=d.max_prompt_len,
+            target_len=0 if conv == "dense_caption" else d.max_target_len,
+            num_seg=d.max_seg if cfg.lisa else 0,
+            num_regions=d.max_regions if cfg.proposals else 0,
+            region_len=d.max_region_len if cfg.proposals else 0,
+            trainable=setup.keep)
+  return cfg, kw
+
+
 class StepFlops:
   """Analytic model FLOPs of one train step of each task (`pixelground.perf.flops`), cached per task."""
 
   def __init__(self, config, setup: Setup, batch_size: int):
-    self.config, self.setup, self.batch_size = config, setup, batch_size
+    self.config, self.setup, self.batch_size = schema.parse(config), setup, batch_size
     self.cache: dict[tp.Any, float] = {}
 
   def __call__(self, task: str | None) -> float:
     if task not in self.cache:
-      self.cache[task] = self._compute(task)
+      from pixelground.perf import flops as flops_lib
+
+      cfg, kw = flops_inputs(self.config, self.setup, self.batch_size, task)
+      self.cache[task] = float(flops_lib.step_flops(cfg, **kw)["total"])
     return self.cache[task]
-
-  def _compute(self, task: str | None) -> float:
-    from pixelground.perf import flops as flops_lib
-
-    cfg, d = self.setup.cfg, self.config.data
-    conv = datasets.converter_name(self.config, task) if task else None
-    heads = set(P.TASK_HEADS.get(conv, ())) if conv else {"lisa", "refseg", "proposals", "refbox"}
-    cfg = dataclasses.replace(cfg, lisa=cfg.lisa and "lisa" in heads,
-                              refseg=cfg.refseg and "refseg" in heads,
-                              proposals=cfg.proposals and "proposals" in heads,
-                              box_refine=cfg.box_refine if "refbox" in heads else 0)
-    dense = conv == "dense_caption"
-    return float(flops_lib.step_flops(
-        cfg, batch_size=self.batch_size, prompt_len=int(d.get("max_prompt_len", 32)),
-        target_len=0 if dense else int(d.get("max_target_len", 128)),
-        num_seg=int(d.get("max_seg", 4)) if cfg.lisa else 0,
-        num_regions=int(d.get("max_regions", 16)) if cfg.proposals else 0,
-        region_len=int(d.get("max_region_len", 16)) if cfg.proposals else 0,
-        trainable=self.setup.keep)["total"])

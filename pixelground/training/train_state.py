@@ -17,13 +17,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from pixelground.config import recipes
+from pixelground.config import schema
 from pixelground.models import pixelllm as P
 from pixelground.parallel import sharding
 from pixelground.training import optim
 
 def rules_from_config(config) -> tuple[tuple[str, tp.Any], ...]:
-  rules = config.get("sharding_rules", None) or sharding.DEFAULT_RULES
+  """`config.sharding_rules` as hashable pairs (logical axis, mesh axes)."""
+  rules = schema.parse(config).sharding_rules or sharding.DEFAULT_RULES
   return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in rules)
 
 
@@ -40,6 +41,7 @@ class Setup:
   state_shardings: tp.Any
   abstract_state: tp.Any
   init_fn: tp.Callable[[], tp.Any]
+  config: schema.Config
 
 
 def _vit_depths(cfg: P.PixelLLMConfig) -> dict[str, int]:
@@ -52,9 +54,11 @@ def _vit_depths(cfg: P.PixelLLMConfig) -> dict[str, int]:
 
 
 def build_setup(config, mesh: Mesh) -> Setup:
-  """Model config, optimizer and the train state's abstract shapes + shardings (nothing allocated)."""
-  cfg = recipes.build_model_config(config.model)
-  keep = P.trainable_filter(tuple(config.get("trainable", P.TRAINABLE)), lora=config.get("train_lora", True))
+  """Model config, optimizer and the train state's abstract shapes + shardings (nothing allocated).
+  `config`: a ConfigDict, config file or parsed `schema.Config`."""
+  config = schema.parse(config)
+  cfg = config.model
+  keep = P.trainable_filter(config.trainable, lora=config.train_lora)
   rules = rules_from_config(config)
   abstract = nnx.eval_shape(lambda: P.PixelLLM(cfg, rngs=nnx.Rngs(config.seed)))
   graphdef, abs_params, _ = nnx.split(abstract, keep, ...)
@@ -67,7 +71,7 @@ def build_setup(config, mesh: Mesh) -> Setup:
 
   abstract_state = jax.eval_shape(init)
   shardings = sharding.state_shardings(abstract_state, mesh, rules)
-  return Setup(cfg, graphdef, tx, schedule, keep, mesh, rules, shardings, abstract_state, init)
+  return Setup(cfg, graphdef, tx, schedule, keep, mesh, rules, shardings, abstract_state, init, config)
 
 
 def init_state(setup: Setup):
