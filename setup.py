@@ -31,6 +31,8 @@ INSTALL_REQUIRES = [
     "pycocoevalcap>=1.2",
     # Hungarian matching (trace LBM distance).
     "scipy>=1.11",
+    # The trainer's TensorBoard event files (pixelground.training.writers), without TensorFlow.
+    "tensorboardX>=2.6,<3",
 ]
 
 EXTRAS_REQUIRE = {

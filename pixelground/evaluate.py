@@ -54,11 +54,11 @@ def main(argv):
   from pixelground.parallel import sharding
   from pixelground.training import checkpointing, datasets, train_state
 
-  runtime.init_distributed()
-  config = schema.parse(_CONFIG.value)
   out = _WORKDIR.value or output_dir(_CHECKPOINT.value)
   os.makedirs(out, exist_ok=True)
   runtime.log_to_workdir(out, "evaluate")
+  runtime.init_distributed()
+  config = schema.parse(_CONFIG.value)
   datasets.prepare_data(config)
   tokenizer = tok_lib.load_tokenizer(config.tokenizer)
   mesh = sharding.make_mesh(config.mesh.axes())

@@ -61,6 +61,9 @@ class _Preemption:
 
 def main(argv):
   del argv
+  workdir = _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  runtime.log_to_workdir(workdir, "train")
   runtime.init_distributed()
   import jax
 
@@ -73,10 +76,7 @@ def main(argv):
   from pixelground.training import writers as metric_writers
 
   config = schema.parse(_CONFIG.value)  # unknown / missing keys fail here, named
-  workdir = _WORKDIR.value
   pid, nproc = jax.process_index(), jax.process_count()
-  os.makedirs(workdir, exist_ok=True)
-  runtime.log_to_workdir(workdir, "train")
   # Compiled steps are cached across runs (a restart or a second demo run skips XLA compilation).
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.join(datasets.cache_dir(), "xla"))

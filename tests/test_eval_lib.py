@@ -12,6 +12,7 @@ import jax
 from pixelground.inference import eval_lib
 from pixelground.parallel import sharding
 from pixelground.training import datasets, train_state
+from pixelground.config import schema
 from pixelground.config.parse import load_config
 from pixelground.data import tokenizer as tok_lib
 
@@ -47,6 +48,7 @@ def small(tmp_path_factory):
     for name in ("referring", "reason_seg"):
       config.tasks[name] = full.tasks[name]
     config.eval.max_decode_len = 8
+  config = schema.parse(config)
   datasets.prepare_data(config)
   tok = tok_lib.load_tokenizer(config.tokenizer)
   return config, tok
@@ -57,13 +59,12 @@ def _evaluate(config, tok, mesh_axes, batch_size, tasks, devices=None, state=Non
   setup = train_state.build_setup(config, mesh)
   # One initialisation (its compile is the slow part), placed on each mesh.
   state = train_state.init_state(setup) if state is None else jax.device_put(state, setup.state_shardings)
-  opts = eval_lib.EvalOptions.from_config(config, tasks=tasks, max_examples=6, batch_size=batch_size,
-                                          keep_examples=keep)
-  ev = eval_lib.Evaluator(config, setup, tok, options=opts)
+  opts = eval_lib.eval_options(config, tasks=tasks, max_examples=6, batch_size=batch_size)
+  ev = eval_lib.Evaluator(config, setup, tok, options=opts, keep_examples=keep)
   result = ev.run(state)
   if keep:
     _check_kept(ev, train_state.make_model(setup, state), tok, keep,
-                int(config.data.get("max_prompt_len", 32)))
+                config.data.max_prompt_len)
   return result, ev.records, state
 
 
@@ -122,4 +123,4 @@ def test_unknown_or_unsupported_task_is_named(small):
   setup = train_state.build_setup(config, sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
                                                            devices=jax.devices()[:1]))
   with pytest.raises(ValueError, match="unknown task 'nope'"):
-    eval_lib.Evaluator(config, setup, tok, options=eval_lib.EvalOptions(tasks=("nope",)))
+    eval_lib.Evaluator(config, setup, tok, options=schema.EvalConfig(tasks=("nope",)))

@@ -1,10 +1,11 @@
-"""Full-size configs: parameter counts from nnx.eval_shape (nothing allocated) and the tiny config."""
+"""The shared config sections: full-size parameter counts from nnx.eval_shape (nothing allocated), the
+tiny model section, per-task loss weights."""
 
 import os
 
 import pytest
 
-from pixelground.config import recipes
+from pixelground.config import base, recipes
 from pixelground.models import eva02, pixelllm, sam_encoder
 from pixelground.training import objective
 
@@ -12,7 +13,8 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "config
 
 
 def test_ln_t5xl_counts():
-  r = recipes.count(os.path.join(CONFIGS, "ln_t5xl.py"))
+  from pixelground import params
+  r = params.count(os.path.join(CONFIGS, "ln_t5xl.py"))
   parts = r["parts"]
   # Each part equals its standalone model; the sum is within 2% of the published sizes + our heads.
   assert parts["sam_encoder"] == sam_encoder.num_params(sam_encoder.preset("sam-vit-h"))
@@ -25,34 +27,28 @@ def test_ln_t5xl_counts():
   print(r)
 
 
-def test_tiny_config_builds():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(CONFIGS, "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = recipes.build_model_config(module.get_config().model)
+def test_tiny_model_section_builds():
+  c = recipes.model_config("tiny", lisa=True, image_size=64, vocab_size=896, seg_token_id=3)
+  cfg = recipes.build_model_config(c)
   assert isinstance(cfg, pixelllm.PixelLLMConfig) and cfg.lisa and cfg.image_size == 64
-
-
-def test_unknown_model_key_is_named():
-  c = recipes.model_config("xl")
-  c.t5.lora_rnak = 4
-  with pytest.raises(Exception, match="lora_rnak"):
+  c.tiny = {"num_querys": 4}
+  with pytest.raises(Exception, match="num_querys"):
     recipes.build_model_config(c)
 
 
 def test_loss_config_and_task_weights():
   import jax.numpy as jnp
-  import ml_collections
   import numpy as np
 
-  c = ml_collections.ConfigDict({"loss": {"point_weight": 0.5},
-                                 "tasks": {"a": {"weight": 1.0}, "b": {"weight": 1.0, "loss_weight": 3.0}}})
-  lc = recipes.loss_config(c)
+  from pixelground.config import schema
+  from pixelground.config.parse import load_config
+
+  c = load_config(os.path.join(CONFIGS, "demo.py"))
+  c.loss.point_weight = 0.5
+  c.tasks = {"a": base.task("x/y"), "b": base.task("x/z", loss_weight=3.0)}
+  c.eval.tasks = ()
+  lc = schema.parse(c).loss
   assert lc.point_weight == 0.5 and lc.task_weights == (1.0, 3.0)
-  c.loss.pointweight = 1.0
-  with pytest.raises(Exception, match="pointweight"):
-    recipes.loss_config(c)
   # compute_losses: per-example text CE weighted by the row's task (task 1 counts 3×).
   cfg = pixelllm.tiny_config(vocab_size=8)
   logits = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 8)), jnp.float32)

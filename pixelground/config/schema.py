@@ -230,8 +230,8 @@ def section(cls: type, values: tp.Any, where: str):
     sub = _dataclass_in(hints[key])
     if sub is not None and value is not None:
       value = section(sub, value, f"{where}.{key}")
-    elif isinstance(value, list):
-      value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    elif isinstance(value, (list, tuple)):
+      value = _freeze(value)
     elif isinstance(value, dict) and hints[key] is not tp.Any:
       value = dict(value)
     kwargs[key] = value
@@ -240,6 +240,11 @@ def section(cls: type, values: tp.Any, where: str):
   if missing:
     raise ConfigError(f"Missing config keys at '{where}': {missing} ({cls.__name__}).")
   return cls(**kwargs)
+
+
+def _freeze(value):
+  """Lists (JSON, ConfigDict) → tuples, recursively: config dataclasses hold hashable tuples."""
+  return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _dataclass_in(hint) -> type | None:
@@ -274,15 +279,15 @@ def parse(config: tp.Any) -> Config:
     elif key == "model":
       kwargs[key] = recipes.build_model_config(cd.model)
     elif key == "loss":
+      if value and "task_weights" in value:
+        raise ConfigError("config.loss.task_weights: set each task's config.tasks.<name>.loss_weight.")
       kwargs[key] = section(LossConfig, value, "config.loss")
     elif key == "tasks":
       if not value:
         raise ConfigError("config.tasks is empty: a run needs at least one task.")
       kwargs[key] = {name: section(TaskSpec, t, f"config.tasks.{name}") for name, t in value.items()}
-    elif isinstance(value, list):
-      kwargs[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
     else:
-      kwargs[key] = value
+      kwargs[key] = _freeze(value)
   loss = kwargs.get("loss") or LossConfig()
   # Per-task text-loss weights, in task order = the batches' task_id.
   kwargs["loss"] = dataclasses.replace(loss, task_weights=tuple(t.loss_weight for t in kwargs["tasks"].values()))

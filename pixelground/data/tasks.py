@@ -43,6 +43,7 @@ LN_TEMPLATES = ("A long image caption:", "A detailed description of the image:",
                 "Describe the image in detail:", "A narrative of the image:")
 SHORT_CAPTION = "A short image caption:"
 REGION_CAPTION = "an object of"
+REFER_SEG = "Can you segment {} in this image?"
 SEG_ANSWERS = ("Sure, it is [SEG].", "It is [SEG].", "Sure, the segmentation result is [SEG].")
 
 
@@ -98,6 +99,7 @@ _ENTITIES = ("entity_masks", "entity_valid", "association")
 TASK_FIELDS = {"ln": _IMAGE + _TEXT + _BOXES, "caption": _IMAGE + _TEXT + _BOXES,
                "region_caption": _IMAGE + _TEXT + _BOXES, "referring": _IMAGE + _TEXT + _BOXES + _SEG,
                "reason_seg": _IMAGE + _TEXT + _SEG + ("ignore_mask",),
+               "referring_seg": _IMAGE + _TEXT + _SEG + ("ignore_mask",),
                "narrative_grounding": _IMAGE + _TEXT + _SEG + _ENTITIES,
                "panoptic": _IMAGE + _TEXT + _SEG + _ENTITIES,
                "dense_caption": _IMAGE + ("region_boxes", "region_ids", "region_valid")}
@@ -108,7 +110,7 @@ def task_schema(cfg: TaskConfig, converter: str) -> dict[str, tuple[tuple[int, .
   if converter not in TASK_FIELDS:
     raise ValueError(f"no field list for converter '{converter}' (known: {sorted(TASK_FIELDS)})")
   fields = set(TASK_FIELDS[converter])
-  if cfg.seg_boxes and converter == "reason_seg":
+  if cfg.seg_boxes and converter in ("reason_seg", "referring_seg"):
     fields |= set(_BOXES)
   if cfg.host_normalize:
     fields = (fields - {"image"}) | {f"image_{enc}" for enc in cfg.host_normalize}
@@ -295,20 +297,34 @@ class Converters:
   def reason_seg(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     queries = [as_text(q) for q in ex["queries"]]
     question = queries[int(rng.integers(len(queries)))] if self.cfg.train else queries[0]
-    geom = self.geometry(rng, ex["image"], [question])
+    return self._seg_answer(ex["image"], question, ex["target_mask"], ex["ignore_mask"], rng)
+
+  def referring_seg(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """LISA's referring segmentation on RefCOCO: "Can you segment {expression} in this image?" → an
+    answer with one `[SEG]` whose mask is the referred object's."""
+    sentences = [as_text(s) for s in ex["sentences"]]
+    text = sentences[int(rng.integers(len(sentences)))] if self.cfg.train else sentences[0]
+    return self._seg_answer(ex["image"], REFER_SEG.format(text), ex["mask"], None, rng)
+
+  def _seg_answer(self, image, question: str, target, ignore, rng: np.random.Generator
+                  ) -> dict[str, np.ndarray]:
+    """A question → "… [SEG]." example: the first `[SEG]` slot holds `target` (H, W[, 1]); `ignore`
+    (same shape, or None) marks pixels never scored."""
+    geom = self.geometry(rng, image, [question])
     question = self.flip_text(geom, question)
-    out = self.image_fields(ex["image"], geom)
+    out = self.image_fields(image, geom)
     out["prompt_ids"] = self.prompt(question)
     answer = SEG_ANSWERS[int(rng.integers(len(SEG_ANSWERS)))] if self.cfg.train else SEG_ANSWERS[0]
     out.update(self.target(self.tok.encode(answer)))
     k = self.cfg.max_seg
     positions = np.flatnonzero(out["target_ids"] == self.seg_id)[:k]
     seg = np.zeros((k,) + out["image_mask"].shape, bool)
-    seg[0] = self.masks(np.asarray(ex["target_mask"])[None], geom)[0]
+    seg[0] = self.masks(np.asarray(target)[None], geom)[0]
     out["seg_masks"] = seg
     out["seg_valid"] = np.arange(k) < len(positions)
     out["seg_positions"] = _pad(positions, k)
-    out["ignore_mask"] = self.masks(np.asarray(ex["ignore_mask"])[None], geom)[0]
+    out["ignore_mask"] = (self.masks(np.asarray(ignore)[None], geom)[0] if ignore is not None
+                          else np.zeros(out["image_mask"].shape, bool))
     if self.cfg.seg_boxes and len(positions) and seg[0].any():
       ys, xs = np.nonzero(seg[0])
       lt = self.cfg.max_target_len

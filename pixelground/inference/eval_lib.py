@@ -9,6 +9,8 @@ Per task (by converter, `config.tasks[name].converter`, default the task name):
                   cIoU / gIoU — boxes and masks mapped back to the ORIGINAL image and scored there
   reason_seg      greedy decoding of the answer; the first generated `[SEG]` gives the mask (none → an
                   empty mask); cIoU / gIoU on the original image, ReasonSeg's ignore regions excluded
+  referring_seg   the same for LISA's RefCOCO question ("Can you segment {expression} …?"), scored
+                  against the referred object's mask
   ln              teacher-forced on the narrative: per-token point L1 (normalised, the in-training
                   `trace_l1`), nDTW of the whole trace (the sequence of per-token box centres against
                   the ground-truth trace boxes' centres) and per word (each token's 2 points against
@@ -52,10 +54,10 @@ from pixelground.parallel import sharding
 from pixelground.training import metrics as train_metrics
 
 # Converters `Evaluator` knows how to score.
-SUPPORTED = ("referring", "reason_seg", "ln", "caption", "region_caption", "dense_caption")
-# The headline number of each task (the demo's last line, the README tables).
-HEADLINE = {"referring": ("acc50", "mask_giou"), "reason_seg": ("giou",), "ln": ("point_l1", "ndtw"),
-            "caption": ("CIDEr", "token_acc"), "region_caption": ("CIDEr",), "dense_caption": ("map",)}
+SUPPORTED = ("referring", "reason_seg", "referring_seg", "ln", "caption", "region_caption",
+             "dense_caption")
+# Tasks answered with a `[SEG]`: the first generated one's mask is scored.
+SEG_TASKS = ("reason_seg", "referring_seg")
 
 
 def eval_options(config, **overrides) -> schema.EvalConfig:
@@ -104,7 +106,7 @@ def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int,
   res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
                           prefix_embeds=visual, vocab_limit=vocab_limit)
   out = {"tokens": res.tokens, "lengths": res.lengths}
-  if task == "reason_seg":
+  if task in SEG_TASKS:
     is_seg = (res.tokens == model.cfg.seg_token_id) & (jnp.arange(res.tokens.shape[1]) < res.lengths[:, None])
     pos = jnp.argmax(is_seg, axis=1).astype(jnp.int32)
     logits, _ = model.decoded_seg_masks(res.hidden, pos[:, None], sam, visual, batch["image_mask"])
@@ -139,7 +141,7 @@ class _Scorer:
     hw = task_lib.image_hw(ex["image"])
     if "mask_logits" not in out:
       return None
-    if self.task == "reason_seg" and not out["has_seg"][i]:
+    if self.task in SEG_TASKS and not out["has_seg"][i]:
       return np.zeros(hw, bool)
     geom = T.resize_pad(hw[0], hw[1], self.cfg.image_size)
     return mask_to_image(out["mask_logits"][i][None], geom, hw)[0]
@@ -159,12 +161,17 @@ class _Scorer:
         inter, union = M.intersection_union(pred, _plain(ex["mask"]))
         rec.update(mask_inter=int(inter), mask_union=int(union))
       return rec
-    if task == "reason_seg":
+    if task in SEG_TASKS:
       answer = self._words(out["tokens"][i], int(out["lengths"][i]))
-      target, ignore = _plain(ex["target_mask"]), _plain(ex["ignore_mask"])
+      if task == "reason_seg":
+        query, target, ignore = (task_lib.as_text(ex["queries"][0]), _plain(ex["target_mask"]),
+                                 _plain(ex["ignore_mask"]))
+      else:
+        query = task_lib.REFER_SEG.format(task_lib.as_text(ex["sentences"][0]))
+        target, ignore = _plain(ex["mask"]), None
       pred = self.pred_mask(ex, out, i)
       inter, union = M.intersection_union(pred, target, ignore)
-      return {"query": task_lib.as_text(ex["queries"][0]), "answer": answer,
+      return {"query": query, "answer": answer,
               "has_seg": bool(out["has_seg"][i]), "mask_inter": int(inter), "mask_union": int(union)}
     if task == "ln":
       valid = row["token_box_valid"] & np.any(row["token_boxes"] != 0, axis=-1)
@@ -202,7 +209,7 @@ class _Scorer:
     image) + the image and the predicted masks at its resolution — referring: "mask" (H, W) or None
     without refseg; reason_seg: "masks" (K, H, W), the first generated `[SEG]`'s, K = 0 without one."""
     pred = self.pred_mask(ex, out, i)
-    if self.task == "reason_seg":
+    if self.task in SEG_TASKS:
       return rec | {"image": np.asarray(ex["image"]), "masks": pred[None][: int(rec["has_seg"])]}
     return rec | {"image": np.asarray(ex["image"]), "mask": pred}
 
@@ -217,7 +224,7 @@ def summarize(task: str, records: list[dict], *, java_fallback: bool = False) ->
     if "mask_inter" in records[0]:
       out.update(_mask_summary(records, "mask_"))
     return out
-  if task == "reason_seg":
+  if task in SEG_TASKS:
     return _mask_summary(records, "") | {"seg_rate": float(np.mean([r["has_seg"] for r in records]))}
   if task == "ln":
     scored = [r for r in records if r["num_points"]]
@@ -391,7 +398,7 @@ class Evaluator:
       with sharding.use(self.setup.mesh, self.setup.rules):
         gb = sharding.global_batch(batch, self.setup.mesh, self.setup.rules)
         out = self._forward(state["params"], state["frozen"], gb, _SAME_FORWARD.get(conv, conv))
-        if conv in ("reason_seg", "caption", "region_caption", "dense_caption"):
+        if conv in SEG_TASKS + ("caption", "region_caption", "dense_caption"):
           out |= self._decode(state["params"], state["frozen"], gb, conv)
       acc.add(out.pop("tf"))
       host = {k: np.asarray(v) for k, v in jax.device_get(out).items()}
@@ -399,7 +406,7 @@ class Evaluator:
       for j, (i, ex) in enumerate(zip(idx, exs)):
         rec = scorer.record(ex, rows[j], host, where[i])
         recs.append((i, {"index": i} | rec))
-        if i < self.keep_examples and conv in ("referring", "reason_seg"):
+        if i < self.keep_examples and conv in ("referring",) + SEG_TASKS:
           self.kept.setdefault(name, {})[i] = scorer.visual(ex, rec, host, where[i])
       if bar is not None:
         bar.update(1)

@@ -140,6 +140,7 @@ def prepare_data(config, *, background: bool = False) -> tp.Callable[[], None]:
     # The child imports tfds_builders from wherever this process did (a checkout or site-packages).
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(tfds_builders.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["TQDM_DISABLE"] = "1"  # TFDS's per-split bars; the build prints a line per dataset
     sys.stdout.flush()
     child = subprocess.Popen(cmd, env=env)  # its progress lines go to our stdout / stderr
 

@@ -29,7 +29,8 @@ from pixelground.training import objective
 
 # task name → the token-accuracy metric its text reports
 _TOKEN_ACC = {"caption": "caption_token_acc", "ln": "ln_token_acc", "region_caption": "region_token_acc",
-              "referring": "referring_token_acc", "reason_seg": "seg_answer_token_acc"}
+              "referring": "referring_token_acc", "reason_seg": "seg_answer_token_acc",
+              "referring_seg": "seg_answer_token_acc"}
 
 
 def box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -74,7 +75,7 @@ def batch_metrics(cfg: P.PixelLLMConfig, task: str, out: dict[str, jax.Array],
       iou = L.mask_iou(out["ref_logits"], batch["seg_masks"][:, 0].astype(jnp.float32),
                        ignore=~batch["image_mask"])
       m["referring_miou"] = (jnp.sum(jnp.where(valid, iou, 0.0)), jnp.sum(valid).astype(jnp.float32))
-  if task == "reason_seg" and "seg_logits" in out:
+  if task in ("reason_seg", "referring_seg") and "seg_logits" in out:
     valid = objective.seg_rows(cfg, batch)
     ignore = batch["ignore_mask"][:, None] | ~batch["image_mask"][:, None]
     iou = L.mask_iou(out["seg_logits"], batch["seg_masks"].astype(jnp.float32),

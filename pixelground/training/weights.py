@@ -107,6 +107,7 @@ def import_weights(setup: Setup, state, weights) -> tuple[tp.Any, list[Report]]:
     consumed: set[str] = set()
     file_keys: set[str] = set()
     missing: list[str] = []
+    mismatched: list[str] = []
     for part, module, info in _load_parts(setup, key, path):
       file_keys.update(info["keys"])
       loaded = _flat(nnx.state(module))
@@ -127,8 +128,9 @@ def import_weights(setup: Setup, state, weights) -> tuple[tp.Any, list[Report]]:
             continue
           value = loaded[p[1:]].get_value()
           if value.shape != var.get_value().shape:
-            raise WeightsError(f"config.weights.{key}: {_dotted(p)} has shape {value.shape} in {path}, "
-                               f"the model expects {var.get_value().shape}.")
+            mismatched.append(f"{_dotted(p)} {tuple(value.shape)} in the file, {var.get_value().shape} "
+                              "in the model")
+            continue
           _set(var, value)
           used.add(sub)
           rep.loaded.append(_dotted(p))
@@ -137,9 +139,13 @@ def import_weights(setup: Setup, state, weights) -> tuple[tp.Any, list[Report]]:
           state[group] = nnx.from_flat_state(flat)
       for sub in used:
         consumed.update(info["loaded"][sub])
-    if missing:
-      raise WeightsError(f"config.weights.{key}: {len(missing)} parameter(s) of the imported part(s) are "
-                         f"not in {path}: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+    if missing or mismatched:
+      lines = [f"config.weights.{key}: {path} does not fit the model's imported part(s)."]
+      if missing:
+        lines.append(f"  {len(missing)} parameter(s) not in the file: {', '.join(missing)}")
+      if mismatched:
+        lines.append(f"  {len(mismatched)} with another shape: {'; '.join(mismatched)}")
+      raise WeightsError("\n".join(lines))
     rep.ignored = sorted(file_keys - consumed)
     reports.append(rep)
   return state, reports
