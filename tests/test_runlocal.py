@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,10 +71,79 @@ def run_and_resume(name: str, workdir, env, *, stop_at: int = 10, timeout: float
   return result
 
 
-def test_ln_t5xl(env, tmp_path):
-  r = run_and_resume("ln_t5xl", tmp_path / "run", env)
+@pytest.fixture(scope="module")
+def ln_run(env, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("ln_t5xl") / "run"
+  return workdir, run_and_resume("ln_t5xl", workdir, env)
+
+
+def test_ln_t5xl(ln_run):
+  _, r = ln_run
   for key in ("ln/point_l1", "ln/ndtw", "ln/token_acc", "caption/CIDEr", "caption/token_acc"):
     assert key in r, sorted(r)
+
+
+def _flat_state(state) -> dict[str, np.ndarray]:
+  from flax import nnx
+  return {".".join(map(str, p)): np.asarray(v.get_value()) for g in ("params", "frozen")
+          for p, v in nnx.to_flat_state(state[g])}
+
+
+def _staged(name: str, ln_workdir):
+  """(state after init + init_from the LN run, a fresh state of the same config, the report)."""
+  import jax
+
+  from pixelground.config import schema
+  from pixelground.config.parse import load_config
+  from pixelground.parallel import sharding
+  from pixelground.training import train_state, weights
+
+  c = load_config(os.path.join(ROOT, "configs", f"{name}.py:runlocal"))
+  c.init_from.path = str(ln_workdir)
+  config = schema.parse(c)
+  setup = train_state.build_setup(config, sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                                                             devices=jax.devices()[:1]))
+  fresh = _flat_state(train_state.init_state(setup))
+  state, report = weights.init_from(setup, train_state.init_state(setup), config.init_from)
+  return _flat_state(state), fresh, report
+
+
+def _ln_checkpoint(workdir) -> dict[str, np.ndarray]:
+  import jax
+  import orbax.checkpoint as ocp
+
+  tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "30", "state"))
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path({"params": tree["params"], "frozen": tree["frozen"]}):
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    out[".".join(map(str, keys[1:-1]))] = np.asarray(leaf)
+  return out
+
+
+def test_staged_init_from_the_ln_run(ln_run, env, tmp_path):
+  """refcoco_t5xl:runlocal from the LN run: every parameter is shared and starts bit-identical to the
+  LN checkpoint; refseg_t5xl:runlocal from it: the shared ones too, its new heads (mask adapter and
+  SAM mask decoder) as a fresh initialisation makes them. The CLI prints the table."""
+  workdir, _ = ln_run
+  ln = _ln_checkpoint(workdir)
+  state, fresh, report = _staged("refcoco_t5xl", workdir)
+  assert set(state) == set(ln) and not report.new and not report.ignored
+  assert sorted(report.loaded) == sorted(ln)
+  for k, v in state.items():
+    assert v.dtype == ln[k].dtype and np.array_equal(v, ln[k]), k
+  state, fresh, report = _staged("refseg_t5xl", workdir)
+  new = {k for k in state if k not in ln}
+  assert new and {k.split(".")[0] for k in new} == {"mask_adapter", "mask_decoder"}
+  assert sorted(report.new) == sorted(new) and sorted(report.loaded) == sorted(set(state) & set(ln))
+  for k, v in state.items():
+    assert np.array_equal(v, ln[k] if k in ln else fresh[k]), k
+  # Through the trainer: the header's chained command prints the table (one step is enough here).
+  p = subprocess.run(command("refcoco_t5xl", tmp_path / "refcoco") + [f"--config.init_from.path={workdir}",
+                                                                     "--stop_after=1"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  assert f"config.init_from = {workdir}/checkpoints/30: {len(ln)} loaded, 0 new, 0 ignored" in p.stdout
+  assert "--config.init_from.path=" in _header("refcoco_t5xl")
 
 
 def test_refseg_t5xl(env, tmp_path):
