@@ -1,22 +1,26 @@
 r"""The main job: trains PixelLLM (+ LISA) from an ml_collections config, sharded, multi-host, resumable.
 
     python -m pixelground.train --config=configs/demo.py --workdir=workdir/demo
-    python -m pixelground.train --config=configs/ln_t5xl.py --workdir=gs://... \
+    python -m pixelground.train --config=configs/ln_t5xl.py:runlocal --workdir=/tmp/ln_t5xl
+    python -m pixelground.train --config=configs/ln_t5xl.py --workdir=/ckpt/ln_t5xl \
         --config.weights.sam=/w/sam_vit_h.pth --config.optimizer.total_steps=20000
 
-Any config field can be overridden with `--config.key=value`. Running the same command again resumes
-from the newest checkpoint in `WORKDIR/checkpoints` (model, optimizer, step and input-pipeline state),
-on any mesh shape. SIGTERM (TPU preemption) → every host saves at the next step boundary and exits 0.
+Any config key can be set with `--config.key=value` (`pixelground.config.schema` lists them; an unknown
+one stops the run naming it). A fresh run initialises the state, imports `config.weights` and loads the
+parameters shared with `config.init_from` (printing a table of each). Running the same command again
+resumes from the newest checkpoint in `WORKDIR/checkpoints` (model, optimizer, step and input-pipeline
+state), on any mesh shape. SIGTERM (TPU preemption) → every host saves at the next step boundary and exits 0.
 
 Multi-host: on TPU VMs `jax.distributed.initialize()` finds everything itself (`--multihost`); elsewhere
 pass `--coordinator_address=host:port --num_processes=N --process_id=i` (or the env variables
 PIXELGROUND_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID). Each process reads a disjoint shard of every
 dataset and feeds its slice of the global batch.
 
-Writes in WORKDIR: checkpoints/, tensorboard/ (event files, no TensorFlow needed), metrics.jsonl (every
-logged step and every evaluation), eval_<step>.json + predictions_<step>.jsonl (the final evaluation,
-`pixelground.inference.eval_lib`: the files `pixelground.evaluate` writes for that checkpoint) and, for configs
-with `config.visualize`, demo.png. The last printed line is the final evaluation as JSON.
+Writes in WORKDIR: config.json (the full config), checkpoints/, tensorboard/ (event files, no
+TensorFlow needed), metrics.jsonl (every logged step and every evaluation), train.INFO (library logs),
+eval_<step>.json + predictions_<step>.jsonl (the final evaluation, `pixelground.inference.eval_lib`: the
+files `pixelground.evaluate` writes for that checkpoint) and, for configs with `config.visualize`,
+demo.png. The last printed line is the final evaluation as JSON.
 """
 
 from __future__ import annotations

@@ -28,3 +28,15 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "slow" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory):
+  """Environment for the CLI subprocess tests: one CPU device as on a user's machine (no forced device
+  count), the repository importable, one grounded-shapes + XLA compilation cache for the whole session
+  (the runlocal configs share their synthetic data and many compiled programs)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  e = dict(os.environ, PIXELGROUND_CACHE=str(tmp_path_factory.mktemp("cli_cache")), JAX_PLATFORMS="cpu",
+           PYTHONPATH=root)
+  e.pop("XLA_FLAGS", None)
+  return e

@@ -19,12 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  """One grounded-shapes + XLA cache for the module's runs; no forced device count."""
-  e = dict(os.environ, PIXELGROUND_CACHE=str(tmp_path_factory.mktemp("cache")), JAX_PLATFORMS="cpu",
-           PYTHONPATH=ROOT)
-  e.pop("XLA_FLAGS", None)
-  return e
+def env(cli_env):
+  return cli_env
 
 
 def command(name: str, workdir) -> list[str]:

@@ -162,14 +162,6 @@ def _train(name, workdir, files, *extra, env=None):
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def cli_env(tmp_path_factory):
-  e = dict(os.environ, PIXELGROUND_CACHE=str(tmp_path_factory.mktemp("cache")), JAX_PLATFORMS="cpu",
-           PYTHONPATH=ROOT)
-  e.pop("XLA_FLAGS", None)
-  return e
-
-
 def test_renamed_key_fails_the_run_naming_it(files, tmp_path, cli_env):
   state = torch.load(files["sam"], weights_only=True)
   key = "image_encoder.blocks.1.attn.qkv.weight"

@@ -205,7 +205,6 @@ def runlocal(c: ml_collections.ConfigDict, *, steps: int = 30, batch_size: int =
   c.data.max_regions = min(c.data.max_regions, 4)
   c.data.num_workers = 0
   c.data.num_shards = 0
-  c.data.tfds_dir = ""
   c.data.grounded_shapes = base.grounded_shapes(num_train=256, num_validation=32, size=s, max_shapes=3)
   c.optimizer.update(learning_rate=1e-3, total_steps=steps, warmup_steps=max(steps // 10, 1),
                      batch_size=batch_size)

@@ -76,7 +76,7 @@ class DataConfig:
   mixing: str = "batch"          # "batch": one task per batch (per-task programs); "example": mixed rows
   num_workers: int = 0           # Grain worker processes converting examples (0: in-process)
   num_shards: int = 0            # input shards (0: one per process); fixed shards resume on any count
-  tfds_dir: str = ""             # where the prepared TFDS datasets live
+  tfds_dir: str = "~/tensorflow_datasets"  # where the prepared TFDS datasets live (TFDS's default)
   grounded_shapes: GroundedShapesConfig | None = None
 
   def __post_init__(self):

@@ -36,7 +36,7 @@ import typing as tp
 
 import numpy as np
 
-from pixelground.data import alignment
+from pixelground.data import alignment, text_flip
 from pixelground.data import transforms as T
 
 LN_TEMPLATES = ("A long image caption:", "A detailed description of the image:",
@@ -167,7 +167,7 @@ class Converters:
       return T.resize_pad(h, w, s)
     geom = T.random_resize_crop(rng, h, w, s, self.cfg.scale_range)
     if self.cfg.flip:
-      if not all(T.flip_allowed(t) for t in texts):
+      if not all(text_flip.flip_allowed(t) for t in texts):
         self.stats["flips_refused"] += 1
       geom = T.maybe_flip(rng, geom, texts=texts)  # one draw either way: the stream stays in step
     return geom
@@ -193,7 +193,7 @@ class Converters:
     return {"target_ids": _pad(ids, lt), "target_mask": np.arange(lt) < len(ids)}
 
   def flip_text(self, geom: T.Geometry, text: str) -> str:
-    return T.flip_text(text) if geom.flipped else text
+    return text_flip.flip_text(text) if geom.flipped else text
 
   def norm_boxes(self, boxes_px: np.ndarray, geom: T.Geometry) -> np.ndarray:
     """Pixel xyxy boxes of the source image → normalised canvas xyxy (clipped to the valid area)."""

@@ -1,4 +1,4 @@
-"""The jitted train and evaluation steps, and the analytic FLOPs of a train step (for MFU)."""
+"""The jitted train step, and the analytic FLOPs of a train step (for MFU)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from pixelground.config import schema
 from pixelground.models import pixelllm as P
 from pixelground.parallel import sharding
-from pixelground.config import schema
-from pixelground.training import metrics as train_metrics, objective
+from pixelground.training import objective
 from pixelground.training.train_state import Setup
+
 
 def make_train_step(setup: Setup, loss_cfg: objective.LossConfig, *, accum_steps: int = 1, seed: int = 0,
                     drop_path: bool = True):
@@ -57,18 +58,6 @@ def make_train_step(setup: Setup, loss_cfg: objective.LossConfig, *, accum_steps
 
   return jax.jit(step, static_argnums=2, donate_argnums=0,
                  out_shardings=(setup.state_shardings, None))
-
-
-def make_eval_step(setup: Setup):
-  """eval_step(state, batch, task) → {metric: (sum, count)} (teacher-forced, see train_metrics)."""
-  cfg, graphdef = setup.cfg, setup.graphdef
-
-  def step(state, batch, task):
-    model = nnx.merge(graphdef, state["params"], state["frozen"])
-    out = model(batch, heads=P.TASK_HEADS.get(task, ()))
-    return train_metrics.batch_metrics(cfg, task, out, batch)
-
-  return jax.jit(step, static_argnums=2)
 
 
 def flops_inputs(config, setup: Setup, batch_size: int, task: str | None
