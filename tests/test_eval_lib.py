@@ -27,9 +27,10 @@ def test_summaries_known_answers():
   assert s["mean_box_iou"] == pytest.approx((0.5 + 0.499 + 0.9) / 3)
   assert s["mask_giou"] == pytest.approx((3 / 4 + 1.0 + 1 / 6) / 3)  # empty vs empty scores 1
   assert s["mask_ciou"] == pytest.approx(4 / 10)
-  rs = eval_lib.summarize("reason_seg", [{"mask_inter": 2, "mask_union": 8, "has_seg": True},
-                                         {"mask_inter": 0, "mask_union": 5, "has_seg": False}])
-  assert rs == pytest.approx({"giou": 0.125, "ciou": 2 / 13, "seg_rate": 0.5})
+  for task in ("reason_seg", "referring_seg"):
+    rs = eval_lib.summarize(task, [{"mask_inter": 2, "mask_union": 8, "has_seg": True},
+                                   {"mask_inter": 0, "mask_union": 5, "has_seg": False}])
+    assert rs == pytest.approx({"giou": 0.125, "ciou": 2 / 13, "seg_rate": 0.5})
   ln = eval_lib.summarize("ln", [{"num_points": 2, "point_l1_sum": 0.3, "ndtw": 0.5, "word_ndtw": 0.4,
                                   "lbm": 0.1},
                                  {"num_points": 0},

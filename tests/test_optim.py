@@ -1,7 +1,6 @@
 """The optimizer built from config: decay mask, layer-wise LR decay (scanned = unrolled), LR multipliers,
 clipping, schedule, config errors — checked against hand-computed AdamW updates."""
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -51,8 +50,7 @@ def test_decay_mask_matrices_only():
 def test_layer_decay_scales(scan):
   rate, depth = 0.8, 3
   params = _abstract(lambda: Wrap(scan))
-  scales = _flat(optim.lr_scales(params, ml_collections.ConfigDict({"layer_decay": {"eva": rate}}),
-                                 {"eva": depth}))
+  scales = _flat(optim.lr_scales(params, _opt_cfg(layer_decay={"eva": rate}), {"eva": depth}))
   assert float(scales["eva.patch_embed_kernel"]) == pytest.approx(rate ** 4)   # layer 0
   assert float(scales["eva.norm.scale"]) == pytest.approx(1.0)                 # after the blocks
   assert float(scales["head.kernel"]) == 1.0                                   # not in the ViT
@@ -66,16 +64,20 @@ def test_layer_decay_scales(scan):
 def test_lr_multipliers_and_errors():
   params = _abstract(lambda: Wrap(True))
   # A plain key is a top-level part; a key with regex characters is searched in the dotted path.
-  cfg = ml_collections.ConfigDict({"lr_multipliers": {"head": 10.0, r"q_?kernel$|q\b": 0.5}})
+  cfg = _opt_cfg(lr_multipliers={"head": 10.0, r"q_?kernel$|q\b": 0.5})
   s = _flat(optim.lr_scales(params, cfg, {"eva": 3}))
   assert float(s["head.kernel"]) == 10.0 and float(s["eva.blocks.layers.attn.q.kernel"]) == 0.5
   assert float(s["eva.blocks.layers.attn.k.kernel"]) == 1.0
   with pytest.raises(ValueError, match="no trainable parameter matches"):
-    optim.lr_scales(params, ml_collections.ConfigDict({"lr_multipliers": {"adapter": 2.0}}), {})
+    optim.lr_scales(params, _opt_cfg(lr_multipliers={"adapter": 2.0}), {})
   with pytest.raises(ValueError, match="not a ViT of this model"):
-    optim.lr_scales(params, ml_collections.ConfigDict({"layer_decay": {"sam": 0.9}}), {"eva": 3})
-  with pytest.raises(ValueError, match="unknown keys"):
-    optim.build(_opt_cfg(lr_multiplier={"head": 2.0}), params)
+    optim.lr_scales(params, _opt_cfg(layer_decay={"sam": 0.9}), {"eva": 3})
+  with pytest.raises(ValueError, match="lr_multiplier"):
+    _opt_cfg(lr_multiplier={"head": 2.0})
+  bad = _opt_cfg()
+  bad.lr_multiplier = {"head": 2.0}
+  with pytest.raises(ValueError, match="Unknown config key 'config.optimizer.lr_multiplier'"):
+    optim.build(bad, params)
 
 
 def test_update_matches_hand_computed_adamw():

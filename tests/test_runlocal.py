@@ -134,11 +134,16 @@ def test_staged_init_from_the_ln_run(ln_run, env, tmp_path):
   for k, v in state.items():
     assert np.array_equal(v, ln[k] if k in ln else fresh[k]), k
   # Through the trainer: the header's chained command prints the table (one step is enough here).
-  p = subprocess.run(command("refcoco_t5xl", tmp_path / "refcoco") + [f"--config.init_from.path={workdir}",
-                                                                     "--stop_after=1"],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  cmd = command("refcoco_t5xl", tmp_path / "refcoco") + [f"--config.init_from.path={workdir}",
+                                                         "--stop_after=1"]
+  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   assert f"config.init_from = {workdir}/checkpoints/30: {len(ln)} loaded, 0 new, 0 ignored" in p.stdout
+  # The same command again resumes its own checkpoint and leaves init_from alone.
+  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  assert "Resumed from the checkpoint at step 1" in p.stdout and "is not used" in p.stdout
+  assert "loaded," not in p.stdout
   assert "--config.init_from.path=" in _header("refcoco_t5xl")
 
 

@@ -91,6 +91,25 @@ def test_train_rows_all_tasks(data, tok):
       np.testing.assert_array_equal(row["seg_masks"][j], union)
 
 
+def test_referring_seg_asks_lisa_style_for_the_referred_mask(data, tok):
+  """LISA's RefCOCO rows: the expression inside the question, one `[SEG]` in the answer, and the
+  referring converter's mask of the same object under the same geometry (evaluation: no randomness)."""
+  cfg = tasks.TaskConfig(image_size=S, train=False)
+  conv = tasks.Converters(cfg, tok)
+  for i in range(3):
+    ex = data["ref"][i]
+    row = conv.referring_seg(ex, np.random.default_rng(0))
+    _check_schema(row, cfg)
+    assert set(row) == set(tasks.task_schema(cfg, "referring_seg"))
+    question = tok.decode([t for t in row["prompt_ids"] if t])
+    assert question == tasks.REFER_SEG.format(tasks.as_text(ex["sentences"][0]))
+    assert row["seg_valid"].tolist() == [True, False, False, False]
+    assert row["target_ids"][row["seg_positions"][0]] == tok.token_id("[SEG]")
+    ref = conv.referring(ex, np.random.default_rng(0))
+    np.testing.assert_array_equal(row["seg_masks"][0], ref["seg_masks"][0])
+    assert row["seg_masks"][0].any() and not row["ignore_mask"].any()
+
+
 def test_seg_boxes_put_the_mask_box_at_the_seg_step(data, tok):
   """TaskConfig.seg_boxes (demo): a LISA row's only box target is its mask's tight box, at the step that
   predicts `[SEG]`; without the option the row has no box target; `refseg_rows` ignores such rows."""

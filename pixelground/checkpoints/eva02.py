@@ -148,6 +148,7 @@ def load_eva02(path: str | os.PathLike, cfg: eva_lib.Eva02Config | None = None, 
       remat, drop_path_rate, ...).
     mesh, rules: target placement (default: first device).
     seed: Rngs seed for the abstract build; every parameter comes from the checkpoint.
+    report: filled with what was loaded / initialised / left unused (`loader.load_model`).
   """
   with open_source(path) as source:
     prefix = detect_prefix(source)

@@ -174,6 +174,7 @@ def load_sam_image_encoder(path: str | os.PathLike, cfg: sam_lib.SamEncoderConfi
     mesh, rules: target placement (default: first device).
     prefix: key prefix of the encoder; default: auto-detected ("image_encoder.", "vision_encoder.", "").
     seed: Rngs seed for building the (abstract) model; every parameter comes from the checkpoint.
+    report: filled with what was loaded / initialised / left unused (`loader.load_model`).
     **overrides: `SamEncoderConfig` fields to change (dtype, param_dtype, remat, ...).
 
   Keys that do not start with the prefix (prompt encoder, mask decoder, shared embeddings) are ignored.

@@ -256,6 +256,7 @@ def load_sam_decoder(path: str | os.PathLike, cfg: dec_lib.SamDecoderConfig | No
       grid_size, dtype).
     mesh, rules: target placement (default: first device).
     seed: Rngs seed for the abstract build; every parameter comes from the checkpoint.
+    report: filled with what was loaded / initialised / left unused (`loader.load_model`).
   """
   with open_source(path) as source:
     fmt = detect_layout(source)

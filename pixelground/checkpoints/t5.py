@@ -172,6 +172,7 @@ def load_t5(path: str | os.PathLike, cfg: t5_lib.T5Config | None = None, *, mesh
     cfg: model config; default: from the HF `config.json` (T5X checkpoints need `cfg`).
     mesh, rules: target placement (default: first device).
     seed: for parameters absent from checkpoints (LoRA A).
+    report: filled with what was loaded / initialised / left unused (`loader.load_model`).
     **overrides: `T5Config` fields to change (dtype, param_dtype, scan_layers, lora_*, ...).
   """
   with open_source(path) as source:
