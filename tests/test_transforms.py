@@ -85,10 +85,13 @@ out_sizes = st.sampled_from([24, 48, 96, 384])
 @given(size=sizes, out_size=out_sizes, data=st.data())
 def test_mask_boxes_match_transformed_boxes(size, out_size, data):
   """Nearest-neighbour sampling at output pixel centres puts a rectangle's edges within 0.5 pixel of
-  the transformed box edges. An ellipse's tips are thin (a tip column may hold fewer rows than the
-  sampling step 1/scale); with radii ≥ 2 output pixels and aspect ≤ 3 the lost tip is < 0.2 output
-  pixel, so the bound is 1 pixel for shapes whose transformed box is not clipped. A clipped ellipse's
-  visible part is smaller than its clipped box, so there only containment is checked."""
+  the transformed box edges (bound: 1 pixel). An ellipse's tips are thin: the sampled source rows /
+  columns are one step 1/scale apart, so up to one output pixel of a tip falls between two of them, and
+  near the tip the chord is narrower than the step, so the sampled columns may miss it for another
+  b·s / (8a²) output pixels (radius a across, b along, s = 1/scale); with radii ≥ 2 output pixels and
+  aspect ≤ 3 that is < 3/16, so the ellipse bound is 1.2 pixels (e.g. radius 4 px at scale 0.64 whose
+  one-pixel tip lies in an unsampled column: 1.12). A clipped ellipse's visible part is smaller than
+  its clipped box, so there only containment is checked."""
   h, w = size
   g = draw_geometry(data, h, w, out_size)
   masks, boxes, is_rect = draw_shapes(data, h, w, g.scale)
@@ -112,7 +115,8 @@ def test_mask_boxes_match_transformed_boxes(size, out_size, data):
     inside = raw[k, 0] >= 0 and raw[k, 1] >= 0 and raw[k, 2] <= vw and raw[k, 3] <= vh
     if is_rect[k] or inside:
       event("rectangle compared" if is_rect[k] else "ellipse compared")
-      np.testing.assert_array_less(np.abs(ob - tb[k]), 1.0 + 1e-6,
+      bound = 1.0 if is_rect[k] else 1.2
+      np.testing.assert_array_less(np.abs(ob - tb[k]), bound + 1e-6,
                                    err_msg=f"shape {k} rect={is_rect[k]} geometry {g}")
 
 
