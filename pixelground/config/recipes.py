@@ -96,7 +96,7 @@ def build_model_config(c: ml_collections.ConfigDict) -> P.PixelLLMConfig:
     if key in _MODEL_KEYS:
       continue
     if key not in scalars:
-      raise schema._unknown(key, set(_MODEL_KEYS) | scalars, "config.model", "the model section")
+      raise schema.unknown_key(key, set(_MODEL_KEYS) | scalars, "config.model", "the model section")
     extra[key] = tuple(value) if isinstance(value, list) else value
   sam = _tower(c.get("sam"), sam_lib.preset, sam_lib.SamEncoderConfig, "config.model.sam")
   eva = _tower(c.get("eva"), eva_lib.preset, eva_lib.Eva02Config, "config.model.eva")

@@ -211,7 +211,8 @@ _SECTIONS = {"optimizer": OptimizerConfig, "data": DataConfig, "eval": EvalConfi
              "init_from": InitFromConfig, "visualize": VisualizeConfig, "mesh": MeshConfig}
 
 
-def _unknown(key: str, known: tp.Iterable[str], where: str, what: str) -> ConfigError:
+def unknown_key(key: str, known: tp.Iterable[str], where: str, what: str) -> ConfigError:
+  """The error for `where.key`, not among `known` (a key of `what`), with the closest valid name."""
   close = difflib.get_close_matches(key, list(known), n=1)
   hint = f" Did you mean '{close[0]}'?" if close else ""
   return ConfigError(f"Unknown config key '{where}.{key}' ({what}).{hint} Valid keys: {sorted(known)}.")
@@ -226,7 +227,7 @@ def section(cls: type, values: tp.Any, where: str):
   kwargs = {}
   for key, value in values.items():
     if key not in fields:
-      raise _unknown(key, fields, where, cls.__name__)
+      raise unknown_key(key, fields, where, cls.__name__)
     sub = _dataclass_in(hints[key])
     if sub is not None and value is not None:
       value = section(sub, value, f"{where}.{key}")
@@ -268,7 +269,7 @@ def parse(config: tp.Any) -> Config:
   top = {f.name for f in dataclasses.fields(Config)} - {"source"}
   for key in values:
     if key not in top:
-      raise _unknown(key, top, "config", "the top level")
+      raise unknown_key(key, top, "config", "the top level")
   for key in ("model", "tokenizer", "optimizer", "tasks"):
     if key not in values:
       raise ConfigError(f"Missing config key 'config.{key}'.")
