@@ -9,14 +9,17 @@ Full size (after configs/ln_t5xl.py wrote /ckpt/ln_t5xl):
     python -m pixelground.train --config=configs/densecap_t5xl.py --workdir=/ckpt/densecap_t5xl \
         --config.data.tfds_dir=/data/tfds --multihost
 
-  Not trained here. Compile check: COMPILE_EXPECT
+  Not trained here. Compile check `python -m pixelground.compile_check --config=configs/densecap_t5xl.py
+  --topology=v5e:4x4` (mesh data 2 × fsdp 8, batch 64, task dense_caption): 7.98 GiB per chip of 16
+  (FITS), 49.9 TFLOP analytic per chip per step → 0.253 s at 100 % MFU, 0.506 s at 50 %.
 
 CPU variant (the same recipe shrunk; dense captioning reads grounded-shapes panoptic segments, the
 synthetic data has no Visual Genome files):
 
     python -m pixelground.train --config=configs/densecap_t5xl.py:runlocal --workdir=/tmp/densecap_t5xl
 
-  RUNLOCAL_EXPECT
+  Measured on 2 CPU cores (data cached): 71 s wall, 2.1 GB peak. 30 steps of batch 8; region CE
+  6.73 → 4.72, proposal heatmap 1.42 → 0.85; held-out DenseCap mAP 0.028, detection mAP 0.165.
 """
 
 from pixelground.config import base, recipes

@@ -8,13 +8,17 @@ Full size:
         --config.weights.sam=/w/sam_vit_h_4b8939.pth --config.weights.eva=/w/eva02_L.safetensors \
         --config.weights.t5=/w/flan-t5-xl --config.data.tfds_dir=/data/tfds --multihost
 
-  Not trained here. Compile check: COMPILE_EXPECT
+  Not trained here. Compile check `python -m pixelground.compile_check --config=configs/joint_t5xl.py
+  --topology=v5e:4x4` (mesh data 2 × fsdp 8, batch 128, task ln): 4.72 GiB per chip of 16
+  (FITS), 27.5 TFLOP analytic per chip per step → 0.140 s at 100 % MFU, 0.280 s at 50 %.
 
 CPU variant (the same recipe shrunk):
 
     python -m pixelground.train --config=configs/joint_t5xl.py:runlocal --workdir=/tmp/joint_t5xl
 
-  RUNLOCAL_EXPECT
+  Measured on 2 CPU cores (data cached): 164 s wall (five task programs compile), 3.4 GB peak. 30
+  steps of batch 8 over the five tasks; held-out LN point L1 0.175, caption CIDEr 0.02, referring
+  mask gIoU 0.011, DenseCap mAP 0.009 (from scratch, 30 steps).
 """
 
 from pixelground.config import base, recipes

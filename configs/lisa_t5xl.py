@@ -10,13 +10,17 @@ Full size:
         --config.weights.sam=/w/sam_vit_h_4b8939.pth --config.weights.eva=/w/eva02_L.safetensors \
         --config.weights.t5=/w/flan-t5-xl --config.data.tfds_dir=/data/tfds --multihost
 
-  Not trained here. Compile check: COMPILE_EXPECT
+  Not trained here. Compile check `python -m pixelground.compile_check --config=configs/lisa_t5xl.py
+  --topology=v5e:4x4` (mesh data 2 × fsdp 8, batch 64, task mixed): 3.98 GiB per chip of 16
+  (FITS), 11.7 TFLOP analytic per chip per step → 0.060 s at 100 % MFU, 0.119 s at 50 %.
 
 CPU variant (the same recipe shrunk):
 
     python -m pixelground.train --config=configs/lisa_t5xl.py:runlocal --workdir=/tmp/lisa_t5xl
 
-  RUNLOCAL_EXPECT
+  Measured on 2 CPU cores (data cached): 82 s wall, 2.6 GB peak. 30 steps of batch 8 (rows of both
+  tasks mixed in each batch); text CE 7.35 → 5.70, mask BCE 0.49 → 0.20; held-out `[SEG]` generated
+  for 1 of 16 RefCOCO questions, gIoU 0.0 (from scratch, 30 steps).
 """
 
 from pixelground.config import base, recipes

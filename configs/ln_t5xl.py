@@ -20,7 +20,10 @@ CPU variant (same recipe shrunk; grounded-shapes data built on first use):
 
     python -m pixelground.train --config=configs/ln_t5xl.py:runlocal --workdir=/tmp/ln_t5xl
 
-  RUNLOCAL_EXPECT
+  Measured on 2 CPU cores (grounded-shapes build included, ~15 s of it): 55 s wall, 2.0 GB peak.
+  30 steps of batch 8, 0.10M of 0.47M parameters trained (EVA02, extractor, LoRA, point head); LN text
+  CE 7.17 → 6.81; held-out (16 per task) LN point L1 0.171, nDTW 0.086, caption CIDEr 0.03. A model
+  from scratch after 30 steps: it shows the recipe runs end to end, not what it learns.
 """
 
 from pixelground.config import base, recipes

@@ -7,14 +7,19 @@ Full size (after configs/ln_t5xl.py wrote /ckpt/ln_t5xl; SAM and T5's frozen wei
     python -m pixelground.train --config=configs/refcoco_t5xl.py --workdir=/ckpt/refcoco_t5xl \
         --config.data.tfds_dir=/data/tfds --multihost
 
-  Not trained here. Compile check: COMPILE_EXPECT
+  Not trained here. Compile check `python -m pixelground.compile_check --config=configs/refcoco_t5xl.py
+  --topology=v5e:4x4` (mesh data 2 × fsdp 8, batch 64, task referring): 3.76 GiB per chip of 16
+  (FITS), 11.7 TFLOP analytic per chip per step → 0.059 s at 100 % MFU, 0.119 s at 50 %.
 
 CPU variant (the same recipe shrunk; chain it to the LN runlocal run with init_from):
 
     python -m pixelground.train --config=configs/refcoco_t5xl.py:runlocal --workdir=/tmp/refcoco_t5xl \
         --config.init_from.path=/tmp/ln_t5xl
 
-  RUNLOCAL_EXPECT
+  Measured on 2 CPU cores (data cached): 38 s wall, 2.2 GB peak. 30 steps of batch 8 over the
+  three referring tasks (one compiled program; all read the grounded-shapes refs); text CE 7.17 → 6.16;
+  held-out Acc@0.5 0.0 on each (from scratch, 30 steps; from the LN run with init_from: see
+  tests/test_runlocal.py).
 """
 
 from pixelground.config import base, recipes

@@ -8,13 +8,17 @@ Full size (after configs/refcoco_t5xl.py wrote /ckpt/refcoco_t5xl):
     python -m pixelground.train --config=configs/refseg_t5xl.py --workdir=/ckpt/refseg_t5xl \
         --config.weights.sam=/w/sam_vit_h_4b8939.pth --config.data.tfds_dir=/data/tfds --multihost
 
-  Not trained here. Compile check: COMPILE_EXPECT
+  Not trained here. Compile check `python -m pixelground.compile_check --config=configs/refseg_t5xl.py
+  --topology=v5e:4x4` (mesh data 2 × fsdp 8, batch 64, task referring_seg): 2.08 GiB per chip of 16
+  (FITS), 6.5 TFLOP analytic per chip per step → 0.033 s at 100 % MFU, 0.066 s at 50 %.
 
 CPU variant (the same recipe shrunk):
 
     python -m pixelground.train --config=configs/refseg_t5xl.py:runlocal --workdir=/tmp/refseg_t5xl
 
-  RUNLOCAL_EXPECT
+  Measured on 2 CPU cores (data cached): 68 s wall, 2.1 GB peak. 30 steps of batch 8, 0.036M of
+  0.55M parameters trained (mask adapter + point head; LoRA off, as the recipe); ref focal 0.142 →
+  0.124, IoU MSE 0.30 → 0.22; held-out mask gIoU 0.021.
 """
 
 from pixelground.config import base, recipes

@@ -111,9 +111,9 @@ def main(argv):
     if config.init_from.path:
       state, rep = weights.init_from(setup, state, config.init_from)
       reports.append(rep)
-    for rep in reports:
+    for rep in reports if pid == 0 else ():
       print(weights.format_report(rep), flush=True)
-  elif config.init_from.path:
+  elif config.init_from.path and pid == 0:
     print(f"Resuming: config.init_from ({config.init_from.path}) is not used.", flush=True)
 
   # Data: per-process shards of every task.
