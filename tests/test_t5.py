@@ -336,9 +336,9 @@ def test_lora_zero_init_merge_and_filter():
 
 
 def test_config_errors_name_the_key():
-  from pixelground.config.parse import ConfigError, from_config
+  from pixelground.config.parse import ConfigError, section
   with pytest.raises(ConfigError, match=r"'config.t5.d_modle'.*Did you mean 'd_model'"):
-    from_config(t5_lib.T5Config, {"d_modle": 3}, where="config.t5")
+    section(t5_lib.T5Config, {"d_modle": 3}, "config.t5")
   with pytest.raises(ValueError, match="lora_targets"):
     t5_lib.T5Config(lora_rank=2, lora_targets=("encoder.attn.x",))
   with pytest.raises(ValueError, match="Unknown T5 preset 'flan-t5-tiny'"):

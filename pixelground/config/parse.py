@@ -29,35 +29,50 @@ def to_dict(cfg: tp.Any) -> dict[str, tp.Any]:
   return dict(cfg)
 
 
-def from_config(cls: type[T], cfg: tp.Any, *, where: str = "config") -> T:
-  """Builds dataclass `cls` from a mapping / ConfigDict, rejecting unknown keys by name.
+def unknown_key(key: str, known: tp.Iterable[str], where: str, what: str) -> ConfigError:
+  """The error for `where.key`, not among `known` (a key of `what`), with the closest valid name."""
+  close = difflib.get_close_matches(key, list(known), n=1)
+  hint = f" Did you mean '{close[0]}'?" if close else ""
+  return ConfigError(f"Unknown config key '{where}.{key}' ({what}).{hint} Valid keys: {sorted(known)}.")
 
-  Args:
-    cls: a dataclass type.
-    cfg: ConfigDict, dict, or an instance of `cls` (returned as is).
-    where: the config path shown in errors, e.g. "config.model.t5".
-  """
-  if isinstance(cfg, cls):
-    return cfg
-  values = to_dict(cfg)
+
+def section(cls: type, values: tp.Any, where: str):
+  """A dataclass section from a mapping: unknown keys raise naming the key; nested dataclass fields
+  (e.g. `data.grounded_shapes`) are parsed the same way; lists become tuples."""
+  values = to_dict(values) if values is not None else {}
+  hints = tp.get_type_hints(cls)
   fields = {f.name: f for f in dataclasses.fields(cls)}
-  for key in values:
-    if key not in fields:
-      close = difflib.get_close_matches(key, list(fields), n=1)
-      hint = f" Did you mean '{close[0]}'?" if close else ""
-      raise ConfigError(f"Unknown config key '{where}.{key}' for {cls.__name__}.{hint} "
-                        f"Valid keys: {sorted(fields)}.")
-  missing = [n for n, f in fields.items()
-             if n not in values and f.default is dataclasses.MISSING
-             and f.default_factory is dataclasses.MISSING]
-  if missing:
-    raise ConfigError(f"Missing config keys for {cls.__name__} at '{where}': {missing}.")
   kwargs = {}
   for key, value in values.items():
-    if isinstance(value, list):
-      value = tuple(value)  # configs hold lists; dataclasses are hashable tuples
+    if key not in fields:
+      raise unknown_key(key, fields, where, cls.__name__)
+    sub = _dataclass_in(hints[key])
+    if sub is not None and value is not None:
+      value = section(sub, value, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+      value = freeze(value)
+    elif isinstance(value, dict) and hints[key] is not tp.Any:
+      value = dict(value)
     kwargs[key] = value
+  missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+             and f.default_factory is dataclasses.MISSING]
+  if missing:
+    raise ConfigError(f"Missing config keys at '{where}': {missing} ({cls.__name__}).")
   return cls(**kwargs)
+
+
+def freeze(value):
+  """Lists (JSON, ConfigDict) → tuples, recursively: config dataclasses hold hashable tuples."""
+  return tuple(freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _dataclass_in(hint) -> type | None:
+  """The dataclass in a field's type (`X` or `X | None`), else None."""
+  for t in (hint, *tp.get_args(hint)):
+    if dataclasses.is_dataclass(t):
+      return t
+  return None
+
 
 
 class ModelConfig:

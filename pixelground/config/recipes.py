@@ -16,7 +16,7 @@ import typing as tp
 import ml_collections
 
 from pixelground.config import base, schema
-from pixelground.config.parse import ConfigError, from_config, to_dict
+from pixelground.config.parse import ConfigError, section, to_dict, unknown_key
 from pixelground.models import eva02 as eva_lib
 from pixelground.models import pixelllm as P
 from pixelground.models import sam_decoder as dec_lib
@@ -64,15 +64,15 @@ def model_config(size: str = "xl", *, lisa: bool = False, image_size: int = 384,
   return c
 
 
-def _tower(section, presets: tp.Callable, cls, where: str):
+def _tower(values, presets: tp.Callable, cls, where: str):
   """A sub-model section ({preset?, field: value}) → its config dataclass, or None for preset "none"."""
-  if section is None:
+  if values is None:
     return None
-  d = to_dict(section)
+  d = to_dict(values)
   name = d.pop("preset", None)
   if name == "none":
     return None
-  from_config(cls, ml_collections.ConfigDict(d), where=where)  # unknown fields: did-you-mean errors
+  section(cls, d, where)  # unknown fields: did-you-mean errors
   d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
   return (presets(name) if name else cls()).replace(**d)
 
@@ -96,28 +96,28 @@ def build_model_config(c: ml_collections.ConfigDict) -> P.PixelLLMConfig:
     if key in _MODEL_KEYS:
       continue
     if key not in scalars:
-      raise schema.unknown_key(key, set(_MODEL_KEYS) | scalars, "config.model", "the model section")
+      raise unknown_key(key, set(_MODEL_KEYS) | scalars, "config.model", "the model section")
     extra[key] = tuple(value) if isinstance(value, list) else value
   sam = _tower(c.get("sam"), sam_lib.preset, sam_lib.SamEncoderConfig, "config.model.sam")
   eva = _tower(c.get("eva"), eva_lib.preset, eva_lib.Eva02Config, "config.model.eva")
   t5 = _tower(c.get("t5"), t5_lib.preset, t5_lib.T5Config, "config.model.t5").replace(
       vocab_size=c.vocab_size)
   grid = c.image_size // (eva.patch_size if eva else sam.patch_size)
-  prompt = from_config(dec_lib.SamDecoderConfig, c.get("prompt", None) or {}, where="config.model.prompt")
+  prompt = section(dec_lib.SamDecoderConfig, c.get("prompt", None), "config.model.prompt")
   prompt = prompt.replace(image_size=c.image_size, grid_size=grid)
   return P.PixelLLMConfig(image_size=c.image_size, sam=sam, eva=eva, prompt=prompt, t5=t5,
                           lisa=c.lisa, refseg=c.get("refseg", False),
                           proposals=c.get("proposals", False), seg_token_id=c.seg_token_id, **extra)
 
 
-def _override(cfg, section, where: str):
-  """Applies `section` ({field: value, sub-config: {field: value}}) to a config dataclass; unknown
+def _override(cfg, values, where: str):
+  """Applies `values` ({field: value, sub-config: {field: value}}) to a config dataclass; unknown
   fields raise naming the key."""
-  if not section:
+  if not values:
     return cfg
   fields = {f.name for f in dataclasses.fields(cfg)}
   top, subs = {}, {}
-  for k, v in to_dict(section).items():
+  for k, v in to_dict(values).items():
     if k not in fields:
       raise ConfigError(f"{where}.{k}: not a field of {type(cfg).__name__} (fields: {sorted(fields)})")
     (subs if isinstance(v, dict) else top)[k] = tuple(v) if isinstance(v, list) else v

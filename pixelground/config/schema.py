@@ -27,12 +27,11 @@ is read by the trainer, the evaluator or the data code (tests/test_configs.py ch
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing as tp
 
 import ml_collections
 
-from pixelground.config.parse import ConfigError, load_config, to_dict
+from pixelground.config.parse import ConfigError, freeze, load_config, section, to_dict, unknown_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,51 +210,6 @@ _SECTIONS = {"optimizer": OptimizerConfig, "data": DataConfig, "eval": EvalConfi
              "init_from": InitFromConfig, "visualize": VisualizeConfig, "mesh": MeshConfig}
 
 
-def unknown_key(key: str, known: tp.Iterable[str], where: str, what: str) -> ConfigError:
-  """The error for `where.key`, not among `known` (a key of `what`), with the closest valid name."""
-  close = difflib.get_close_matches(key, list(known), n=1)
-  hint = f" Did you mean '{close[0]}'?" if close else ""
-  return ConfigError(f"Unknown config key '{where}.{key}' ({what}).{hint} Valid keys: {sorted(known)}.")
-
-
-def section(cls: type, values: tp.Any, where: str):
-  """A dataclass section from a mapping: unknown keys raise naming the key; nested dataclass fields
-  (e.g. `data.grounded_shapes`) are parsed the same way; lists become tuples."""
-  values = to_dict(values) if values is not None else {}
-  hints = tp.get_type_hints(cls)
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  kwargs = {}
-  for key, value in values.items():
-    if key not in fields:
-      raise unknown_key(key, fields, where, cls.__name__)
-    sub = _dataclass_in(hints[key])
-    if sub is not None and value is not None:
-      value = section(sub, value, f"{where}.{key}")
-    elif isinstance(value, (list, tuple)):
-      value = _freeze(value)
-    elif isinstance(value, dict) and hints[key] is not tp.Any:
-      value = dict(value)
-    kwargs[key] = value
-  missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-             and f.default_factory is dataclasses.MISSING]
-  if missing:
-    raise ConfigError(f"Missing config keys at '{where}': {missing} ({cls.__name__}).")
-  return cls(**kwargs)
-
-
-def _freeze(value):
-  """Lists (JSON, ConfigDict) → tuples, recursively: config dataclasses hold hashable tuples."""
-  return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _dataclass_in(hint) -> type | None:
-  """The dataclass in a field's type (`X` or `X | None`), else None."""
-  for t in (hint, *tp.get_args(hint)):
-    if dataclasses.is_dataclass(t):
-      return t
-  return None
-
-
 def parse(config: tp.Any) -> Config:
   """A ConfigDict, a config file ("file.py[:arg]"), a run's config.json or an already parsed Config →
   `Config`. Raises `ConfigError` naming the first unknown or missing key."""
@@ -288,7 +242,7 @@ def parse(config: tp.Any) -> Config:
         raise ConfigError("config.tasks is empty: a run needs at least one task.")
       kwargs[key] = {name: section(TaskSpec, t, f"config.tasks.{name}") for name, t in value.items()}
     else:
-      kwargs[key] = _freeze(value)
+      kwargs[key] = freeze(value)
   loss = kwargs.get("loss") or LossConfig()
   # Per-task text-loss weights, in task order = the batches' task_id.
   kwargs["loss"] = dataclasses.replace(loss, task_weights=tuple(t.loss_weight for t in kwargs["tasks"].values()))

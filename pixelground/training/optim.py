@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixelground.config import schema
+from pixelground.config.parse import section
 from pixelground.config.schema import OptimizerConfig
 from pixelground.parallel.sharding import variable_axes
 
@@ -129,7 +129,7 @@ def as_optimizer_config(opt_cfg) -> OptimizerConfig:
   """`config.optimizer` (ConfigDict or dict) → `OptimizerConfig`; unknown keys raise naming the key."""
   if isinstance(opt_cfg, OptimizerConfig):
     return opt_cfg
-  return schema.section(OptimizerConfig, opt_cfg, "config.optimizer")
+  return section(OptimizerConfig, opt_cfg, "config.optimizer")
 
 
 def schedule(opt_cfg) -> optax.Schedule:
