@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import typing as tp
 
-import ml_collections
 
 from pixelground.config.parse import ConfigError, freeze, load_config, section, to_dict, unknown_key
 
@@ -261,8 +260,3 @@ def _check(cfg: Config) -> None:
   if cfg.optimizer.batch_size % cfg.optimizer.grad_accum_steps:
     raise ConfigError(f"config.optimizer.batch_size={cfg.optimizer.batch_size} must divide by "
                       f"grad_accum_steps={cfg.optimizer.grad_accum_steps}.")
-
-
-def as_configdict(cfg: tp.Any) -> ml_collections.ConfigDict:
-  """The ConfigDict behind a parsed Config (or the ConfigDict itself)."""
-  return cfg.source if isinstance(cfg, Config) else load_config(cfg)
