@@ -18,31 +18,40 @@ import ml_collections
 from pixelground.config import base, schema
 from pixelground.config.parse import ConfigError, section, to_dict, unknown_key
 from pixelground.models import eva02 as eva_lib
+from pixelground.models import gella as gella_lib
 from pixelground.models import pixelllm as P
 from pixelground.models import sam_decoder as dec_lib
 from pixelground.models import sam_encoder as sam_lib
+from pixelground.models import swin as swin_lib
 from pixelground.models import t5 as t5_lib
 
 # `config.model` keys besides any PixelLLMConfig scalar field (num_queries, loc_hidden, ...).
 _MODEL_KEYS = ("size", "image_size", "lisa", "refseg", "proposals", "seg_token_id", "vocab_size", "sam",
-               "eva", "t5", "prompt", "tiny")
+               "eva", "t5", "prompt", "tiny", "gella")
 
 
-def model_config(size: str = "xl", *, lisa: bool = False, image_size: int = 384,
+def model_config(size: str = "xl", *, lisa: bool = False, gella: bool = False, image_size: int = 384,
                  vocab_size: int = 32128, seg_token_id: int = 32099) -> ml_collections.ConfigDict:
   """The model section of a config. `sam` / `eva` / `t5` take any field of their dataclass and
   `preset` (sam-vit-{b,l,h}, eva02-{b,l}-14, flan-t5-{small..xxl}, or "none" to drop the part);
-  `prompt` any SamDecoderConfig field; other keys any PixelLLMConfig field (extractor sizes, heads)."""
+  `prompt` any SamDecoderConfig field; `gella` any GellaConfig field, its `swin` a Swin tower
+  (preset swin-{tiny,small,base}); other keys any PixelLLMConfig field (extractor sizes, heads)."""
   c = ml_collections.ConfigDict()
   c.size = size
   c.image_size = image_size
   c.lisa = lisa
   c.refseg = False
   c.proposals = False
-  c.seg_token_id = seg_token_id if lisa else -1
+  c.seg_token_id = seg_token_id if (lisa or gella) else -1
   c.vocab_size = vocab_size
   if size == "tiny":
+    c.gella = gella
     return c
+  if gella:
+    c.gella = ml_collections.ConfigDict({
+        "colormap_size": 448, "width": 256, "num_heads": 8, "mlp_dim": 1024, "decoder_depth": 3,
+        "assoc_dim": 256, "dtype": "bfloat16", "param_dtype": "float32",
+        "swin": {"preset": "swin-tiny", "dtype": "bfloat16", "param_dtype": "float32"}})
   if size != "xl":
     raise ConfigError(f"config.model.size={size!r}: 'xl' or 'tiny'.")
   c.sam = ml_collections.ConfigDict({"preset": "sam-vit-h", "dtype": "bfloat16",
@@ -83,14 +92,15 @@ def build_model_config(c: ml_collections.ConfigDict) -> P.PixelLLMConfig:
   if values.get("size") == "tiny":
     cfg = P.tiny_config(vocab_size=c.vocab_size, seg_token_id=c.seg_token_id, lisa=c.lisa,
                         image_size=c.image_size, refseg=c.get("refseg", False),
-                        proposals=c.get("proposals", False))
+                        proposals=c.get("proposals", False), gella=bool(c.get("gella", False)))
     unknown = set(values) - {"size", "image_size", "lisa", "refseg", "proposals", "seg_token_id",
-                             "vocab_size", "tiny"}
+                             "vocab_size", "tiny", "gella"}
     if unknown:
       raise ConfigError(f"config.model.{sorted(unknown)[0]}: not a key of a tiny model section "
                         "(its overrides go under config.model.tiny).")
     return _override(cfg, c.get("tiny", None), "config.model.tiny")
-  scalars = {f.name for f in dataclasses.fields(P.PixelLLMConfig)} - {"sam", "eva", "t5", "prompt"}
+  scalars = {f.name for f in dataclasses.fields(P.PixelLLMConfig)} - {"sam", "eva", "t5", "prompt",
+                                                                     "gella"}
   extra = {}
   for key, value in values.items():
     if key in _MODEL_KEYS:
@@ -105,7 +115,14 @@ def build_model_config(c: ml_collections.ConfigDict) -> P.PixelLLMConfig:
   grid = c.image_size // (eva.patch_size if eva else sam.patch_size)
   prompt = section(dec_lib.SamDecoderConfig, c.get("prompt", None), "config.model.prompt")
   prompt = prompt.replace(image_size=c.image_size, grid_size=grid)
-  return P.PixelLLMConfig(image_size=c.image_size, sam=sam, eva=eva, prompt=prompt, t5=t5,
+  gella = None
+  if c.get("gella") is not None:
+    g = to_dict(c.gella)
+    swin = _tower(g.pop("swin", None), swin_lib.preset, swin_lib.SwinConfig, "config.model.gella.swin")
+    gella = section(gella_lib.GellaConfig, g, "config.model.gella")
+    if swin is not None:
+      gella = gella.replace(swin=swin)
+  return P.PixelLLMConfig(image_size=c.image_size, sam=sam, eva=eva, prompt=prompt, t5=t5, gella=gella,
                           lisa=c.lisa, refseg=c.get("refseg", False),
                           proposals=c.get("proposals", False), seg_token_id=c.seg_token_id, **extra)
 
@@ -170,8 +187,12 @@ def runlocal(c: ml_collections.ConfigDict, *, steps: int = 30, batch_size: int =
   s = LOCAL_IMAGE_SIZE
   m.image_size = s
   m.vocab_size = LOCAL_VOCAB
-  if m.lisa:
+  if m.lisa or "gella" in m:
     m.seg_token_id = LOCAL_SEG_ID
+  if "gella" in m:
+    # Colormap at 2× the image (as 448 over 384), Swin 16 wide with windows 4 over its 32/16/8/4 maps.
+    m.gella.update(colormap_size=2 * s, width=32, num_heads=2, mlp_dim=64, decoder_depth=2, assoc_dim=32)
+    m.gella.swin.update(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4)
   # SAM: patch 16 → a 4×4 map resized to EVA02's 8×8 grid, as 24×24 → 27×27 at full size; its
   # position table is native at 128 px and resized, as SAM's 1024-px table is at 384.
   m.sam.update(image_size=128, width=32, depth=2, num_heads=2, window_size=2, global_blocks=(1,),

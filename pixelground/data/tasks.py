@@ -20,6 +20,8 @@ E = cfg.max_entities; boxes are [x0, y0, x1, y1] NORMALISED to the S×S output c
   ignore_mask      (S, S) bool        pixels excluded from mask losses (ReasonSeg "ignore")
   entity_masks     (E, S, S) bool     narrative grounding: one mask per panoptic segment (entity)
   entity_valid     (E,) bool
+  entity_ids       (E,) i32           the panoptic segment id in each entity slot (0 = none): scoring
+                                      maps slots back to the original image's segments
   association      (K, E) bool        [SEG] noun k ↔ entity e ground truth
   region_boxes     (R, 4) f32         dense captioning: GT regions (matched to proposals by the model)
   region_ids       (R, Lr) i32        their captions (EOS-terminated, pad 0)
@@ -82,6 +84,7 @@ def schema(cfg: TaskConfig) -> dict[str, tuple[tuple[int, ...], tp.Any]]:
       "seg_positions": ((k,), np.int32), "seg_masks": ((k, s, s), np.bool_), "seg_valid": ((k,), np.bool_),
       "ignore_mask": ((s, s), np.bool_),
       "entity_masks": ((e, s, s), np.bool_), "entity_valid": ((e,), np.bool_),
+      "entity_ids": ((e,), np.int32),
       "association": ((k, e), np.bool_),
       "region_boxes": ((cfg.max_regions, 4), np.float32),
       "region_ids": ((cfg.max_regions, cfg.max_region_len), np.int32),
@@ -93,7 +96,7 @@ _IMAGE = ("image", "image_mask", "prompt_box", "prompt_ids")
 _TEXT = ("target_ids", "target_mask")
 _BOXES = ("token_boxes", "token_box_valid")
 _SEG = ("seg_positions", "seg_masks", "seg_valid")
-_ENTITIES = ("entity_masks", "entity_valid", "association")
+_ENTITIES = ("entity_masks", "entity_valid", "entity_ids", "association")
 # The fields each converter produces (`task_schema`); a referring example without a mask gets zeros.
 # Caption tasks carry (empty) per-token boxes too: they then share LN's compiled train step.
 TASK_FIELDS = {"ln": _IMAGE + _TEXT + _BOXES, "caption": _IMAGE + _TEXT + _BOXES,
@@ -372,8 +375,10 @@ class Converters:
     for j in range(len(positions)):
       seg[j] = np.any(entity_masks[assoc[j]], axis=0) if assoc[j].any() else seg[j]
     out["seg_masks"] = seg
-    out["entity_masks"], out["entity_valid"] = entity_masks, np.arange(e) < len(entity_ids)
-    out["association"] = assoc
+    # An entity cropped away is no entity (its pairs score nowhere).
+    out["entity_masks"], out["entity_valid"] = entity_masks, np.any(entity_masks, axis=(1, 2))
+    out["association"] = assoc & out["entity_valid"][None]
+    out["entity_ids"] = _pad(entity_ids, e)
     return out
 
   # -- dense captioning (VG / grounded shapes refs): all GT regions + captions ---------------------------
@@ -402,13 +407,17 @@ class Converters:
   # -- panoptic segmentation (GELLA): category list → "name [SEG]" per entity -------------------------
   def panoptic(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """coco_panoptic examples. Prompt: the category names (shuffled when training); target: each entity's
-    category name followed by `[SEG]`, entities in a random (training) or id order; association[k, k]."""
+    category name followed by `[SEG]`, largest entity first (an order the image shows; the largest
+    min(K, E) entities that fit the target). Entity slots hold the same entities in a random order when
+    training (the model must associate by content, not by slot), in target order at evaluation;
+    association[k, slot of entity k]."""
     from tfds_builders.coco_panoptic import segment_ids
 
     if not self.categories:
       raise ValueError("Converters.panoptic needs `categories` (the panoptic builder's metadata)")
-    names = [c["name"].replace("-merged", "").replace("-other", "").replace("-", " ")
-             for c in self.categories]
+    from pixelground.inference.grounding import category_display_name
+
+    names = [category_display_name(c["name"]) for c in self.categories]
     order = rng.permutation(len(names)) if self.cfg.train else np.arange(len(names))
     geom = self.geometry(rng, ex["image"], names)
     out = self.image_fields(ex["image"], geom)
@@ -417,30 +426,32 @@ class Converters:
     ids_map = segment_ids(np.asarray(ex["panoptic"]))
     seg_ids = np.asarray(ex["segments"]["id"])
     cats = np.asarray(ex["segments"]["category"])
-    entity_order = rng.permutation(len(seg_ids)) if self.cfg.train else np.arange(len(seg_ids))
-    chosen = [int(j) for j in entity_order][: min(k, e)]
-    masks = (self.masks(np.stack([ids_map == seg_ids[j] for j in chosen]), geom) if chosen
+    masks = (self.masks(np.stack([ids_map == i for i in seg_ids]), geom) if len(seg_ids)
              else np.zeros((0,) + out["image_mask"].shape, bool))
+    area = masks.reshape(len(masks), -1).sum(-1)
     target, positions, used = [], [], []
-    for n, j in enumerate(chosen):
-      if not masks[n].any():  # cropped away
-        continue
+    for j in np.argsort(-area, kind="stable"):
+      if area[j] == 0 or len(used) == min(k, e):  # cropped away / no slot left
+        break
       piece = self.tok.encode(names[int(cats[j])])
       if len(target) + len(piece) + 2 > self.cfg.max_target_len:
         break
       target.extend(piece)
       positions.append(len(target))
       target.append(self.seg_id)
-      used.append(n)
+      used.append(int(j))
     out.update(self.target(target))
+    slots = rng.permutation(len(used)) if self.cfg.train else np.arange(len(used))
     s_shape = out["image_mask"].shape
     out["entity_masks"] = np.zeros((e,) + s_shape, bool)
     out["seg_masks"] = np.zeros((k,) + s_shape, bool)
     out["association"] = np.zeros((k, e), bool)
-    for slot, n in enumerate(used):
-      out["entity_masks"][slot] = masks[n]
-      out["seg_masks"][slot] = masks[n]
-      out["association"][slot, slot] = True
+    for n, (j, slot) in enumerate(zip(used, slots)):
+      out["entity_masks"][slot] = masks[j]
+      out["seg_masks"][n] = masks[j]
+      out["association"][n, slot] = True
+    out["entity_ids"] = np.zeros(e, np.int32)
+    out["entity_ids"][slots] = [int(seg_ids[j]) for j in used]
     out["entity_valid"] = np.arange(e) < len(used)
     out["seg_valid"] = np.arange(k) < len(used)
     out["seg_positions"] = _pad(positions, k)

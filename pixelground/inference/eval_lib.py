@@ -21,6 +21,14 @@ Per task (by converter, `config.tasks[name].converter`, default the task name):
                   expressions
   dense_caption   the proposal head's top-k boxes, each captioned; DenseCap mAP (IoU × METEOR grid,
                   ground truth merged at IoU 0.7) and detection-only mAP
+  narrative_grounding  (PNG) teacher-forced on the given noun phrases, each followed by `[SEG]`; each
+                  phrase owns the entities its association logit puts above 0 (else its best one); the
+                  union of their segments on the ORIGINAL image against the phrase's segments: average
+                  recall overall / things / stuff / singular / plural, Acc@0.5 (phrases that did not fit
+                  the target count as IoU 0, `truncated` says how many)
+  panoptic        greedy decoding of "name [SEG]" per entity from the category list; each entity takes
+                  the category of its best-associated named `[SEG]` (stuff entities of a category
+                  merged); PQ / SQ / RQ overall / things / stuff against the COCO panoptic ground truth
 
 Every task also reports its teacher-forced token accuracy (`train_metrics`). Examples are split over
 processes (example i → process i mod P); every process runs the same number of global batches (rows
@@ -48,6 +56,8 @@ from pixelground.data import tasks as task_lib
 from pixelground.data import transforms as T
 from pixelground.inference import decoding
 from pixelground.inference.predictor import mask_to_image
+from pixelground.inference import grounding
+from pixelground.models import gella as gella_lib
 from pixelground.models import pixelllm as P
 from pixelground.models.heads import proposals as prop_lib
 from pixelground.parallel import sharding
@@ -55,7 +65,7 @@ from pixelground.training import metrics as train_metrics
 
 # Converters `Evaluator` knows how to score.
 SUPPORTED = ("referring", "reason_seg", "referring_seg", "ln", "caption", "region_caption",
-             "dense_caption")
+             "dense_caption", "narrative_grounding", "panoptic")
 # Tasks answered with a `[SEG]`: the first generated one's mask is scored.
 SEG_TASKS = ("reason_seg", "referring_seg")
 
@@ -84,13 +94,15 @@ def _forward(model: P.PixelLLM, batch, task: str) -> dict[str, jax.Array]:
       res["mask_logits"] = out["ref_logits"]
   elif task == "ln":
     res["points"] = out["points"]
+  elif task == "narrative_grounding":
+    res["assoc_logits"] = out["assoc_logits"]
   return res
 
 
 def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int,
             vocab_limit: int) -> dict[str, jax.Array]:
   """Greedy decoding (cached) for the generative tasks; reason_seg adds the first `[SEG]`'s mask."""
-  fused, sam = model.image_features(batch["image"], batch["image_mask"])
+  fused, sam, entities = model.features(batch)
   ids = batch["prompt_ids"]
   if task == "dense_caption":
     heat, ltrb = model.proposal_head(fused)
@@ -111,6 +123,14 @@ def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int,
     pos = jnp.argmax(is_seg, axis=1).astype(jnp.int32)
     logits, _ = model.decoded_seg_masks(res.hidden, pos[:, None], sam, visual, batch["image_mask"])
     out.update(has_seg=jnp.any(is_seg, axis=1), mask_logits=logits[:, 0])
+  if task == "panoptic":  # the first K generated `[SEG]`s ↔ the entities
+    k = batch["seg_positions"].shape[1]
+    is_seg = (res.tokens == model.cfg.seg_token_id) & (jnp.arange(res.tokens.shape[1]) < res.lengths[:, None])
+    pos = jax.vmap(lambda r: jnp.nonzero(r, size=k, fill_value=0)[0])(is_seg).astype(jnp.int32)
+    emb, _ = model.entity_outputs(entities)
+    nouns, ents = model.associate(res.hidden, pos, emb)
+    out.update(seg_pos=pos, num_seg=jnp.minimum(jnp.sum(is_seg, axis=1), k),
+               assoc_logits=gella_lib.association_logits(nouns, ents))
   return out
 
 
@@ -196,6 +216,10 @@ class _Scorer:
       return {"caption": self._words(out["tokens"][i], int(out["lengths"][i])),
               "box": np.asarray(ex["box_xyxy"], np.float32).reshape(4).round(2).tolist(),
               "references": [task_lib.as_text(s) for s in ex["sentences"]]}
+    if task == "narrative_grounding":
+      return _png_record(ex, row, out["assoc_logits"][i])
+    if task == "panoptic":
+      return self._panoptic_record(ex, row, out, i)
     if task == "dense_caption":
       boxes = geom.inverse_boxes(np.asarray(out["boxes"][i], np.float32) * self.cfg.image_size)
       texts = [self._words(t, int(n)) for t, n in zip(out["tokens"][i], out["lengths"][i])]
@@ -203,6 +227,45 @@ class _Scorer:
       return {"boxes": boxes.round(2).tolist(), "scores": np.asarray(out["scores"][i]).round(4).tolist(),
               "captions": texts, "gt_boxes": gt_boxes.round(2).tolist(), "gt_phrases": gt_phrases}
     raise ValueError(f"no scorer for task '{task}'")
+
+  def _panoptic_record(self, ex: dict, row: dict, out: dict[str, np.ndarray], i: int) -> dict:
+    """Generated names → categories; entities (the row's segments, on the original image) → the
+    predicted panoptic map; its per-category PQ sums against the ground truth."""
+    from tfds_builders.coco_panoptic import segment_ids
+
+    toks = [int(t) for t in out["tokens"][i][: int(out["lengths"][i])]]
+    pos = [int(p) for p in out["seg_pos"][i][: int(out["num_seg"][i])]]
+    lookup = grounding.category_lookup(self.categories)
+    names, start = [], 0
+    for p in pos:  # the words between consecutive `[SEG]`s name the next one
+      names.append(self.tok.decode([t for t in toks[start:p] if t != self.tok.eos_id]).strip(" ,."))
+      start = p + 1
+    k = out["assoc_logits"].shape[1]
+    noun_cats = np.full(k, -1, np.int64)
+    for j, name in enumerate(names):
+      cat = grounding.parse_category(name, lookup)
+      noun_cats[j] = -1 if cat is None else cat
+    ids_map = segment_ids(np.asarray(ex["panoptic"]))
+    ents = np.stack([ids_map == int(e) for e in row["entity_ids"]])
+    valid = np.asarray(row["entity_valid"], bool) & (np.asarray(row["entity_ids"]) > 0)
+    pred_map, pred_segs = grounding.panoptic_prediction(out["assoc_logits"][i], ents, valid, noun_cats,
+                                                        self.categories)
+    gt_segs = [{"id": int(sid), "category_id": int(cid), "iscrowd": int(crowd)} for sid, cid, crowd in
+               zip(ex["segments"]["id"], ex["segments"]["category_id"], ex["segments"]["iscrowd"])]
+    acc = M.PQAccumulator(self.categories)
+    acc.add(ids_map, gt_segs, pred_map, pred_segs)
+    from pycocotools import mask as mask_utils
+
+    segs = []
+    for sg in pred_segs:
+      rle = mask_utils.encode(np.asfortranarray(pred_map == sg["id"]))
+      segs.append({k: v for k, v in sg.items()} | {"rle": rle["counts"].decode("ascii")})
+    return {"image_id": int(ex.get("image/id", -1)), "generated": self._words(out["tokens"][i],
+                                                                              int(out["lengths"][i])),
+            "names": names, "height": int(ids_map.shape[0]), "width": int(ids_map.shape[1]),
+            "segments_info": segs,
+            "pq_sums": {str(c): [acc.iou[c], acc.tp[c], acc.fp[c], acc.fn[c]]
+                        for c in set(acc.tp) | set(acc.fp) | set(acc.fn)}}
 
   def visual(self, ex: dict, rec: dict, out: dict[str, np.ndarray], i: int) -> dict:
     """What a figure draws for one example: its record (`record`: boxes xyxy pixels of the original
@@ -214,8 +277,10 @@ class _Scorer:
     return rec | {"image": np.asarray(ex["image"]), "mask": pred}
 
 
-def summarize(task: str, records: list[dict], *, java_fallback: bool = False) -> dict[str, float]:
-  """Per-example records of one task → the task's metrics (names without the task prefix)."""
+def summarize(task: str, records: list[dict], *, java_fallback: bool = False,
+              categories=None) -> dict[str, float]:
+  """Per-example records of one task → the task's metrics (names without the task prefix);
+  `categories` (the panoptic category list) for "panoptic"."""
   if not records:
     return {}
   if task == "referring":
@@ -245,7 +310,50 @@ def summarize(task: str, records: list[dict], *, java_fallback: bool = False) ->
              r["captions"], np.asarray(r["gt_boxes"], np.float32).reshape(-1, 4), r["gt_phrases"])
     res = ev.result()
     return {"map": float(res["map"]), "det_map": float(res["det_map"])}
+  if task == "narrative_grounding":
+    acc = M.PNGAccumulator()
+    for r in records:
+      acc.add_ious(r["ious"], r["things"], r["plural"])
+    res = acc.result()
+    return {k: float(res[k]) for k in ("ar", "ar_things", "ar_stuff", "ar_singular", "ar_plural",
+                                       "acc50")} | {"phrases": res["count"],
+                                                    "truncated": sum(r["truncated"] for r in records)}
+  if task == "panoptic":
+    acc = M.PQAccumulator(categories)
+    for r in records:
+      for c, (iou, tp, fp, fn) in r["pq_sums"].items():
+        acc.iou[int(c)] += iou
+        acc.tp[int(c)] += tp
+        acc.fp[int(c)] += fp
+        acc.fn[int(c)] += fn
+    res = acc.result()
+    return {f"{m}{'' if part == 'all' else '_' + part}": float(res[part][m])
+            for part in ("all", "things", "stuff") for m in ("pq", "sq", "rq")}
   raise ValueError(f"no summary for task '{task}'")
+
+
+def _png_record(ex: dict, row: dict, logits: np.ndarray) -> dict:
+  """One PNG example: every groundable phrase's IoU (ORIGINAL image) with its flags."""
+  from tfds_builders.coco_panoptic import segment_ids
+
+  ids_map = segment_ids(np.asarray(ex["panoptic"]))
+  phrases = ex["phrases"]
+  nouns = [p for p, noun in enumerate(phrases["noun"]) if noun]
+  offsets, flat = np.asarray(ex["phrase_offsets"]), np.asarray(ex["phrase_segment_ids"])
+  noun_valid = np.asarray(row["seg_valid"], bool)
+  entity_valid = np.asarray(row["entity_valid"], bool)
+  owned = grounding.phrase_entities(np.asarray(logits), noun_valid, entity_valid)
+  ious, chosen = [], []
+  for j, p in enumerate(nouns):
+    gt = np.isin(ids_map, flat[offsets[p]:offsets[p + 1]])
+    ids = np.asarray(row["entity_ids"])[owned[j]] if j < noun_valid.sum() else np.zeros(0, int)
+    chosen.append([int(x) for x in ids])
+    ious.append(float(M.soft_iou(np.isin(ids_map, ids)[None], gt[None])[0]))
+  return {"caption": task_lib.as_text(ex["caption"]),
+          "phrases": [task_lib.as_text(phrases["utterance"][p]) for p in nouns], "entities": chosen,
+          "ious": ious, "things": [bool(phrases["isthing"][p]) for p in nouns],
+          "plural": [bool(phrases["plural"][p]) for p in nouns],
+          "truncated": int(len(nouns) - min(len(nouns), int(noun_valid.sum())))}
 
 
 def _mask_summary(records: list[dict], prefix: str) -> dict[str, float]:
@@ -366,7 +474,8 @@ class Evaluator:
         recs, tfs[name] = self._run_task(name, state, progress)
         self.records[name], counts[name] = recs, len(recs)
         summaries[name] = pool.submit(summarize, self.conv[name], recs,
-                                      java_fallback=self.opts.java_fallback)
+                                      java_fallback=self.opts.java_fallback,
+                                      categories=self.scorers[name].categories)
     results: dict[str, float] = {}
     for name in self.names:
       metrics = tfs[name] | summaries[name].result() | {"count": counts[name]}
@@ -398,7 +507,7 @@ class Evaluator:
       with sharding.use(self.setup.mesh, self.setup.rules):
         gb = sharding.global_batch(batch, self.setup.mesh, self.setup.rules)
         out = self._forward(state["params"], state["frozen"], gb, _SAME_FORWARD.get(conv, conv))
-        if conv in SEG_TASKS + ("caption", "region_caption", "dense_caption"):
+        if conv in SEG_TASKS + ("caption", "region_caption", "dense_caption", "panoptic"):
           out |= self._decode(state["params"], state["frozen"], gb, conv)
       acc.add(out.pop("tf"))
       host = {k: np.asarray(v) for k, v in jax.device_get(out).items()}

@@ -35,6 +35,7 @@ from flax import nnx
 
 from pixelground.config.parse import ModelConfig
 from pixelground.models import eva02 as eva_lib
+from pixelground.models import gella as gella_lib
 from pixelground.models import sam_decoder as dec_lib
 from pixelground.models import sam_encoder as sam_lib
 from pixelground.models import t5 as t5_lib
@@ -104,6 +105,9 @@ class PixelLLMConfig(ModelConfig):
   adapter_heads: int = 8
   proposals: bool = False     # dense captioning: class-agnostic proposal head + per-region captions
   proposal_width: int = 256
+  # GELLA (SPEC 1.10): entity masks → colormap → Swin → ResoBlend into the fused map; entity decoder and
+  # noun ↔ entity association (`pixelground.models.gella`).
+  gella: gella_lib.GellaConfig | None = None
   seg_token_id: int = -1      # the tokenizer's `[SEG]` id (LISA)
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -170,6 +174,15 @@ class PixelLLMConfig(ModelConfig):
     return (self.sam.out_channels if self.sam else 0) + (self.eva.width if self.eva else 0)
 
 
+class EntityState(tp.NamedTuple):
+  """GELLA's per-image state after ResoBlend: `blended` (B, g, g, D), `level0` the colormap's first Swin
+  map (B, h, h, C0), the entity `masks` (B, E, S, S) bool and `valid` (B, E) they came from."""
+  blended: jax.Array
+  level0: jax.Array
+  masks: jax.Array
+  valid: jax.Array
+
+
 class MaskFeatures(tp.NamedTuple):
   """What SAM's mask decoder reads of an image: `emb` the SAM embedding (B, gs, gs, P) and, with
   `mask_detail` or `box_refine`, `pixels` the normalised input (B, S, S, 3) the detail branch and the
@@ -222,6 +235,8 @@ class PixelLLM(nnx.Module):
                          if masks else None)
     self.mask_detail = MaskDetail(cfg, rngs=rngs) if masks and cfg.mask_detail else None
     self.box_refiner = BoxRefiner(cfg, rngs=rngs) if cfg.box_refine else None
+    self.gella = (gella_lib.Gella(cfg.gella, cfg.feature_dim, cfg.t5.d_model, cfg.prompt.prompt_dim,
+                                  rngs=rngs) if cfg.gella else None)
 
   # -- vision ----------------------------------------------------------------------------------------
   def image_features(self, image: jax.Array, image_mask: jax.Array, *, rng: jax.Array | None = None
@@ -254,14 +269,54 @@ class PixelLLM(nnx.Module):
     pe = self.prompt_encoder.pe.dense_pe(g)
     return self.extractor(fused, pe, sparse, dense)
 
-  def encode(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None):
-    """→ (encoder_out (B, Q + Le, d), encoder_mask (B, Q + Le), `MaskFeatures` or None, visual tokens,
-    fused map)."""
+  def features(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None
+               ) -> tuple[jax.Array, MaskFeatures | None, EntityState | None]:
+    """`image_features`, then with GELLA the entity colormap blended in: → (fused (B, g, g, C),
+    `MaskFeatures` or None, `EntityState` or None). Entities are `entity_masks` (B, E, S, S) /
+    `entity_valid` (B, E) of the batch (none: an all-black colormap). Colours are drawn from `rng`
+    (training) or a fixed key (evaluation: the same colours for the same entity slots every run)."""
     fused, sam = self.image_features(batch["image"], batch["image_mask"], rng=rng)
+    if self.gella is None:
+      return fused, sam, None
+    b, s = fused.shape[0], self.cfg.image_size
+    masks = batch.get("entity_masks", jnp.zeros((b, 1, s, s), bool))
+    valid = batch.get("entity_valid", jnp.zeros(masks.shape[:2], bool))
+    key = jax.random.fold_in(rng, 7) if rng is not None else jax.random.key(0)
+    pyramid = self.gella.encode_colormap(masks, valid, key)
+    pe = self.gella.blend_pe(self.prompt_encoder.pe.dense_pe(fused.shape[1:3]))
+    fused, blended = self.gella.resoblend(fused, pyramid, pe)
+    return fused, sam, EntityState(blended, pyramid[0], masks, valid)
+
+  def _encode(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None):
+    fused, sam, entities = self.features(batch, rng=rng)
     visual = self.visual_tokens(fused, batch["prompt_box"])
     prompt_ids = batch["prompt_ids"]
     enc, mask = self.t5.encode(prompt_ids, prompt_ids != self.cfg.t5.pad_id, prefix_embeds=visual)
-    return enc, mask, sam, visual, fused
+    return enc, mask, sam, visual, fused, entities
+
+  def encode(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None):
+    """→ (encoder_out (B, Q + Le, d), encoder_mask (B, Q + Le), `MaskFeatures` or None, visual tokens,
+    fused map)."""
+    return self._encode(batch, rng=rng)[:5]
+
+  # -- GELLA -----------------------------------------------------------------------------------------
+  def entity_outputs(self, entities: EntityState) -> tuple[jax.Array, jax.Array]:
+    """→ (entity embeddings Evc (B, E, D), entity mask logits (B, E, S, S) float32, bilinear from the
+    decoder's h×h grid)."""
+    pe = self.prompt_encoder.pe
+    emb, logits = self.gella.entity_decoder(
+        entities.level0, entities.blended, entities.masks, entities.valid,
+        pe.dense_pe(entities.level0.shape[1:3]), pe.dense_pe(entities.blended.shape[1:3]))
+    b, e = logits.shape[:2]
+    s = self.cfg.image_size
+    return emb, jax.image.resize(logits, (b, e, s, s), "bilinear")
+
+  def associate(self, hidden: jax.Array, positions: jax.Array, entity_emb: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+    """hidden (B, T, d) decoder states, positions (B, K) of the `[SEG]`-predicting steps, Evc (B, E, D)
+    → projected nouns (B, K, A) and entities (B, E, A) float32 (logits = `gella.association_logits`)."""
+    nouns = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    return self.gella.association(nouns, entity_emb)
 
   def region_captions(self, fused: jax.Array, boxes: jax.Array, prompt_ids: jax.Array,
                       region_ids: jax.Array) -> jax.Array:
@@ -352,7 +407,7 @@ class PixelLLM(nnx.Module):
     ground-truth boxes (moved by `train_box_noise` when `rng` is given; `rng` also drives EVA02's drop
     path)."""
     enabled = self.heads if heads is None else set(heads) & self.heads
-    enc, enc_mask, sam, visual, fused = self.encode(batch, rng=rng)
+    enc, enc_mask, sam, visual, fused, entities = self._encode(batch, rng=rng)
     out: dict[str, jax.Array] = {}
     if "target_ids" in batch:
       targets = batch["target_ids"]
@@ -403,6 +458,10 @@ class PixelLLM(nnx.Module):
                         and "object_box_from_target" in out)
           box = out["object_box_from_target"] if use_target else out["object_box"]
         out["ref_logits"], out["ref_iou"] = self.box_mask(box, visual, hidden, sam)
+      if "gella" in enabled and "entity_masks" in batch and "seg_positions" in batch:
+        emb, out["entity_logits"] = self.entity_outputs(entities)
+        out["noun_proj"], out["entity_proj"] = self.associate(hidden, batch["seg_positions"], emb)
+        out["assoc_logits"] = gella_lib.association_logits(out["noun_proj"], out["entity_proj"])
     if "proposals" in enabled and "region_boxes" in batch:
       out["heat"], out["ltrb"] = self.proposal_head(fused)
       out["region_logits"] = self.region_captions(fused, batch["region_boxes"], batch["prompt_ids"],
@@ -413,7 +472,7 @@ class PixelLLM(nnx.Module):
   def heads(self) -> set[str]:
     """The optional heads this model was built with."""
     return {h for h, on in (("lisa", self.cfg.lisa), ("refseg", self.cfg.refseg),
-                            ("proposals", self.cfg.proposals),
+                            ("proposals", self.cfg.proposals), ("gella", self.cfg.gella),
                             ("refbox", self.cfg.box_refine or self.cfg.pointer_window)) if on}
 
 
@@ -465,7 +524,7 @@ def referring_box(out: dict[str, jax.Array], batch: dict[str, jax.Array]) -> jax
 # Heads each task needs (`PixelLLM.__call__(batch, heads=...)`); anything else is not computed.
 TASK_HEADS = {"ln": (), "caption": (), "region_caption": (), "referring": ("refseg", "refbox"),
               "reason_seg": ("lisa", "refbox"), "referring_seg": ("lisa", "refbox"),
-              "narrative_grounding": ("lisa",), "panoptic": ("lisa",),
+              "narrative_grounding": ("lisa", "gella"), "panoptic": ("lisa", "gella"),
               "dense_caption": ("proposals",)}
 
 
@@ -473,7 +532,8 @@ TASK_HEADS = {"ln": (), "caption": (), "region_caption": (), "referring": ("refs
 # the location head (+ its box refiner), LoRA factors; the LISA projection and mask decoder (+ its
 # detail branch) when present. Everything else (SAM encoder, prompt encoder, T5 base weights) is frozen.
 TRAINABLE = (r"^eva\.", r"^extractor\.", r"^loc_head\.", r"^box_refiner\.", r"^seg_proj\.",
-             r"^mask_decoder\.", r"^mask_detail\.", r"^mask_adapter\.", r"^proposal_head\.")
+             r"^mask_decoder\.", r"^mask_detail\.", r"^mask_adapter\.", r"^proposal_head\.",
+             r"^gella\.")
 
 
 def trainable_filter(patterns: tp.Sequence[str] = TRAINABLE, *, lora: bool = True):
@@ -497,7 +557,7 @@ def trainable_filter(patterns: tp.Sequence[str] = TRAINABLE, *, lora: bool = Tru
 
 def tiny_config(*, vocab_size: int, seg_token_id: int = -1, lisa: bool = False, image_size: int = 64,
                 use_sam: bool = True, use_eva: bool = True, refseg: bool = False,
-                proposals: bool = False) -> PixelLLMConfig:
+                proposals: bool = False, gella: bool = False) -> PixelLLMConfig:
   """A CPU-sized PixelLLM for tests and the demo: the same structure, every width tiny."""
   grid = image_size // 16
   sam = (sam_lib.SamEncoderConfig(image_size=image_size, width=32, depth=2, num_heads=2, window_size=2,
@@ -513,4 +573,5 @@ def tiny_config(*, vocab_size: int, seg_token_id: int = -1, lisa: bool = False, 
   return PixelLLMConfig(image_size=image_size, sam=sam, eva=eva, prompt=prompt, t5=t5, num_queries=8,
                         extractor_width=32, extractor_depth=2, extractor_heads=2, extractor_mlp=64,
                         query_hidden=48, loc_hidden=32, lisa=lisa, seg_token_id=seg_token_id,
-                        refseg=refseg, adapter_heads=2, proposals=proposals, proposal_width=32)
+                        refseg=refseg, adapter_heads=2, proposals=proposals, proposal_width=32,
+                        gella=gella_lib.tiny_gella(image_size) if gella else None)

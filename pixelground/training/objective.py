@@ -29,6 +29,9 @@ class LossConfig:
   ref_iou_weight: float = 1.0
   proposal_weight: float = 1.0     # heatmap focal + GIoU
   box_refine_weight: float = 0.1   # `box_refine`: L1 (pixels, as point_weight) of the refined boxes
+  assoc_weight: float = 1.0        # GELLA: noun ↔ entity association BCE
+  entity_bce_weight: float = 2.0   # GELLA entity masks: BCE + DICE against the input masks (LISA's)
+  entity_dice_weight: float = 0.5
   # Demo aid (0 = off, as in the papers; needs PixelLLMConfig.spatial_tokens): −log of the attention
   # mass that head 0 of the last decoder cross-attention puts on the grid tokens inside each located
   # token's target box.
@@ -80,6 +83,16 @@ def compute_losses(cfg: PixelLLMConfig, loss_cfg: LossConfig, out: dict[str, jax
     dice = L.dice_loss(out["seg_logits"], masks, valid, ignore=ignore)
     terms.update(mask_bce=bce, mask_dice=dice)
     total = total + loss_cfg.mask_bce_weight * bce + loss_cfg.mask_dice_weight * dice
+  if "assoc_logits" in out:
+    entity_valid = batch["entity_valid"]
+    terms["assoc_bce"] = L.association_bce(out["noun_proj"], out["entity_proj"], batch["association"],
+                                           seg_rows(cfg, batch), entity_valid)
+    emasks = batch["entity_masks"].astype(jnp.float32)
+    terms["entity_bce"] = L.mask_bce(out["entity_logits"], emasks, entity_valid)
+    terms["entity_dice"] = L.dice_loss(out["entity_logits"], emasks, entity_valid)
+    total = (total + loss_cfg.assoc_weight * terms["assoc_bce"]
+             + loss_cfg.entity_bce_weight * terms["entity_bce"]
+             + loss_cfg.entity_dice_weight * terms["entity_dice"])
   if "region_logits" in out:
     valid = batch["region_valid"]
     terms.update(prop_lib.losses(out["heat"], out["ltrb"], batch["region_boxes"], valid))
