@@ -14,6 +14,9 @@ figures are means over examples (or tokens) of the held-out split:
   region_token_acc  location-conditioned captions (box prompt)
   seg_miou          LISA: mean over `[SEG]` masks of IoU with the GT mask (pixels marked "ignore" excluded)
   dense_region_acc  dense captioning: teacher-forced token accuracy of the GT regions' captions
+  assoc_acc         GELLA: share of (valid noun, valid entity) pairs whose association logit has the
+                    ground truth's sign
+  entity_miou       GELLA: mean over valid entities of the entity decoder's mask IoU with its input mask
 The full evaluation suite (generation, CIDEr, mAP, cIoU, ...) lives in the evaluation CLIs.
 """
 
@@ -30,7 +33,8 @@ from pixelground.training import objective
 # task name → the token-accuracy metric its text reports
 _TOKEN_ACC = {"caption": "caption_token_acc", "ln": "ln_token_acc", "region_caption": "region_token_acc",
               "referring": "referring_token_acc", "reason_seg": "seg_answer_token_acc",
-              "referring_seg": "seg_answer_token_acc"}
+              "referring_seg": "seg_answer_token_acc", "narrative_grounding": "noun_token_acc",
+              "panoptic": "panoptic_token_acc"}
 
 
 def box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -81,6 +85,13 @@ def batch_metrics(cfg: P.PixelLLMConfig, task: str, out: dict[str, jax.Array],
     iou = L.mask_iou(out["seg_logits"], batch["seg_masks"].astype(jnp.float32),
                      ignore=jnp.broadcast_to(ignore, out["seg_logits"].shape))
     m["seg_miou"] = (jnp.sum(jnp.where(valid, iou, 0.0)), jnp.sum(valid).astype(jnp.float32))
+  if "assoc_logits" in out:
+    pairs = objective.seg_rows(cfg, batch)[:, :, None] & batch["entity_valid"][:, None, :]
+    right = ((out["assoc_logits"] > 0) == batch["association"]) & pairs
+    m["assoc_acc"] = (jnp.sum(right).astype(jnp.float32), jnp.sum(pairs).astype(jnp.float32))
+    iou = L.mask_iou(out["entity_logits"], batch["entity_masks"].astype(jnp.float32))
+    ev = batch["entity_valid"]
+    m["entity_miou"] = (jnp.sum(jnp.where(ev, iou, 0.0)), jnp.sum(ev).astype(jnp.float32))
   if task == "dense_caption" and "region_logits" in out:
     rids = batch["region_ids"]
     mask = (rids != cfg.t5.pad_id) & batch["region_valid"][..., None]
