@@ -73,7 +73,7 @@ def main(argv):
   metrics = evaluator.run(state, progress=True)
   if jax.process_index() == 0:
     tag = f"{_SPLIT.value}_{step}" if _SPLIT.value else str(step)
-    eval_lib.write_outputs(out, tag, {"step": step, **metrics}, evaluator.records)
+    evaluator.write(out, tag, {"step": step, **metrics})
     for k, v in metrics.items():
       print(f"  {k:32s} {v:.4f}" if isinstance(v, float) else f"  {k:32s} {v}")
     print(f"Wrote {out}/eval_{tag}.json and predictions_{tag}.jsonl", flush=True)

@@ -202,7 +202,7 @@ def main(argv):
                   trainable_params=int(n_train), params=int(n_all))
     writers.write_scalars(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
     if pid == 0:  # the same files `pixelground.evaluate` writes for this checkpoint
-      eval_lib.write_outputs(workdir, str(step), result, evaluator.records)
+      evaluator.write(workdir, str(step), result)
     if figure:
       path = os.path.join(workdir, "demo.png")
       if nproc == 1:

@@ -17,7 +17,8 @@ from pixelground.config.parse import ConfigError, load_config
 from pixelground.training.objective import LossConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FULL = ["ln_t5xl", "refcoco_t5xl", "refseg_t5xl", "densecap_t5xl", "joint_t5xl", "lisa_t5xl"]
+FULL = ["ln_t5xl", "refcoco_t5xl", "refseg_t5xl", "densecap_t5xl", "joint_t5xl", "lisa_t5xl",
+        "png_gella_t5xl", "panoptic_gella_t5xl"]
 
 
 def _config_files():
@@ -131,6 +132,12 @@ def test_runlocal_keeps_the_recipe(name):
   assert local.data.mixing == full.data.mixing and local.data.flip == full.data.flip
   fm, lm = full.model, local.model
   assert (lm.lisa, lm.refseg, lm.proposals) == (fm.lisa, fm.refseg, fm.proposals)
+  assert (lm.gella is None) == (fm.gella is None)
+  if fm.gella is not None:
+    assert (lm.gella.dtype, lm.gella.param_dtype, lm.gella.swin.dtype) == (
+        fm.gella.dtype, fm.gella.param_dtype, fm.gella.swin.dtype)
+    assert len(lm.gella.swin.depths) == len(fm.gella.swin.depths)
+    assert lm.gella.colormap_size / lm.image_size > 1 and fm.gella.colormap_size / fm.image_size > 1
   for part in ("sam", "eva", "t5"):
     f, l = getattr(fm, part), getattr(lm, part)
     assert (f is None) == (l is None)

@@ -160,6 +160,10 @@ def test_refseg_t5xl(env, tmp_path):
     ("joint_t5xl", ("ln/point_l1", "caption/CIDEr", "referring/mask_giou", "region_caption/CIDEr",
                     "dense_caption/map")),
     ("lisa_t5xl", ("reason_seg/giou", "referring_seg/giou")),
+    ("png_gella_t5xl", ("png/ar", "png/ar_things", "png/ar_stuff", "png/ar_singular", "png/ar_plural",
+                        "png/acc50")),
+    ("panoptic_gella_t5xl", ("panoptic/pq", "panoptic/pq_things", "panoptic/pq_stuff", "panoptic/sq",
+                             "panoptic/rq")),
 ])
 def test_other_configs(env, tmp_path, name, keys):
   r = run_and_resume(name, tmp_path / "run", env)

@@ -356,6 +356,18 @@ def _png_record(ex: dict, row: dict, logits: np.ndarray) -> dict:
           "truncated": int(len(nouns) - min(len(nouns), int(noun_valid.sum())))}
 
 
+def panoptic_map(record: dict) -> np.ndarray:
+  """A panoptic record's predicted segment-id map (H, W) int32 of the original image, from its
+  segments' RLE."""
+  from pycocotools import mask as mask_utils
+
+  out = np.zeros((record["height"], record["width"]), np.int32)
+  for sg in record["segments_info"]:
+    rle = {"size": [record["height"], record["width"]], "counts": sg["rle"].encode("ascii")}
+    out[mask_utils.decode(rle).astype(bool)] = sg["id"]
+  return out
+
+
 def _mask_summary(records: list[dict], prefix: str) -> dict[str, float]:
   """Records with mask_inter / mask_union pixel counts → {prefix}giou, {prefix}ciou."""
   inter = np.asarray([r["mask_inter"] for r in records], np.float64)
@@ -526,6 +538,20 @@ class Evaluator:
     # Of the in-training metrics only the teacher-forced token accuracy is not recomputed here.
     tf = {"token_acc": v for k, v in acc.result().items() if k.endswith("_acc")}
     return [r for _, r in gathered], tf
+
+  def write(self, out_dir: str, tag: str, result: dict) -> None:
+    """`write_outputs` of the last `run`, plus each panoptic task's predictions in the COCO panoptic
+    results format: out_dir/panoptic_<task>_<tag>/panoptic_pred.json + panoptic_pred/<image id>.png."""
+    import os
+
+    write_outputs(out_dir, tag, result, self.records)
+    for name, recs in self.records.items():
+      if self.conv[name] == "panoptic":
+        preds = [(r["image_id"], f"{r['image_id']:012d}.png", panoptic_map(r),
+                  [{k: v for k, v in sg.items() if k != "rle"} for sg in r["segments_info"]])
+                 for r in recs]
+        grounding.write_coco_panoptic(os.path.join(out_dir, f"panoptic_{name}_{tag}"), preds,
+                                      self.scorers[name].categories)
 
   def _zero_row(self, schema, name):
     return {k: np.zeros(shape, dtype) for k, (shape, dtype) in schema.items()} | {
