@@ -46,7 +46,7 @@ from pixelground.models.heads.box_refiner import BoxRefiner
 # base weights of each stack, "….lora" their LoRA factors.
 UNITS = ("sam_encoder", "eva", "prompt_encoder", "extractor", "t5.token_embed", "t5.encoder",
          "t5.encoder.lora", "t5.decoder", "t5.decoder.lora", "t5.lm_head", "loc_head", "seg_proj",
-         "mask_decoder", "mask_detail", "mask_adapter", "proposal_head", "box_refiner")
+         "mask_decoder", "mask_detail", "mask_adapter", "proposal_head", "box_refiner", "gella")
 
 
 @functools.lru_cache(maxsize=4)
@@ -297,6 +297,67 @@ def _mask_decoder(c: _Counter, cfg: P.PixelLLMConfig, n: int, num_sparse: int, g
   c.dense(hid * m, n, w=w_iou, x=h)
 
 
+def _swin(c: _Counter, cfg, side: int, b: int, w: bool) -> bool:
+  """Swin on b `side`×`side` colormaps; nothing upstream (painted pixels)."""
+  p, s = cfg.patch_size, -(-side // cfg.patch_size)
+  g = c.dense(p * p * cfg.in_channels * cfg.embed_dim, b * s * s, w=w, x=False)
+  for i, depth in enumerate(cfg.depths):
+    d = cfg.stage_dim(i)
+    win = min(cfg.window_size, s) if not cfg.always_partition else cfg.window_size
+    side_p = -(-s // win) * win
+    rows, inst = b * side_p * side_p, b * (side_p // win) ** 2
+    for _ in range(depth):
+      qkv = c.dense(d * 3 * d, rows, w=w, x=g)
+      a = c.attention(inst, win * win, win * win, d, q=qkv, k=qkv, v=qkv)
+      g = c.dense(d * d, rows, w=w, x=a) or g
+      h = c.dense(d * int(cfg.mlp_ratio * d), b * s * s, w=w, x=g)
+      g = c.dense(int(cfg.mlp_ratio * d) * d, b * s * s, w=w, x=h) or g
+    if i + 1 < len(cfg.depths):
+      s = -(-s // 2)
+      g = c.dense(4 * d * 2 * d, b * s * s, w=w, x=g)
+  return g
+
+
+def _gella(c: _Counter, cfg: P.PixelLLMConfig, b: int, num_entities: int, num_seg: int, g_fused: bool,
+           g_hid: bool, w: bool) -> None:
+  """GELLA's parts (`models.gella`): Swin on the colormap, ResoBlend on the g×g map, the entity
+  decoder on E queries over the h×h pixel features, the association of K nouns with E entities."""
+  gc = cfg.gella
+  d, e, ng, mlp = gc.width, num_entities, cfg.grid ** 2, gc.mlp_dim
+  _swin(c, gc.swin, gc.colormap_size, b, w)
+  nh = gc.pixel_grid ** 2
+  side = gc.pixel_grid
+  for i in range(len(gc.swin.depths)):                                  # level convs (3×3)
+    c.dense(9 * gc.swin.stage_dim(i) * d, b * (-(-side // 2 ** i)) ** 2, w=w, x=w)
+  g = c.dense(cfg.feature_dim * d, b * ng, w=w, x=g_fused) or w          # in_proj
+  for _ in range(2):                                                    # self, cross attention
+    q = c.dense(d * d, b * ng, w=w, x=g)
+    kv = c.dense(2 * d * d, b * ng, w=w, x=w)
+    a = c.attention(b, ng, ng, d, q=q, k=kv, v=kv)
+    g = c.dense(d * d, b * ng, w=w, x=a) or g
+  h = c.dense(d * mlp, b * ng, w=w, x=g)
+  g = c.dense(mlp * d, b * ng, w=w, x=h) or g
+  c.dense(d * cfg.feature_dim, b * ng, w=w, x=g)                        # out_proj
+  c.dense(gc.swin.embed_dim * d, b * nh, w=w, x=w)                      # pixel features
+  c.dense(d * d, b * ng, w=w, x=g)
+  c.product(2.0 * b * e * nh * d, w, w)                                 # pooled queries
+  q = w
+  for _ in range(gc.decoder_depth):
+    qp = c.dense(3 * d * d, b * e, w=w, x=q)
+    q = c.dense(d * d, b * e, w=w, x=c.attention(b, e, e, d, q=qp, k=qp, v=qp)) or q
+    qq = c.dense(d * d, b * e, w=w, x=q)
+    kv = c.dense(2 * d * d, b * ng, w=w, x=g)
+    q = c.dense(d * d, b * e, w=w, x=c.attention(b, e, ng, d, q=qq, k=kv, v=kv)) or q
+    h = c.dense(d * mlp, b * e, w=w, x=q)
+    q = c.dense(mlp * d, b * e, w=w, x=h) or q
+  m = c.dense(3 * d * d, b * e, w=w, x=q)
+  c.product(2.0 * b * e * nh * d, m, w)                                 # mask logits
+  a = gc.assoc_dim
+  gn = c.dense(cfg.t5.d_model * a, b * num_seg, w=w, x=g_hid)
+  ge = c.dense(d * a, b * e, w=w, x=q)
+  c.product(2.0 * b * num_seg * e * a, gn, ge)
+
+
 def _box_refiner(c: _Counter, cfg: P.PixelLLMConfig, n: float, w: bool) -> None:
   """`box_refine`: n runs of the refiner on an n_c×n_c crop (its inputs — pixels and a stopped
   decoder state — carry no gradient; the crop's bilinear sampling is a gather, not counted)."""
@@ -328,7 +389,7 @@ def _caption(c: _Counter, cfg: P.PixelLLMConfig, n: int, le: int, length: int, g
 
 
 def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, target_len: int,
-               num_seg: int = 0, num_regions: int = 0, region_len: int = 0,
+               num_seg: int = 0, num_regions: int = 0, region_len: int = 0, num_entities: int = 0,
                trainable: tp.Callable | None = None, train: bool = True) -> dict:
   """→ {"total": float, "parts": {part_name: float}, "forward": float} FLOPs for one step over the
   global batch. train=False gives forward-only FLOPs (×1 everywhere, for eval / inference).
@@ -341,7 +402,8 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
   location / LISA / refseg heads). `trainable`: an NNX filter (default
   `pixelllm.trainable_filter()`) or a set of `UNITS`. "parts" (sums to "total") are: sam_encoder, eva,
   extractor, t5_encoder, t5_decoder (LoRA included), lm_head, loc_head, box_refiner, seg_proj,
-  mask_decoder, mask_detail, mask_adapter, proposal_head — those the config has; "forward" is the
+  mask_decoder, mask_detail, mask_adapter, proposal_head, gella (with `num_entities` entity slots and
+  `num_seg` nouns) — those the config has; "forward" is the
   forward-only total. A training step is `PixelLLM.__call__(batch, train=True)` (the refiner then also
   runs on the target boxes).
   """
@@ -357,6 +419,8 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
     c.part = "eva"
     g_eva = _eva(c, cfg, b, "eva" in tr)
   g_fused = g_sam or g_eva
+  if cfg.gella is not None and num_entities and target_len:
+    g_fused = g_fused or "gella" in tr                   # ResoBlend writes into the fused map
 
   g_vis, g_hid = _caption(c, cfg, b, le, target_len, g_fused, tr)
 
@@ -406,6 +470,10 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
     c.part = "mask_decoder"
     _mask_decoder(c, cfg, b, 2, g or "prompt_encoder" in tr, g_img, w_md, iou_loss=True, images=b,
                   w_detail=w_det)
+
+  if cfg.gella is not None and num_entities and target_len:
+    c.part = "gella"
+    _gella(c, cfg, b, num_entities, num_seg, g_fused, g_hid, "gella" in tr)
 
   if cfg.proposals and num_regions:
     c.part = "proposal_head"

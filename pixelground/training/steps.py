@@ -67,14 +67,17 @@ def flops_inputs(config, setup: Setup, batch_size: int, task: str | None
   config = schema.parse(config)
   cfg, d = setup.cfg, config.data
   conv = config.converter(task) if task else None
-  heads = set(P.TASK_HEADS.get(conv, ())) if conv else {"lisa", "refseg", "proposals", "refbox"}
+  heads = set(P.TASK_HEADS.get(conv, ())) if conv else {"lisa", "refseg", "proposals", "refbox",
+                                                         "gella"}
   cfg = dataclasses.replace(cfg, lisa=cfg.lisa and "lisa" in heads,
+                            gella=cfg.gella if "gella" in heads else None,
                             refseg=cfg.refseg and "refseg" in heads,
                             proposals=cfg.proposals and "proposals" in heads,
                             box_refine=cfg.box_refine if "refbox" in heads else 0)
   kw = dict(batch_size=batch_size, prompt_len=d.max_prompt_len,
             target_len=0 if conv == "dense_caption" else d.max_target_len,
-            num_seg=d.max_seg if cfg.lisa else 0,
+            num_seg=d.max_seg if (cfg.lisa or cfg.gella) else 0,
+            num_entities=d.max_entities if cfg.gella else 0,
             num_regions=d.max_regions if cfg.proposals else 0,
             region_len=d.max_region_len if cfg.proposals else 0,
             trainable=setup.keep)
