@@ -22,7 +22,8 @@ from pixelground.config import base, recipes
 def get_config(arg=None):
   del arg
   image_size = 64
-  model = recipes.model_config("tiny", lisa=True, image_size=image_size, vocab_size=896, seg_token_id=3)
+  model = recipes.model_config("tiny", lisa=True, gella=True, image_size=image_size, vocab_size=896,
+                               seg_token_id=3)
   model.refseg = True
   model.proposals = True
   # Patch 8 (8×8 feature grids at 64 px), 16 queries, a wider extractor; T5 with 4 heads of 16 (the
@@ -51,14 +52,20 @@ def get_config(arg=None):
       region_caption=base.task("refcoco/grounded_shapes", weight=0.5),
       # A dense-captioning step costs ~2.8× a caption step (4 regions through the extractor and T5).
       dense_caption=base.task("coco_panoptic/grounded_shapes", weight=0.25),
-      reason_seg=base.task("reasonseg/grounded_shapes", weight=2.5))
+      reason_seg=base.task("reasonseg/grounded_shapes", weight=2.5),
+      # GELLA: the narrative's noun phrases each followed by `[SEG]` (up to 6 per image), and the
+      # panoptic "name [SEG]" list from the category names; entities = the ground-truth segments.
+      png=base.task("panoptic_narrative_grounding/grounded_shapes", converter="narrative_grounding",
+                    weight=1.0, max_seg=6, max_target_len=48),
+      panoptic=base.task("coco_panoptic/grounded_shapes", weight=1.0, max_seg=6, max_prompt_len=32,
+                         max_target_len=24))
   c.data.update(image_size=image_size, scale_range=(0.8, 1.2), max_target_len=40, max_prompt_len=12,
-                max_seg=1, max_regions=4, max_region_len=6, seg_boxes=True, mixing="batch",
+                max_seg=1, max_entities=6, max_regions=4, max_region_len=6, seg_boxes=True, mixing="batch",
                 num_workers=1)  # one Grain worker converts batches beside the step
   # Easier scenes for a model this small: 2-3 shapes at twice the default radii, in 4 colours.
   c.data.grounded_shapes = base.grounded_shapes(num_train=2000, num_validation=200, seed=0, size=64,
                                                 max_shapes=3, scale=2.0, colours=4)
-  c.eval.update(tasks=("ln", "caption", "referring", "reason_seg"), batch_size=50, max_examples=200,
+  c.eval.update(tasks=("ln", "caption", "referring", "reason_seg", "png", "panoptic"), batch_size=50, max_examples=200,
                 max_decode_len=40)
   c.eval_every = 1500  # at the end only
   c.log_every = 50

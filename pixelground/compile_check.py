@@ -94,7 +94,7 @@ def abstract_batch(config, setup, batch_size: int, task: str | None) -> dict:
   from pixelground.parallel import sharding
 
   config = schema_lib.parse(config)
-  tcfg = config.task_config(train=True)
+  tcfg = config.task_config(train=True, task=task)
   schema = task_lib.schema(tcfg) if task is None else task_lib.task_schema(tcfg, config.converter(task))
   schema = dict(schema, task_id=((), "int32"))
 

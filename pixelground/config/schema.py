@@ -42,6 +42,11 @@ class TaskSpec:
   split: str = "train"
   eval_split: str = "validation"
   loss_weight: float = 1.0       # scales this task's text loss
+  # This task's example lengths instead of `config.data`'s (0 = the data section's); only with mixing
+  # "batch", where every task has its own batch shapes.
+  max_prompt_len: int = 0
+  max_target_len: int = 0
+  max_seg: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,17 +197,24 @@ class Config:
     """The converter of `config.tasks[task]` (its name unless `converter` is set)."""
     return self.tasks[task].converter or task
 
-  def task_config(self, *, train: bool):
-    """`config.data` → `pixelground.data.tasks.TaskConfig` for training or evaluation examples."""
+  def task_config(self, *, train: bool, task: str | None = None):
+    """`config.data` (with task `task`'s own lengths, `TaskSpec.max_*`) → `pixelground.data.tasks.
+    TaskConfig` for training or evaluation examples."""
     from pixelground.data.tasks import TaskConfig
 
     names = {f.name for f in dataclasses.fields(TaskConfig)} - {"train"}
-    return TaskConfig(train=train, **{k: getattr(self.data, k) for k in names if hasattr(self.data, k)})
+    kw = {k: getattr(self.data, k) for k in names if hasattr(self.data, k)}
+    if task is not None:
+      spec = self.tasks[task]
+      kw.update({k: getattr(spec, k) for k in _TASK_LENGTHS if getattr(spec, k)})
+    return TaskConfig(train=train, **kw)
 
   def to_json(self) -> str:
     """The ConfigDict this was parsed from, as JSON (WORKDIR/config.json: `parse` reads it back)."""
     return self.source.to_json_best_effort(indent=1)
 
+
+_TASK_LENGTHS = ("max_prompt_len", "max_target_len", "max_seg")
 
 # Sections parsed here (the rest of the top level are plain values).
 _SECTIONS = {"optimizer": OptimizerConfig, "data": DataConfig, "eval": EvalConfig, "weights": WeightsConfig,
@@ -254,6 +266,10 @@ def _check(cfg: Config) -> None:
   for name, t in cfg.tasks.items():
     if not t.dataset:
       raise ConfigError(f"config.tasks.{name}.dataset is empty.")
+    own = [k for k in _TASK_LENGTHS if getattr(t, k)]
+    if own and cfg.data.mixing != "batch":
+      raise ConfigError(f"config.tasks.{name}.{own[0]}: per-task lengths need "
+                        f"config.data.mixing='batch' (mixed rows share one shape).")
   for n in cfg.eval.tasks:
     if n not in cfg.tasks:
       raise ConfigError(f"config.eval.tasks: unknown task '{n}' (config.tasks has {list(cfg.tasks)}).")

@@ -271,6 +271,13 @@ class _Scorer:
     """What a figure draws for one example: its record (`record`: boxes xyxy pixels of the original
     image) + the image and the predicted masks at its resolution — referring: "mask" (H, W) or None
     without refseg; reason_seg: "masks" (K, H, W), the first generated `[SEG]`'s, K = 0 without one."""
+    if self.task == "narrative_grounding":  # each phrase's union of its entities' segments
+      from tfds_builders.coco_panoptic import segment_ids
+
+      ids_map = segment_ids(np.asarray(ex["panoptic"]))
+      masks = np.stack([np.isin(ids_map, ids) for ids in rec["entities"]]) if rec["entities"] else (
+          np.zeros((0,) + ids_map.shape, bool))
+      return rec | {"image": np.asarray(ex["image"]), "masks": masks}
     pred = self.pred_mask(ex, out, i)
     if self.task in SEG_TASKS:
       return rec | {"image": np.asarray(ex["image"]), "masks": pred[None][: int(rec["has_seg"])]}
@@ -527,7 +534,7 @@ class Evaluator:
       for j, (i, ex) in enumerate(zip(idx, exs)):
         rec = scorer.record(ex, rows[j], host, where[i])
         recs.append((i, {"index": i} | rec))
-        if i < self.keep_examples and conv in ("referring",) + SEG_TASKS:
+        if i < self.keep_examples and conv in ("referring", "narrative_grounding") + SEG_TASKS:
           self.kept.setdefault(name, {})[i] = scorer.visual(ex, rec, host, where[i])
       if bar is not None:
         bar.update(1)

@@ -13,6 +13,10 @@ is resized so its long side is the model input size and padded (the evaluation g
     Segmentation      text (the answer), masks (K, H, W) bool — one per `[SEG]` in the answer,
                       mask_scores (K,) (SAM's IoU head)
     DenseCaption      box (4,), score (proposal heatmap peak, sigmoid), text — a list, best first
+    GroundedPhrase    (GELLA, `ground`) text, span in the caption, entities, mask (H, W) bool, score —
+                      a list, one per noun phrase; `panoptic` → (id map (H, W) int32, segments_info).
+                      Both take user entities (an (E, H, W) stack or an (H, W) id map) and are
+                      implemented in `pixelground.inference.grounded`
 
 Bad calls raise ValueError naming the problem: an image that is not (H, W, 3) / (H, W), an empty text,
 a box that is not xyxy inside the image.
@@ -135,11 +139,20 @@ def _refer(model, batch):
 class Predictor:
   """Holds a PixelLLM, its tokenizer and jitted decode functions (compiled once per max_len/beams)."""
 
-  def __init__(self, model, tokenizer, *, max_prompt_len: int = 32):
+  def __init__(self, model, tokenizer, *, max_prompt_len: int = 32, max_entities: int | None = None,
+               categories: tp.Sequence[dict] | None = None):
+    """`max_entities`: GELLA entity slots (the training `config.data.max_entities`; None: up to the
+    colormap's colours); `categories`: the panoptic category list `panoptic` uses by default."""
     self.model, self.tok = model, tokenizer
     self.size = model.cfg.image_size
     self.max_prompt_len = max_prompt_len
+    self.max_entities = max_entities
+    self.categories = None if categories is None else list(categories)
+    self.config = None      # the training config (from_checkpoint): where panoptic categories come from
+    self._looked_up = False
     self.truncated = False  # the last call's prompt was longer than max_prompt_len tokens
+    self.last_prompt_len = max_prompt_len  # the last call's prompt length (tasks may have their own)
+    self.generated = None   # GELLA: the last ground/panoptic call's generated text (None: teacher-forced)
 
   @classmethod
   def from_checkpoint(cls, path: str, config=None, *, mesh=None) -> "Predictor":
@@ -159,11 +172,17 @@ class Predictor:
     setup = train_state.build_setup(config, mesh)
     state, _ = checkpointing.load_state(setup, path)
     model = train_state.make_model(setup, state)
-    return cls(model, tok_lib.load_tokenizer(config.tokenizer),
-               max_prompt_len=config.data.max_prompt_len)
+    pred = cls(model, tok_lib.load_tokenizer(config.tokenizer), max_prompt_len=config.data.max_prompt_len,
+               max_entities=config.data.max_entities)
+    pred.config = config
+    return pred
 
   # -- shared ------------------------------------------------------------------------------------------
-  def _inputs(self, image: np.ndarray, prompt: str, box: np.ndarray | None):
+  def _inputs(self, image: np.ndarray, prompt: str, box: np.ndarray | None,
+              max_prompt_len: int | None = None):
+    """→ (the model batch of one image + prompt, its geometry); the prompt is cut to `max_prompt_len`
+    tokens (default `self.max_prompt_len`), `self.truncated` says whether it was."""
+    max_prompt_len = max_prompt_len or self.max_prompt_len
     geom = T.resize_pad(image.shape[0], image.shape[1], self.size)
     out, valid = T.apply_image(image, geom)
     vh, vw = geom.valid
@@ -172,9 +191,10 @@ class Predictor:
     else:
       prompt_box = (geom.boxes(box[None])[0] / self.size).astype(np.float32)
     ids = self.tok.encode(prompt)
-    self.truncated = len(ids) > self.max_prompt_len
-    ids = ids[: self.max_prompt_len]
-    prompt_ids = np.zeros(self.max_prompt_len, np.int32)
+    self.truncated = len(ids) > max_prompt_len
+    self.last_prompt_len = max_prompt_len
+    ids = ids[:max_prompt_len]
+    prompt_ids = np.zeros(max_prompt_len, np.int32)
     prompt_ids[: len(ids)] = ids
     batch = {"image": out[None], "image_mask": valid[None], "prompt_box": prompt_box[None],
              "prompt_ids": prompt_ids[None]}
@@ -265,6 +285,32 @@ class Predictor:
                          batch["image_mask"])
     masks = mask_to_image(np.asarray(logits[0]), geom, (h, w))
     return Segmentation(self.tok.decode(body), masks, np.asarray(iou[0]))
+
+  # -- GELLA (pixelground.inference.grounded) --------------------------------------------------------
+  def ground(self, image, caption: str, entities=None, *, phrases: tp.Sequence[str] | None = None,
+             max_len: int = 128) -> list:
+    """Entity grounding: each noun phrase of `caption` (given `phrases`, teacher-forced; else
+    generated) → `grounded.GroundedPhrase` (text, span, entities, mask (H, W) bool, score). `entities`:
+    an (E, H, W) bool stack or an (H, W) integer id map (0 = void) of the image (`grounded`)."""
+    from pixelground.inference import grounded
+    return grounded.ground(self, image, caption, entities, phrases=phrases, max_len=max_len)
+
+  def panoptic(self, image, entities=None, *, categories: tp.Sequence[dict] | None = None,
+               max_len: int = 128) -> tuple[np.ndarray, list[dict]]:
+    """Panoptic segmentation of the given entities → (id_map (H, W) int32, 0 = void; segments_info
+    [{"id", "category_id", "isthing", "area", "bbox", "score"}]) for `categories` (default
+    `panoptic_categories()`)."""
+    from pixelground.inference import grounded
+    return grounded.panoptic(self, image, entities, categories=categories, max_len=max_len)
+
+  def panoptic_categories(self) -> list[dict] | None:
+    """The panoptic category list: the one given, else the checkpoint's panoptic dataset metadata
+    (looked up once; None when neither is available)."""
+    if self.categories is None and self.config is not None and not self._looked_up:
+      from pixelground.inference import grounded
+      self.categories = grounded.checkpoint_categories(self.config)
+      self._looked_up = True
+    return self.categories
 
 
 def mask_to_image(logits: np.ndarray, geom: T.Geometry, hw: tuple[int, int]) -> np.ndarray:

@@ -97,6 +97,26 @@ def draw_segmentation(image: np.ndarray, question: str, answer: str, masks: np.n
   return _with_text(img, f"Q: {question}  A: {answer}")
 
 
+def draw_grounding(image: np.ndarray, caption: str, phrases: tp.Sequence[str], masks: np.ndarray,
+                   scale: int = SCALE) -> Image.Image:
+  """Grounded narrative (GELLA / PNG): phrase k's mask (H, W) bool of `image` tinted in colour k; under
+  the image the caption, then each phrase written in its mask's colour."""
+  img = _canvas(image, scale)
+  for k, m in enumerate(np.asarray(masks)):
+    img = _overlay(img, m, COLOURS[k % len(COLOURS)])
+  lines = textwrap.wrap(caption, width=max(10, img.width // 6))[:3]
+  out = Image.new("RGB", (img.width, img.height + TEXT_H + 12 * ((len(phrases) + 1) // 2)), "white")
+  out.paste(img, (0, 0))
+  draw = ImageDraw.Draw(out)
+  draw.multiline_text((3, img.height + 2), "\n".join(lines), fill="black", spacing=1)
+  y0 = img.height + 2 + 12 * len(lines) + 4
+  for k, phrase in enumerate(phrases):
+    x, y = 3 + (k % 2) * img.width // 2, y0 + 12 * (k // 2)
+    draw.rectangle([x, y + 2, x + 7, y + 9], fill=COLOURS[k % len(COLOURS)])
+    draw.text((x + 10, y), phrase[: img.width // 12], fill=COLOURS[k % len(COLOURS)])
+  return out
+
+
 def draw_boxes(image: np.ndarray, boxes: tp.Sequence[np.ndarray], labels: tp.Sequence[str],
                scale: int = 1) -> Image.Image:
   """Dense captions: each box (xyxy image pixels) outlined in its colour with its label at the corner."""
@@ -128,7 +148,7 @@ def demo_figure(config, model, tokenizer, path: str,
                 kept: tp.Mapping[str, tp.Mapping[int, dict]] | None = None) -> None:
   """The demo's figure: for `config.visualize.num_images` held-out images, one row each — the
   generated LN caption with its trace, a referring expression's box + mask, and a ReasonSeg `[SEG]` mask
-  (its own held-out image). `kept`: the evaluator's kept examples (`eval_lib.Evaluator.kept`, the
+  (its own held-out image), and with a `png` task the grounded narrative (GELLA). `kept`: the evaluator's kept examples (`eval_lib.Evaluator.kept`, the
   predictions it scored); panels it lacks are predicted here (`inference.Predictor`)."""
   from pixelground.config import schema
   from pixelground.data import tasks as task_lib
@@ -161,8 +181,12 @@ def demo_figure(config, model, tokenizer, path: str,
       q = task_lib.as_text(ex_seg["queries"][0])
       r = predictor.segment(np.asarray(ex_seg["image"]), q)
       seg = {"image": np.asarray(ex_seg["image"]), "query": q, "answer": r.text, "masks": r.masks}
-    rows.append([draw_caption(np.asarray(ex["image"]), cap.text, cap.pieces, cap.boxes),
-                 draw_referring(ref["image"], ref["expression"], ref["box"], ref["mask"],
-                                gt_box=ref["gt_box"]),
-                 draw_segmentation(seg["image"], seg["query"], seg["answer"], seg["masks"])])
+    row = [draw_caption(np.asarray(ex["image"]), cap.text, cap.pieces, cap.boxes),
+           draw_referring(ref["image"], ref["expression"], ref["box"], ref["mask"],
+                          gt_box=ref["gt_box"]),
+           draw_segmentation(seg["image"], seg["query"], seg["answer"], seg["masks"])]
+    ground = kept.get("png", {}).get(i)
+    if ground is not None:  # GELLA: the held-out narrative's phrases over the ground-truth entities
+      row.append(draw_grounding(ground["image"], ground["caption"], ground["phrases"], ground["masks"]))
+    rows.append(row)
   save_grid(rows, path)

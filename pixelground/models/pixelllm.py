@@ -273,18 +273,20 @@ class PixelLLM(nnx.Module):
                ) -> tuple[jax.Array, MaskFeatures | None, EntityState | None]:
     """`image_features`, then with GELLA the entity colormap blended in: → (fused (B, g, g, C),
     `MaskFeatures` or None, `EntityState` or None). Entities are `entity_masks` (B, E, S, S) /
-    `entity_valid` (B, E) of the batch (none: an all-black colormap). Colours are drawn from `rng`
-    (training) or a fixed key (evaluation: the same colours for the same entity slots every run)."""
+    `entity_valid` (B, E) of the batch; a batch without them (other tasks) or a row without a valid
+    entity keeps the plain image features, so those tasks see the same input in training and at
+    inference. Colours are drawn from `rng` (training) or a fixed key (evaluation: the same colours
+    for the same entity slots every run)."""
     fused, sam = self.image_features(batch["image"], batch["image_mask"], rng=rng)
-    if self.gella is None:
+    if self.gella is None or "entity_masks" not in batch:
       return fused, sam, None
-    b, s = fused.shape[0], self.cfg.image_size
-    masks = batch.get("entity_masks", jnp.zeros((b, 1, s, s), bool))
-    valid = batch.get("entity_valid", jnp.zeros(masks.shape[:2], bool))
+    masks = batch["entity_masks"]
+    valid = batch.get("entity_valid", jnp.any(masks, axis=(2, 3)))
     key = jax.random.fold_in(rng, 7) if rng is not None else jax.random.key(0)
     pyramid = self.gella.encode_colormap(masks, valid, key)
     pe = self.gella.blend_pe(self.prompt_encoder.pe.dense_pe(fused.shape[1:3]))
-    fused, blended = self.gella.resoblend(fused, pyramid, pe)
+    blended_fused, blended = self.gella.resoblend(fused, pyramid, pe)
+    fused = jnp.where(jnp.any(valid, axis=1)[:, None, None, None], blended_fused, fused)
     return fused, sam, EntityState(blended, pyramid[0], masks, valid)
 
   def _encode(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None):
@@ -524,7 +526,7 @@ def referring_box(out: dict[str, jax.Array], batch: dict[str, jax.Array]) -> jax
 # Heads each task needs (`PixelLLM.__call__(batch, heads=...)`); anything else is not computed.
 TASK_HEADS = {"ln": (), "caption": (), "region_caption": (), "referring": ("refseg", "refbox"),
               "reason_seg": ("lisa", "refbox"), "referring_seg": ("lisa", "refbox"),
-              "narrative_grounding": ("lisa", "gella"), "panoptic": ("lisa", "gella"),
+              "narrative_grounding": ("gella",), "panoptic": ("gella",),
               "dense_caption": ("proposals",)}
 
 

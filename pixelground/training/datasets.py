@@ -52,7 +52,6 @@ def data_tasks(config, tokenizer, *, train: bool = True, names: tp.Sequence[str]
   config = schema.parse(config)
   out = []
   root = data_dir(config)
-  tcfg = config.task_config(train=train)
   for name, t in config.tasks.items():
     if names is not None and name not in names:
       continue
@@ -65,7 +64,8 @@ def data_tasks(config, tokenizer, *, train: bool = True, names: tp.Sequence[str]
                        f"(has {sorted(builder.info.splits)}).")
     conv_name = config.converter(name)
     categories = builder.info.metadata.get("categories") if builder.info.metadata else None
-    conv = task_lib.Converters(tcfg, tokenizer, categories=categories)
+    conv = task_lib.Converters(config.task_config(train=train, task=name), tokenizer,
+                               categories=categories)
     if not hasattr(conv, conv_name):
       raise ValueError(f"{where}.converter: no converter '{conv_name}'.")
     out.append(pipeline.Task(name, builder.as_data_source(use), getattr(conv, conv_name), t.weight,

@@ -65,7 +65,7 @@ def flops_inputs(config, setup: Setup, batch_size: int, task: str | None
   """(model config with only `task`'s heads, keyword arguments of `flops.step_flops`) for one train
   step of `task` (None: a mixed-task batch, every head) at global batch `batch_size`."""
   config = schema.parse(config)
-  cfg, d = setup.cfg, config.data
+  cfg, d = setup.cfg, config.task_config(train=True, task=task)
   conv = config.converter(task) if task else None
   heads = set(P.TASK_HEADS.get(conv, ())) if conv else {"lisa", "refseg", "proposals", "refbox",
                                                          "gella"}
