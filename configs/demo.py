@@ -38,7 +38,7 @@ def get_config(arg=None):
       "seg_box_prompt": "target", "train_box_noise": 0.1, "mask_detail": 8, "box_refine": 16,
       "pointer_window": 1}
   c = base.config(model=model, tokenizer="tiny",
-                  optimizer=recipes.optimizer_config(lr=2e-3, steps=1500, warmup=50, batch_size=32,
+                  optimizer=recipes.optimizer_config(lr=2e-3, steps=2250, warmup=50, batch_size=32,
                                                      weight_decay=0.01))
   # No pretrained tiny weights exist, so nothing is frozen (the paper configs freeze SAM and T5).
   c.trainable = (".",)
@@ -56,8 +56,8 @@ def get_config(arg=None):
       # GELLA: the narrative's noun phrases each followed by `[SEG]` (up to 6 per image), and the
       # panoptic "name [SEG]" list from the category names; entities = the ground-truth segments.
       png=base.task("panoptic_narrative_grounding/grounded_shapes", converter="narrative_grounding",
-                    weight=1.0, max_seg=6, max_target_len=48),
-      panoptic=base.task("coco_panoptic/grounded_shapes", weight=1.0, max_seg=6, max_prompt_len=32,
+                    weight=2.5, max_seg=6, max_target_len=48),
+      panoptic=base.task("coco_panoptic/grounded_shapes", weight=2.5, max_seg=6, max_prompt_len=32,
                          max_target_len=24))
   c.data.update(image_size=image_size, scale_range=(0.8, 1.2), max_target_len=40, max_prompt_len=12,
                 max_seg=1, max_entities=6, max_regions=4, max_region_len=6, seg_boxes=True, mixing="batch",
@@ -67,7 +67,7 @@ def get_config(arg=None):
                                                 max_shapes=3, scale=2.0, colours=4)
   c.eval.update(tasks=("ln", "caption", "referring", "reason_seg", "png", "panoptic"), batch_size=50, max_examples=200,
                 max_decode_len=40)
-  c.eval_every = 1500  # at the end only
+  c.eval_every = 0  # at the end only
   c.log_every = 50
   c.checkpoint_every = 400
   c.visualize.update(enabled=True, num_images=3)

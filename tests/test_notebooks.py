@@ -161,7 +161,7 @@ def test_localized_narratives_notebook(trained, kernel_dir, tmp_path, monkeypatc
 @pytest.mark.slow
 def test_panoptic_narrative_grounding_notebook(trained, kernel_dir, tmp_path, monkeypatch):
   path = os.path.join(ROOT, "notebooks", "panoptic_narrative_grounding.ipynb")
-  params = _params(trained, tmp_path, CHECKPOINT="", DATASET="panoptic_narrative_grounding/grounded_shapes",
+  params = _params(trained, tmp_path, DATASET="panoptic_narrative_grounding/grounded_shapes",
                    SPLIT="validation")
   text, images = _execute(path, params, trained, kernel_dir, tmp_path, monkeypatch)
   assert "ground truth as prediction: AR = 1.0000" in text
@@ -171,4 +171,8 @@ def test_panoptic_narrative_grounding_notebook(trained, kernel_dir, tmp_path, mo
   assert results["whole image"]["ar"] < 0.9
   for name, r in results.items():  # every split counted: things + stuff = singular + plural = all
     assert r["count_things"] + r["count_stuff"] == r["count"] == r["count_singular"] + r["count_plural"]
-  assert images >= 3
+  assert images >= 5  # examples, recall curves, baselines; the model's curve and examples
+  with open(tmp_path / "png_model_metrics.json") as f:  # the GELLA checkpoint's part
+    model = json.load(f)
+  assert model["step"] == 20 and model["count"] > 0 and 0 <= model["ar"] <= 1
+  assert "png_model_examples.png" in os.listdir(tmp_path)

@@ -1,5 +1,5 @@
 r"""The demo config cut down for the notebooks' test (tests/test_notebooks.py): the LN, caption,
-referring and ReasonSeg heads of the demo, a 48-image grounded-shapes cache, batch 8, 20 steps and one
+referring and ReasonSeg heads of the demo and its GELLA narrative grounding (`png`), a 48-image grounded-shapes cache, batch 8, 20 steps and one
 checkpoint at the end — enough for every notebook to run its evaluation and draw its figures."""
 
 import os
@@ -12,7 +12,7 @@ _DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.py"
 def get_config():
   c = load_config(_DEMO)
   for name in list(c.tasks.keys()):
-    if name not in ("ln", "caption", "referring", "reason_seg"):
+    if name not in ("ln", "caption", "referring", "reason_seg", "png"):
       del c.tasks[name]
   c.optimizer.batch_size = 8
   c.optimizer.total_steps = 20
