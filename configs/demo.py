@@ -36,7 +36,7 @@ def get_config(arg=None):
       "num_queries": 16, "extractor_width": 64, "query_hidden": 64, "spatial_tokens": 8,
       "pointer_head": True, "loc_hidden": 128, "refseg_train_box": "target",
       "seg_box_prompt": "target", "train_box_noise": 0.1, "mask_detail": 8, "box_refine": 16,
-      "pointer_window": 1}
+      "pointer_window": 1, "gella": {"image_stem": 16}}
   c = base.config(model=model, tokenizer="tiny",
                   optimizer=recipes.optimizer_config(lr=2e-3, steps=2250, warmup=50, batch_size=32,
                                                      weight_decay=0.01))

@@ -17,13 +17,20 @@ Full size:
         --config.weights.sam=/w/sam_vit_h_4b8939.pth --config.weights.eva=/w/eva02_L.safetensors \
         --config.weights.t5=/w/flan-t5-xl --config.data.tfds_dir=/data/tfds --multihost
 
-  Not trained here. Evaluate (PNG average recall, things / stuff / singular / plural, Acc@0.5):
+  Not trained here. Compile check `python -m pixelground.compile_check --config=configs/png_gella_t5xl.py
+  --topology=v5e:4x4` (mesh data 2 × fsdp 8, batch 64, task png): 6.27 GiB per chip of 16 (FITS).
+
+  Evaluate (PNG average recall, things / stuff / singular / plural, Acc@0.5):
 
     python -m pixelground.evaluate --workdir=/ckpt/png_gella_t5xl
 
 CPU variant (the same recipe shrunk, grounded-shapes PNG):
 
     python -m pixelground.train --config=configs/png_gella_t5xl.py:runlocal --workdir=/tmp/png_gella
+
+  Measured on 2 CPU cores (data cached): 97 s wall. 30 steps of batch 8; text CE 7.16 → 6.23,
+  association BCE 0.70 → 0.57, entity BCE 1.06 → 0.43; held-out PNG AR 0.24 (things 0.17, stuff 0.35)
+  over 75 phrases of 16 narratives (from scratch, 30 steps).
 """
 
 from pixelground.config import base, recipes

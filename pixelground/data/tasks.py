@@ -406,11 +406,12 @@ class Converters:
 
   # -- panoptic segmentation (GELLA): category list → "name [SEG]" per entity -------------------------
   def panoptic(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """coco_panoptic examples. Prompt: the category names (shuffled when training); target: each entity's
-    category name followed by `[SEG]`, largest entity first (an order the image shows; the largest
-    min(K, E) entities that fit the target). Entity slots hold the same entities in a random order when
-    training (the model must associate by content, not by slot), in target order at evaluation;
-    association[k, slot of entity k]."""
+    """coco_panoptic examples. Prompt: the category names (shuffled when training); target: each
+    entity's category name followed by `[SEG]`, in the prompt's category order (the decoder walks the
+    list and names each category as often as it has entities, largest entity first), at most
+    min(K, E) entities that fit the target (the largest ones when more). Entity slots hold the same
+    entities in a random order when training (the model must associate by content, not by slot), in
+    target order at evaluation; association[k, slot of entity k]."""
     from tfds_builders.coco_panoptic import segment_ids
 
     if not self.categories:
@@ -429,10 +430,11 @@ class Converters:
     masks = (self.masks(np.stack([ids_map == i for i in seg_ids]), geom) if len(seg_ids)
              else np.zeros((0,) + out["image_mask"].shape, bool))
     area = masks.reshape(len(masks), -1).sum(-1)
+    by_area = [int(j) for j in np.argsort(-area, kind="stable") if area[j] > 0][: min(k, e)]
+    rank = {int(c): r for r, c in enumerate(order)}
+    chosen = sorted(by_area, key=lambda j: (rank[int(cats[j])], -area[j]))
     target, positions, used = [], [], []
-    for j in np.argsort(-area, kind="stable"):
-      if area[j] == 0 or len(used) == min(k, e):  # cropped away / no slot left
-        break
+    for j in chosen:
       piece = self.tok.encode(names[int(cats[j])])
       if len(target) + len(piece) + 2 > self.cfg.max_target_len:
         break

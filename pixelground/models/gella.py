@@ -48,6 +48,10 @@ class GellaConfig(ModelConfig):
   decoder_depth: int = 3
   assoc_dim: int = 256           # the association FCs' output width
   palette_levels: int = 6        # colours = levels³ − 1 (black is the background)
+  # image_stem = C (from-scratch aid, 0 = off as in the paper): two 3×3 convs (3 → C → C, GELU) on the
+  # normalised image, area-resized to the pixel grid and added to the pixel features, so an entity's
+  # query sees its own pixels (a tiny encoder's coarse grid blurs a small shape into its surroundings).
+  image_stem: int = 0
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -246,14 +250,36 @@ class EntityDecoder(nnx.Module):
     self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.decoder_depth)])
     self.out_norm = _norm(d, cfg, rngs)
     self.mask_mlp = dec_lib.MLP(d, d, d, 3, **common)
+    c = cfg.image_stem
+    if c:
+      self.stem1 = make_param(rngs, normal(27 ** -0.5), (3, 3, 3, c), (None, None, "channels", "conv_out"),
+                              pd)
+      self.stem1_bias = make_param(rngs, zeros, (c,), ("conv_out",), pd)
+      self.stem2 = make_param(rngs, normal((9 * c) ** -0.5), (3, 3, c, c), (None, None, "conv_in",
+                                                                          "conv_out"), pd)
+      self.stem2_bias = make_param(rngs, zeros, (c,), ("conv_out",), pd)
+      self.stem_proj = Projection((c,), (d,), ("conv_in",), ("embed",), use_bias=True, **common)
+    else:
+      self.stem1 = None
+
+  def _stem(self, pixels: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    x = jax.nn.gelu(_conv(pixels, self.stem1[...], self.stem1_bias[...], self.dtype), approximate=False)
+    x = jax.nn.gelu(_conv(x, self.stem2[...], self.stem2_bias[...], self.dtype), approximate=False)
+    return _resize(self.stem_proj(x), hw)
 
   def __call__(self, level0: jax.Array, blended: jax.Array, masks: jax.Array, valid: jax.Array,
-               pixel_pe: jax.Array, grid_pe: jax.Array) -> tuple[jax.Array, jax.Array]:
+               pixel_pe: jax.Array, grid_pe: jax.Array, pixels: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """level0 (B, h, h, C0) Swin's first map, blended (B, g, g, D), masks (B, E, S, S) bool, valid
-    (B, E), pixel_pe (h, h, Pd), grid_pe (g, g, Pd) → (Evc (B, E, D), mask logits (B, E, h, h) f32)."""
+    (B, E), pixel_pe (h, h, Pd), grid_pe (g, g, Pd), with `image_stem` pixels (B, S, S, 3) the
+    normalised image → (Evc (B, E, D), mask logits (B, E, h, h) f32)."""
     b, h, w, _ = level0.shape
     pix = (self.level0(level0).astype(jnp.float32) + _resize(self.blend_proj(blended), (h, w))
            + self.pe_proj(pixel_pe)[None].astype(jnp.float32))                 # (B, h, w, D)
+    if self.stem1 is not None:
+      if pixels is None:
+        raise ValueError("EntityDecoder: image_stem needs the normalised image (`pixels`).")
+      pix = pix + self._stem(pixels, (h, w))
     weights = jax.image.resize(masks.astype(jnp.float32), masks.shape[:2] + (h, w), "linear",
                                antialias=True)                                  # area fractions
     weights = weights * valid[:, :, None, None]

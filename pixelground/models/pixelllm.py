@@ -176,11 +176,13 @@ class PixelLLMConfig(ModelConfig):
 
 class EntityState(tp.NamedTuple):
   """GELLA's per-image state after ResoBlend: `blended` (B, g, g, D), `level0` the colormap's first Swin
-  map (B, h, h, C0), the entity `masks` (B, E, S, S) bool and `valid` (B, E) they came from."""
+  map (B, h, h, C0), the entity `masks` (B, E, S, S) bool and `valid` (B, E) they came from, and with
+  `image_stem` the ImageNet-normalised image `pixels` (B, S, S, 3) (else None)."""
   blended: jax.Array
   level0: jax.Array
   masks: jax.Array
   valid: jax.Array
+  pixels: jax.Array | None = None
 
 
 class MaskFeatures(tp.NamedTuple):
@@ -287,7 +289,9 @@ class PixelLLM(nnx.Module):
     pe = self.gella.blend_pe(self.prompt_encoder.pe.dense_pe(fused.shape[1:3]))
     blended_fused, blended = self.gella.resoblend(fused, pyramid, pe)
     fused = jnp.where(jnp.any(valid, axis=1)[:, None, None, None], blended_fused, fused)
-    return fused, sam, EntityState(blended, pyramid[0], masks, valid)
+    pixels = (_normalise(batch["image"], batch["image_mask"], IMAGENET_MEAN, IMAGENET_STD)
+              if self.cfg.gella.image_stem else None)
+    return fused, sam, EntityState(blended, pyramid[0], masks, valid, pixels)
 
   def _encode(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None):
     fused, sam, entities = self.features(batch, rng=rng)
@@ -308,7 +312,8 @@ class PixelLLM(nnx.Module):
     pe = self.prompt_encoder.pe
     emb, logits = self.gella.entity_decoder(
         entities.level0, entities.blended, entities.masks, entities.valid,
-        pe.dense_pe(entities.level0.shape[1:3]), pe.dense_pe(entities.blended.shape[1:3]))
+        pe.dense_pe(entities.level0.shape[1:3]), pe.dense_pe(entities.blended.shape[1:3]),
+        entities.pixels)
     b, e = logits.shape[:2]
     s = self.cfg.image_size
     return emb, jax.image.resize(logits, (b, e, s, s), "bilinear")
