@@ -195,6 +195,7 @@ def test_sharded_matches_single_device():
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_overfit_eight_examples():
   """8 fixed examples (4 per batch, 2 batches): association accuracy 1.0, entity mask IoU ≥ 0.9."""
   rng = np.random.default_rng(5)
