@@ -6,7 +6,7 @@ import os
 
 from pixelground.config.parse import load_config
 
-_DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.py")
+_DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.py") + ":gella"
 
 
 def get_config():
