@@ -158,7 +158,9 @@ def _loss(model, batch, rng=None):
 def test_gradients_reach_both_branches():
   cfg, model = _model()
   batch = _batch(np.random.default_rng(0))
-  grads = nnx.grad(lambda m: _loss(m, batch, jax.random.key(0))[0], argnums=nnx.DiffState(0, nnx.Param))(model)
+  # Jitted: eager autodiff through the whole model takes minutes on 2 cores.
+  grads = nnx.jit(nnx.grad(lambda m: _loss(m, batch, jax.random.key(0))[0],
+                           argnums=nnx.DiffState(0, nnx.Param)))(model)
   flat = {".".join(map(str, k)): float(jnp.sum(jnp.abs(v[...]))) for k, v in nnx.to_flat_state(grads)}
   norm = lambda prefix: sum(v for k, v in flat.items() if k.startswith(prefix))
   assert norm("gella.colormap_encoder.") > 0   # colormap branch
@@ -170,7 +172,7 @@ def test_gradients_reach_both_branches():
     out = m(batch, heads=("gella",), train=True)
     return L.association_bce(out["noun_proj"], out["entity_proj"], batch["association"],
                              batch["seg_valid"], batch["entity_valid"])
-  g2 = nnx.grad(assoc_only, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+  g2 = nnx.jit(nnx.grad(assoc_only, argnums=nnx.DiffState(0, nnx.LoRAParam)))(model)
   assert sum(float(jnp.sum(jnp.abs(v[...]))) for _, v in nnx.to_flat_state(g2)) > 0
 
 
