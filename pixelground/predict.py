@@ -64,23 +64,29 @@ class InputError(ValueError):
   """A problem with the user's input: reported in one line, exit status 2."""
 
 
-def read_image(path: str) -> np.ndarray:
-  """Image file → (H, W, 3) uint8 RGB (any PIL mode converted, see transforms.to_rgb_uint8)."""
+def _read_picture(path: str, flag: str, convert):
+  """Opens image file `path` (named by command-line flag `flag` in errors), returns `convert(img)` of
+  the loaded PIL image; a missing, empty or unreadable file is an `InputError`."""
   from PIL import Image, UnidentifiedImageError
 
-  from pixelground.data import transforms as T
-
   if not os.path.isfile(path):
-    raise InputError(f"--image: {path} does not exist or is not a file")
+    raise InputError(f"{flag}: {path} does not exist or is not a file")
   if os.path.getsize(path) == 0:
-    raise InputError(f"--image: {path} is empty (0 bytes)")
+    raise InputError(f"{flag}: {path} is empty (0 bytes)")
   Image.MAX_IMAGE_PIXELS = MAX_PIXELS
   try:
     with Image.open(path) as img:
       img.load()
-      return T.to_rgb_uint8(img)
+      return convert(img)
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-    raise InputError(f"--image: {path} is not a readable image ({type(e).__name__}: {e})") from None
+    raise InputError(f"{flag}: {path} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def read_image(path: str) -> np.ndarray:
+  """Image file → (H, W, 3) uint8 RGB (any PIL mode converted, see transforms.to_rgb_uint8)."""
+  from pixelground.data import transforms as T
+
+  return _read_picture(path, "--image", T.to_rgb_uint8)
 
 
 def parse_box(text: str | None) -> np.ndarray | None:
@@ -117,27 +123,18 @@ def _scale_mask(mask: np.ndarray, shape) -> np.ndarray:
 def read_id_map(path: str) -> np.ndarray:
   """Entity id-map PNG → (H, W) int64 ids: RGB(A) in the COCO panoptic encoding (R + 256·G + 256²·B),
   single-channel modes (L, I;16, I, P indices, 1) as stored; 0 = void."""
-  from PIL import Image, UnidentifiedImageError
-
   from pixelground.metrics.panoptic import rgb_to_id
 
-  if not os.path.isfile(path):
-    raise InputError(f"--entities: {path} does not exist or is not a file")
-  if os.path.getsize(path) == 0:
-    raise InputError(f"--entities: {path} is empty (0 bytes)")
-  Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-  try:
-    with Image.open(path) as img:
-      img.load()
-      if img.mode in ("RGB", "RGBA"):
-        return rgb_to_id(np.asarray(img.convert("RGB")))
-      if img.mode in ("LA", "La", "PA"):
-        return np.asarray(img)[..., 0].astype(np.int64)
-      if img.mode in ("L", "P", "1", "I") or img.mode.startswith("I;16"):
-        return np.asarray(img).astype(np.int64)
+  def ids(img):
+    if img.mode in ("RGB", "RGBA"):
       return rgb_to_id(np.asarray(img.convert("RGB")))
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-    raise InputError(f"--entities: {path} is not a readable image ({type(e).__name__}: {e})") from None
+    if img.mode in ("LA", "La", "PA"):
+      return np.asarray(img)[..., 0].astype(np.int64)
+    if img.mode in ("L", "P", "1", "I") or img.mode.startswith("I;16"):
+      return np.asarray(img).astype(np.int64)
+    return rgb_to_id(np.asarray(img.convert("RGB")))
+
+  return _read_picture(path, "--entities", ids)
 
 
 def read_categories(path: str) -> list[dict]:

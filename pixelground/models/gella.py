@@ -182,12 +182,7 @@ class ResoBlend(nnx.Module):
     self.level_biases = nnx.List([make_param(rngs, zeros, (d,), ("embed",), pd) for _ in dims])
     self.in_proj = Projection((feature_dim,), (d,), ("channels",), ("embed",), use_bias=True, **common)
     self.in_norm = _norm(d, cfg, rngs)
-    self.self_attn = MaskedAttention(d, cfg.num_heads, **common)
-    self.norm1 = _norm(d, cfg, rngs)
-    self.cross_attn = MaskedAttention(d, cfg.num_heads, **common)
-    self.norm2 = _norm(d, cfg, rngs)
-    self.mlp = dec_lib.MLP(d, cfg.mlp_dim, d, 2, **common)
-    self.norm3 = _norm(d, cfg, rngs)
+    self.block = AttentionBlock(cfg, rngs=rngs)
     self.out_proj = Projection((d,), (feature_dim,), ("embed",), ("channels",), init_std=0.0,
                                use_bias=True, **common)
 
@@ -206,17 +201,15 @@ class ResoBlend(nnx.Module):
     m = self.mask_features(pyramid, (gh, gw)).reshape(b, gh * gw, -1)
     pe = pe.reshape(1, gh * gw, -1).astype(self.dtype)
     z = self.in_norm(self.in_proj(fused.reshape(b, gh * gw, c)))
-    z = self.norm1(z + self.self_attn(z + pe, z + pe, z))
-    z = self.norm2(z + self.cross_attn(z + pe, m + pe, m))
-    z = self.norm3(z + self.mlp(z))
+    z = self.block(z, pe, None, m, pe)
     blended = z.reshape(b, gh, gw, -1)
     out = fused.astype(jnp.float32) + self.out_proj(z).reshape(b, gh, gw, c).astype(jnp.float32)
     return out.astype(fused.dtype), blended
 
 
-class DecoderLayer(nnx.Module):
-  """Entity decoder layer (post-LN): self-attention among valid entities, cross-attention to the
-  blended map, MLP."""
+class AttentionBlock(nnx.Module):
+  """Post-LN block: self-attention (among the `valid` queries), cross-attention to a memory, MLP —
+  ResoBlend's (image ← colormap) and each entity-decoder layer's (entities ← blended map)."""
 
   def __init__(self, cfg: GellaConfig, *, rngs: nnx.Rngs):
     d = cfg.width
@@ -229,6 +222,7 @@ class DecoderLayer(nnx.Module):
     self.norm3 = _norm(d, cfg, rngs)
 
   def __call__(self, q, qpe, valid, mem, mem_pe):
+    """q (B, Nq, D) + its PE qpe, valid (B, Nq) bool or None, mem (B, Nk, D) + mem_pe → (B, Nq, D)."""
     q = self.norm1(q + self.self_attn(q + qpe, q + qpe, q, valid))
     q = self.norm2(q + self.cross_attn(q + qpe, mem + mem_pe, mem))
     return self.norm3(q + self.mlp(q))
@@ -247,7 +241,7 @@ class EntityDecoder(nnx.Module):
     self.pe_proj = Projection((pe_dim,), (d,), (None,), ("embed",), use_bias=True, **common)
     self.query_embed = make_param(rngs, normal(0.02), (d,), ("embed",), pd)
     self.query_norm = _norm(d, cfg, rngs)
-    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.decoder_depth)])
+    self.layers = nnx.List([AttentionBlock(cfg, rngs=rngs) for _ in range(cfg.decoder_depth)])
     self.out_norm = _norm(d, cfg, rngs)
     self.mask_mlp = dec_lib.MLP(d, d, d, 3, **common)
     c = cfg.image_stem
