@@ -10,13 +10,9 @@ import pytest
 from absl import flags
 from PIL import Image
 
-import jax
-import jax.numpy as jnp
-
 from pixelground import predict
-from pixelground.parallel import sharding
-from pixelground.training import checkpointing, train_state
-from pixelground.config.parse import load_config
+from pixelground.training import checkpointing
+from workdirs import random_workdir  # tests/workdirs.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = os.path.join(ROOT, "..", "shared", "data", "coco_panoptic_sample", "input_images")
@@ -26,23 +22,7 @@ PHOTOS = os.path.join(ROOT, "..", "shared", "data", "coco_panoptic_sample", "inp
 def workdir(tmp_path_factory):
   """A workdir as the trainer leaves it: config.json + checkpoints/<step>/state (a fresh init: the
   tests check plumbing and input handling, not quality)."""
-  import orbax.checkpoint as ocp
-
-  config = load_config(os.path.join(ROOT, "configs", "demo.py"))
-  root = tmp_path_factory.mktemp("run")
-  with open(root / "config.json", "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  setup = train_state.build_setup(config, mesh)
-  # Random leaves in the trainer's state layout: compiling the real initialiser costs ~50 s on 2 cores.
-  rng = np.random.default_rng(0)
-  state = jax.tree.map(lambda a: (rng.normal(0, 0.05, a.shape) if jnp.issubdtype(a.dtype, jnp.floating)
-                                  else np.zeros(a.shape)).astype(a.dtype), setup.abstract_state)
-  mgr = ocp.CheckpointManager(str(root / "checkpoints"), item_handlers={"state": ocp.StandardCheckpointHandler()})
-  mgr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-  mgr.wait_until_finished()
-  mgr.close()
-  return root
+  return random_workdir(os.path.join(ROOT, "configs", "demo.py"), tmp_path_factory.mktemp("run"), 7)
 
 
 def _predict(capsys, *args):

@@ -11,19 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from pixelground.config.parse import load_config
 from pixelground.data import tasks as task_lib
 from pixelground.data import tokenizer as tok_lib
 from pixelground.inference import grounded
 from pixelground.inference.predictor import Predictor
 from pixelground.metrics.panoptic import id_to_rgb, read_panoptic_png
 from pixelground.models import pixelllm as P
-from pixelground.parallel import sharding
-from pixelground.training import train_state
+from workdirs import random_workdir  # tests/workdirs.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "..", "shared", "data", "coco_panoptic_sample")
@@ -37,23 +33,7 @@ CATEGORIES = [{"id": 1, "name": "circle", "isthing": 1}, {"id": 2, "name": "squa
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """config.json + checkpoints/<step>/state of the tiny GELLA config, random leaves (as test_predict)."""
-  import orbax.checkpoint as ocp
-
-  config = load_config(os.path.join(ROOT, "configs", "png_gella_t5xl.py:runlocal"))
-  root = tmp_path_factory.mktemp("gella_run")
-  with open(root / "config.json", "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  setup = train_state.build_setup(config, mesh)
-  rng = np.random.default_rng(0)
-  state = jax.tree.map(lambda a: (rng.normal(0, 0.05, a.shape) if jnp.issubdtype(a.dtype, jnp.floating)
-                                  else np.zeros(a.shape)).astype(a.dtype), setup.abstract_state)
-  mgr = ocp.CheckpointManager(str(root / "checkpoints"),
-                              item_handlers={"state": ocp.StandardCheckpointHandler()})
-  mgr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-  mgr.wait_until_finished()
-  mgr.close()
-  return root
+  return random_workdir(os.path.join(ROOT, "configs", "png_gella_t5xl.py:runlocal"), tmp_path_factory.mktemp("gella_run"), 3)
 
 
 @pytest.fixture(scope="module")
