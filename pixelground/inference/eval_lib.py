@@ -118,14 +118,14 @@ def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int,
   res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
                           prefix_embeds=visual, vocab_limit=vocab_limit)
   out = {"tokens": res.tokens, "lengths": res.lengths}
+  # Generated `[SEG]` tokens (B, L), padding after each sequence's end excluded.
+  is_seg = (res.tokens == model.cfg.seg_token_id) & (jnp.arange(res.tokens.shape[1]) < res.lengths[:, None])
   if task in SEG_TASKS:
-    is_seg = (res.tokens == model.cfg.seg_token_id) & (jnp.arange(res.tokens.shape[1]) < res.lengths[:, None])
     pos = jnp.argmax(is_seg, axis=1).astype(jnp.int32)
     logits, _ = model.decoded_seg_masks(res.hidden, pos[:, None], sam, visual, batch["image_mask"])
     out.update(has_seg=jnp.any(is_seg, axis=1), mask_logits=logits[:, 0])
   if task == "panoptic":  # the first K generated `[SEG]`s ↔ the entities
     k = batch["seg_positions"].shape[1]
-    is_seg = (res.tokens == model.cfg.seg_token_id) & (jnp.arange(res.tokens.shape[1]) < res.lengths[:, None])
     pos = jax.vmap(lambda r: jnp.nonzero(r, size=k, fill_value=0)[0])(is_seg).astype(jnp.int32)
     emb, _ = model.entity_outputs(entities)
     nouns, ents = model.associate(res.hidden, pos, emb)

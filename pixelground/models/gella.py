@@ -98,7 +98,7 @@ def palette(levels: int) -> np.ndarray:
 def entity_colours(key: jax.Array, batch: int, num: int, levels: int) -> jax.Array:
   """(B, E) distinct palette indices per example: a random draw without replacement from `key`
   (different for every example of the batch)."""
-  n = levels ** 3 - 1
+  n = len(palette(levels))
   if num > n:
     raise ValueError(f"{num} entity slots exceed the {n} distinct colormap colours "
                      f"(GellaConfig.palette_levels={levels}).")
