@@ -14,6 +14,9 @@ $(STAMP): setup.py Makefile
 	# timm (EVA02 parity reference) without its torchvision dependency, which would pull CUDA torch;
 	# tests/test_eva02.py explains the in-test torchvision stand-in.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps "timm==1.0.31"
+	# segment-anything (automatic-mask-generator reference) likewise without torchvision
+	# (tests/sam_reference.py stands in for the four torchvision functions it imports).
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps "segment-anything==1.0"
 	$(PY) -c "import pixelground, jax, flax, torch, transformers"
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 

@@ -9,14 +9,19 @@ r"""Try a checkpoint on one image: prints the result and draws it.
     python -m pixelground.predict --checkpoint=/ckpt/png_gella --image=photo.jpg --task=ground \
         --text="a man walks a dog on the beach" [--phrases="a man;a dog;the beach"] --entities=ids.png
     python -m pixelground.predict ... --task=panoptic --entities=ids.png [--categories=cats.json]
+    python -m pixelground.predict --sam=/ckpt/sam_vit_h_4b8939.pth --image=photo.jpg --task=masks \
+        [--points_per_side=32 --crop_n_layers=1 --rle_out=masks.json] --out=masks.png
 
 Tasks: caption (with a per-word trace; with --box: a caption of that region), refer (box + mask),
 segment (LISA `[SEG]` masks), densecap (proposals with captions); with a GELLA checkpoint ground (the
 noun phrases of --text, given by --phrases or generated, each grounded to entities of --entities) and
-panoptic (each entity of --entities gets a category). --entities is an id-map PNG of the same size as
-the image: RGB in the COCO panoptic encoding (id = R + 256·G + 256²·B) or single-channel ids
-(grayscale, 16-bit, indexed); 0 = void, every other id one entity. --categories: a COCO panoptic
-categories JSON (a list, or a dict with "categories"); default the checkpoint's panoptic dataset.
+panoptic (each entity of --entities gets a category); masks (SAM's automatic mask generator: every
+mask drawn, --rle_out writes them as COCO RLE records; needs --sam or a checkpoint with SAM's encoder
+and mask decoder). --entities is an id-map PNG of the same size as the image: RGB in the COCO panoptic
+encoding (id = R + 256·G + 256²·B) or single-channel ids (grayscale, 16-bit, indexed); 0 = void, every
+other id one entity; without --entities the entities are SAM's automatic masks (--sam or the
+checkpoint's SAM). --categories: a COCO panoptic categories JSON (a list, or a dict with
+"categories"); default the checkpoint's panoptic dataset.
 ground without --phrases: when the model writes no noun phrase the result is empty, with a warning
 (exit 0); a --text without any word has no noun phrase to ground (exit 2).
 Boxes are x0,y0,x1,y1 in pixels of the image as stored. The config defaults to the config.json the
@@ -37,7 +42,7 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
-TASKS = ("caption", "refer", "segment", "densecap", "ground", "panoptic")
+TASKS = ("caption", "refer", "segment", "densecap", "ground", "panoptic", "masks")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints/ dir or checkpoints/<step>.")
 _CONFIG = flags.DEFINE_string("config", None, "Training config (.py or config.json); default: the "
                               "workdir's config.json.")
@@ -54,7 +59,16 @@ _CATEGORIES = flags.DEFINE_string("categories", None, "panoptic: COCO panoptic c
 _BOX = flags.DEFINE_string("box", None, "caption: x0,y0,x1,y1 region (image pixels).")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "densecap: number of proposals.")
 _OUT = flags.DEFINE_string("out", None, "Write the picture here (PNG).")
-flags.mark_flags_as_required(["checkpoint", "image"])
+_SAM = flags.DEFINE_string("sam", None, "SAM checkpoint (sam_vit_*.pth or HF SamModel) for --task=masks "
+                           "and for ground / panoptic without --entities (default: the checkpoint's SAM).")
+_POINTS = flags.DEFINE_integer("points_per_side", 32, "masks: point grid side (automatic masks).")
+_CROP_LAYERS = flags.DEFINE_integer("crop_n_layers", 0, "masks: crop layers (automatic masks).")
+_PRED_IOU = flags.DEFINE_float("pred_iou_thresh", 0.88, "masks: predicted-IoU threshold.")
+_STABILITY = flags.DEFINE_float("stability_score_thresh", 0.95, "masks: stability-score threshold.")
+_MIN_AREA = flags.DEFINE_integer("min_mask_region_area", 0, "masks: remove islands / holes smaller "
+                                 "than this many pixels.")
+_RLE_OUT = flags.DEFINE_string("rle_out", None, "masks: write the records (COCO RLE masks) as JSON.")
+flags.mark_flags_as_required(["image"])
 
 MAX_PIXELS = 50_000 * 50_000  # PIL's bomb guard is lifted up to this (a 8000×8000 photo is fine)
 DRAW_SIDE = 1024              # pictures are drawn at most this many pixels wide/high
@@ -174,15 +188,14 @@ def grounding_inputs(task: str, image: np.ndarray, text: str | None, phrases: st
       grounded.check_caption(text)
     except ValueError as e:
       raise InputError(f"--text: {e}") from None
-  if not entities:
-    raise InputError(f"--entities: task '{task}' needs an id-map PNG of the image's entities "
-                     "(automatic entity masks are not available yet)")
-  ids = read_id_map(entities)
-  try:
-    grounded.entity_labels(ids, image.shape[:2])
-  except ValueError as e:
-    raise InputError(f"--entities: {entities}: {e}") from None
-  out = {"entities": ids}
+  out = {"entities": None}
+  if entities:
+    ids = read_id_map(entities)
+    try:
+      grounded.entity_labels(ids, image.shape[:2])
+    except ValueError as e:
+      raise InputError(f"--entities: {entities}: {e}") from None
+    out["entities"] = ids
   if phrases is not None:
     out["phrases"] = [p.strip() for p in phrases.split(";") if p.strip()]
     if not out["phrases"]:
@@ -304,11 +317,47 @@ def draw_panoptic(base: np.ndarray, id_map: np.ndarray, segments: list[dict], na
 
 
 @functools.lru_cache(maxsize=2)
-def load_predictor(checkpoint: str, config: str | None):
+def load_predictor(checkpoint: str, config: str | None, sam: str | None = None):
   """Predictor.from_checkpoint, kept for the process (a notebook or test calling `main` repeatedly
   restores and compiles once)."""
   from pixelground.inference.predictor import Predictor
-  return Predictor.from_checkpoint(checkpoint, config)
+  return Predictor.from_checkpoint(checkpoint, config, sam_checkpoint=sam)
+
+
+@functools.lru_cache(maxsize=2)
+def load_sam_generator(sam: str, options: tuple):
+  """The automatic mask generator of a SAM checkpoint alone (`--task=masks --sam=... `, no checkpoint)."""
+  from pixelground.inference.auto_masks import AutomaticMaskGenerator
+  return AutomaticMaskGenerator.from_sam(sam, **dict(options))
+
+
+def mask_options() -> dict:
+  return dict(points_per_side=_POINTS.value, crop_n_layers=_CROP_LAYERS.value,
+              pred_iou_thresh=_PRED_IOU.value, stability_score_thresh=_STABILITY.value,
+              min_mask_region_area=_MIN_AREA.value)
+
+
+def run_masks(generator, image: np.ndarray, rle_out: str | None = None):
+  """Automatic masks of `image` → (result dict, picture: every mask tinted, largest first)."""
+  from pixelground.inference import mask_ops
+
+  records = generator.generate(image)
+  base, _ = _draw_scale(image)
+  pic = base
+  order = sorted(range(len(records)), key=lambda i: -records[i]["area"])
+  for i, c in zip(order, _colours(len(records))):
+    pic = _tint(pic, _scale_mask(records[i]["segmentation"], base.shape), c, alpha=0.45)
+  summary = [{k: r[k] for k in ("bbox", "area", "predicted_iou", "stability_score", "point_coords")}
+             for r in records]
+  res = {"masks": len(records), "records": summary}
+  if rle_out:
+    os.makedirs(os.path.dirname(os.path.abspath(rle_out)), exist_ok=True)
+    with open(rle_out, "w", encoding="utf-8") as f:
+      json.dump([r | {"segmentation": mask_ops.encode_rle(r["segmentation"][None])[0]} for r in records],
+                f)
+    res["rle_out"] = rle_out
+  from PIL import Image
+  return res, Image.fromarray(pic)
 
 
 def run(predictor, image: np.ndarray, task: str, text: str | None, box: np.ndarray | None,
@@ -353,6 +402,9 @@ def run(predictor, image: np.ndarray, task: str, text: str | None, box: np.ndarr
 
 
 def _run_grounding(predictor, image, base, task, text, entities, phrases, categories):
+  if entities is None:
+    from pixelground.inference import grounded
+    entities = grounded.auto_entities(predictor, image)
   n = int(len(np.unique(entities[entities != 0])))
   if task == "ground":
     found = predictor.ground(image, text, entities, phrases=phrases)
@@ -391,15 +443,27 @@ def main(argv):
       raise InputError("--box: only --task=caption takes a box (a location-conditioned caption)")
     extra = grounding_inputs(_TASK.value, image, _TEXT.value, _PHRASES.value, _ENTITIES.value,
                              _CATEGORIES.value)
-    try:
-      predictor = load_predictor(_CHECKPOINT.value, _CONFIG.value)
-    except FileNotFoundError as e:
-      raise InputError(str(e)) from None
-    result, picture = run(predictor, image, _TASK.value, _TEXT.value, box, _TOP_K.value, **extra)
+    if _SAM.value and not os.path.isfile(_SAM.value) and not os.path.isdir(_SAM.value):
+      raise InputError(f"--sam: {_SAM.value} does not exist")
+    predictor = None
+    if _TASK.value == "masks" and _SAM.value and not _CHECKPOINT.value:
+      generator = load_sam_generator(_SAM.value, tuple(sorted(mask_options().items())))
+    elif not _CHECKPOINT.value:
+      raise InputError("--checkpoint: required (for --task=masks, --sam alone is enough)")
+    else:
+      try:
+        predictor = load_predictor(_CHECKPOINT.value, _CONFIG.value, _SAM.value)
+      except FileNotFoundError as e:
+        raise InputError(str(e)) from None
+      generator = predictor.mask_generator(**mask_options()) if _TASK.value == "masks" else None
+    if _TASK.value == "masks":
+      result, picture = run_masks(generator, image, _RLE_OUT.value)
+    else:
+      result, picture = run(predictor, image, _TASK.value, _TEXT.value, box, _TOP_K.value, **extra)
   except (InputError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  if predictor.truncated:
+  if predictor is not None and predictor.truncated:
     what = "the category list (the panoptic prompt)" if _TASK.value == "panoptic" else "--text"
     print(f"warning: {what} was longer than the model's {predictor.last_prompt_len}-token prompt; "
           f"it was truncated", file=sys.stderr)
@@ -409,7 +473,7 @@ def main(argv):
     picture.save(_OUT.value)
     result["picture"] = _OUT.value
   for k, v in result.items():
-    if k not in ("boxes", "words"):
+    if k not in ("boxes", "words", "records"):
       print(f"{k}: {v}")
   print(json.dumps(result))
   return 0

@@ -6,8 +6,9 @@ an (H, W) integer id map (0 = void, every other id one entity: a COCO panoptic P
 `pixelground.metrics.panoptic.read_panoptic_png`, a grayscale or indexed PNG). They are resized to the
 model input with the image's geometry (`transforms.resize_pad`, nearest neighbour) and padded to the
 model's entity slots (`Predictor.max_entities`, the training `config.data.max_entities`); an entity
-that vanishes at the model's resolution is an invalid slot (never owned). SAM automatic masks (no
-entities given) are not wired yet: `entities=None` is an error.
+that vanishes at the model's resolution is an invalid slot (never owned). Without entities
+(`entities=None`) they are SAM's automatic masks of the image (`Predictor.auto_masks`, default options;
+`auto_masks.entity_id_map`: the model's slot count of highest predicted IoU, smaller masks on top).
 
     ground(image, caption, entities, phrases=None) → [GroundedPhrase], one per noun phrase:
       prompt = the caption; with `phrases` the target is teacher-forced exactly as
@@ -108,7 +109,7 @@ def entity_labels(entities, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray
   or (H, W) int64 id map, labels (E,) int64: stack indices, or the id map's non-zero ids ascending)."""
   if entities is None:
     raise ValueError("entity masks are needed: pass an (E, H, W) bool array or an (H, W) integer id map "
-                     "(0 = void; e.g. a panoptic PNG); automatic (SAM) entity masks are not available yet")
+                     "(0 = void; e.g. a panoptic PNG)")
   arr = np.asarray(entities)
   if arr.ndim == 3:
     if tuple(arr.shape[1:]) != tuple(hw):
@@ -150,8 +151,22 @@ def check_count(predictor, n: int) -> None:
                      f"colormap colours; give at most {entity_limit(predictor)} entities")
 
 
-def prepare_entities(predictor, entities, hw: tuple[int, int]) -> Entities:
-  """Validated, resized and padded entities (`Entities`) for one image of size `hw`."""
+def auto_entities(predictor, image: np.ndarray) -> np.ndarray:
+  """SAM's automatic masks of `image` as an (H, W) entity id map (see the module docstring)."""
+  from pixelground.inference.auto_masks import entity_id_map
+  ids = entity_id_map(predictor.auto_masks(image), image.shape[:2], entity_limit(predictor))
+  if not ids.any():
+    raise ValueError("no entities: SAM's automatic mask generator found no mask in the image; pass "
+                     "entity masks or an id map")
+  return ids
+
+
+def prepare_entities(predictor, entities, hw: tuple[int, int], image: np.ndarray | None = None
+                     ) -> Entities:
+  """Validated, resized and padded entities (`Entities`) for one image of size `hw`; without
+  `entities`, SAM's automatic masks of `image`."""
+  if entities is None and image is not None:
+    entities = auto_entities(predictor, image)
   given, labels = entity_labels(entities, hw)
   check_count(predictor, len(labels))
   geom = T.resize_pad(hw[0], hw[1], predictor.size)
@@ -322,7 +337,7 @@ def ground(predictor, image, caption: str, entities=None, *, phrases: Sequence[s
   image = _check_image(image)
   caption = check_caption(caption)
   given = None if phrases is None else check_phrases(phrases)
-  ents = prepare_entities(predictor, entities, image.shape[:2])
+  ents = prepare_entities(predictor, entities, image.shape[:2], image)
   batch, _ = predictor._inputs(image, caption, None, prompt_len(predictor, "narrative_grounding"))
   batch |= ents.batch()
   if given is not None:
@@ -360,7 +375,7 @@ def panoptic(predictor, image, entities=None, *, categories=None, max_len: int =
   require_gella(predictor.model, "panoptic")
   image = _check_image(image)
   cats = check_categories(categories if categories is not None else predictor.panoptic_categories())
-  ents = prepare_entities(predictor, entities, image.shape[:2])
+  ents = prepare_entities(predictor, entities, image.shape[:2], image)
   prompt = ", ".join(grounding.category_display_name(str(c["name"])) for c in cats)
   batch, _ = predictor._inputs(image, prompt, None, prompt_len(predictor, "panoptic"))
   batch |= ents.batch()

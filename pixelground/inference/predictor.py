@@ -15,8 +15,10 @@ is resized so its long side is the model input size and padded (the evaluation g
     DenseCaption      box (4,), score (proposal heatmap peak, sigmoid), text — a list, best first
     GroundedPhrase    (GELLA, `ground`) text, span in the caption, entities, mask (H, W) bool, score —
                       a list, one per noun phrase; `panoptic` → (id map (H, W) int32, segments_info).
-                      Both take user entities (an (E, H, W) stack or an (H, W) id map) and are
-                      implemented in `pixelground.inference.grounded`
+                      Both take user entities (an (E, H, W) stack or an (H, W) id map), else use
+                      SAM's automatic masks; implemented in `pixelground.inference.grounded`
+    auto_masks        SAM's automatic mask generator (`pixelground.inference.auto_masks`): records
+                      with segmentation, area, bbox (xywh), predicted_iou, stability_score, ...
 
 Bad calls raise ValueError naming the problem: an image that is not (H, W, 3) / (H, W), an empty text,
 a box that is not xyxy inside the image.
@@ -140,10 +142,14 @@ class Predictor:
   """Holds a PixelLLM, its tokenizer and jitted decode functions (compiled once per max_len/beams)."""
 
   def __init__(self, model, tokenizer, *, max_prompt_len: int = 32, max_entities: int | None = None,
-               categories: tp.Sequence[dict] | None = None):
+               categories: tp.Sequence[dict] | None = None, sam_checkpoint: str | None = None):
     """`max_entities`: GELLA entity slots (the training `config.data.max_entities`; None: up to the
-    colormap's colours); `categories`: the panoptic category list `panoptic` uses by default."""
+    colormap's colours); `categories`: the panoptic category list `panoptic` uses by default;
+    `sam_checkpoint`: a SAM checkpoint for `auto_masks` (default: the model's own SAM parts)."""
     self.model, self.tok = model, tokenizer
+    self.sam_checkpoint = sam_checkpoint
+    self._sam_parts = None
+    self._generators: dict[str, tp.Any] = {}
     self.size = model.cfg.image_size
     self.max_prompt_len = max_prompt_len
     self.max_entities = max_entities
@@ -155,7 +161,8 @@ class Predictor:
     self.generated = None   # GELLA: the last ground/panoptic call's generated text (None: teacher-forced)
 
   @classmethod
-  def from_checkpoint(cls, path: str, config=None, *, mesh=None) -> "Predictor":
+  def from_checkpoint(cls, path: str, config=None, *, mesh=None, sam_checkpoint: str | None = None
+                      ) -> "Predictor":
     """A Predictor for a training checkpoint: `path` is a training workdir, its checkpoints/ directory
     or one step directory (the newest step unless one is named). `config`: the training config (a
     ConfigDict or a config file path); default: the `config.json` the trainer wrote in the workdir.
@@ -173,7 +180,7 @@ class Predictor:
     state, _ = checkpointing.load_state(setup, path)
     model = train_state.make_model(setup, state)
     pred = cls(model, tok_lib.load_tokenizer(config.tokenizer), max_prompt_len=config.data.max_prompt_len,
-               max_entities=config.data.max_entities)
+               max_entities=config.data.max_entities, sam_checkpoint=sam_checkpoint)
     pred.config = config
     return pred
 
@@ -286,12 +293,48 @@ class Predictor:
     masks = mask_to_image(np.asarray(logits[0]), geom, (h, w))
     return Segmentation(self.tok.decode(body), masks, np.asarray(iou[0]))
 
+  # -- class-agnostic masks (pixelground.inference.auto_masks) ---------------------------------------
+  def auto_masks(self, image, **options) -> list:
+    """SAM's automatic masks of one image (H, W, 3) → records, or of a list of images (one call, crops
+    encoded together) → a list of record lists. `options`: `auto_masks.AutoMaskOptions` fields
+    (segment-anything's names). SAM is `sam_checkpoint` when given, else this model's SAM encoder,
+    prompt encoder and mask decoder."""
+    gen = self.mask_generator(**options)
+    if isinstance(image, (list, tuple)):
+      return gen.generate_batch([_check_image(im) for im in image])
+    return gen.generate(_check_image(image))
+
+  def mask_generator(self, **options):
+    """The `AutomaticMaskGenerator` for `options` (built once per distinct options)."""
+    from pixelground.inference.auto_masks import AutomaticMaskGenerator
+    key = repr(sorted(options.items()))
+    if key not in self._generators:
+      if self._sam_parts is None:
+        self._sam_parts = self._load_sam()
+      self._generators[key] = AutomaticMaskGenerator(*self._sam_parts, **options)
+    return self._generators[key]
+
+  def _load_sam(self):
+    if self.sam_checkpoint:
+      from pixelground.checkpoints.sam import load_sam
+      encoder, decoder = load_sam(self.sam_checkpoint)
+      return encoder, decoder.prompt_encoder, decoder.mask_decoder
+    m = self.model
+    missing = ("no SAM encoder" if m.sam_encoder is None else "no SAM mask decoder"
+               if m.mask_decoder is None else "a mask decoder with detail channels, not SAM's"
+               if m.mask_decoder.detail_channels else None)
+    if missing:
+      raise ValueError(f"automatic masks need SAM's encoder and mask decoder; this checkpoint has "
+                       f"{missing}: give a SAM checkpoint (sam_checkpoint=..., predict --sam=...)")
+    return m.sam_encoder, m.prompt_encoder, m.mask_decoder
+
   # -- GELLA (pixelground.inference.grounded) --------------------------------------------------------
   def ground(self, image, caption: str, entities=None, *, phrases: tp.Sequence[str] | None = None,
              max_len: int = 128) -> list:
     """Entity grounding: each noun phrase of `caption` (given `phrases`, teacher-forced; else
     generated) → `grounded.GroundedPhrase` (text, span, entities, mask (H, W) bool, score). `entities`:
-    an (E, H, W) bool stack or an (H, W) integer id map (0 = void) of the image (`grounded`)."""
+    an (E, H, W) bool stack or an (H, W) integer id map (0 = void) of the image (`grounded`);
+    None: SAM's automatic masks (`auto_masks`)."""
     from pixelground.inference import grounded
     return grounded.ground(self, image, caption, entities, phrases=phrases, max_len=max_len)
 
@@ -299,7 +342,7 @@ class Predictor:
                max_len: int = 128) -> tuple[np.ndarray, list[dict]]:
     """Panoptic segmentation of the given entities → (id_map (H, W) int32, 0 = void; segments_info
     [{"id", "category_id", "isthing", "area", "bbox", "score"}]) for `categories` (default
-    `panoptic_categories()`)."""
+    `panoptic_categories()`); entities as `ground`."""
     from pixelground.inference import grounded
     return grounded.panoptic(self, image, entities, categories=categories, max_len=max_len)
 
