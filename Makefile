@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/t5_train_step.py
 	$(PY) bench/vision.py
 	$(PY) bench/input_pipeline.py
+	$(PY) bench/amg.py
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

@@ -171,7 +171,8 @@ def read_categories(path: str) -> list[dict]:
 def grounding_inputs(task: str, image: np.ndarray, text: str | None, phrases: str | None,
                      entities: str | None, categories: str | None) -> dict:
   """The flags of ground / panoptic checked before the checkpoint is loaded → keyword arguments of
-  `run` (entities: the (H, W) id map; phrases: a list or None; categories: a list or None)."""
+  `run` (entities: the (H, W) id map, or None for SAM's automatic masks; phrases: a list or None;
+  categories: a list or None)."""
   from pixelground.inference import grounded
 
   for flag, value, takers in (("--phrases", phrases, ("ground",)),

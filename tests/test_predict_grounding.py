@@ -138,7 +138,8 @@ def test_generated_grounding_and_panoptic(predictor, monkeypatch):
 def test_bad_calls_raise_clear_errors(predictor):
   image, ids = _scene()
   cases = [
-      (lambda: predictor.ground(image, CAPTION, None, phrases=PHRASES), "entity masks are needed"),
+      (lambda: predictor.ground(image, CAPTION, None, phrases=PHRASES),
+       "automatic masks need SAM's encoder and mask decoder; this checkpoint has no SAM mask decoder"),
       (lambda: predictor.ground(image, CAPTION, np.zeros_like(ids), phrases=PHRASES), "no entities"),
       (lambda: predictor.ground(image, CAPTION, np.zeros((0, 48, 80), bool)), "no entities"),
       (lambda: predictor.ground(image, CAPTION, np.arange(48 * 80).reshape(48, 80) % 500 + 1),
@@ -181,7 +182,7 @@ def test_cli_bad_inputs_one_line_exit_2(workdir, tmp_path, cli_env):
       "500 entities": (["--task=ground", f"--text={CAPTION}", f"--entities={tmp_path / 'many.png'}"],
                        "500 entities exceed"),
       "wrong size": (["--task=panoptic", f"--entities={tmp_path / 'small.png'}"], "60×40"),
-      "no entities flag": (["--task=ground", f"--text={CAPTION}"], "needs an id-map PNG"),
+      "no entities, no SAM": (["--task=ground", f"--text={CAPTION}"], "give a SAM checkpoint"),
       "no categories": (["--task=panoptic", f"--entities={tmp_path / 'ok.png'}"], "pass --categories"),
   }
   procs = {what: subprocess.Popen([sys.executable, "-m", "pixelground.predict", f"--checkpoint={workdir}",
@@ -230,3 +231,43 @@ def test_cli_panoptic_real_photo(workdir, tmp_path, cli_env):
   for s in res["segments"]:
     assert s["category"] == names[s["category_id"]] and s["area"] > 0
   assert os.path.getsize(out_png) > 20_000
+
+
+@pytest.fixture(scope="module")
+def sam_file(tmp_path_factory):
+  """A small SAM giving point-local masks (tests/sam_reference.disk_sam), in segment-anything's layout."""
+  torch = pytest.importorskip("torch")
+  import sam_reference as ref  # tests/sam_reference.py
+  with ref.torchvision_standin():
+    pytest.importorskip("segment_anything")
+  path = tmp_path_factory.mktemp("sam") / "sam_disk.pth"
+  torch.save(ref.disk_sam().state_dict(), path)
+  return str(path)
+
+
+def test_ground_with_automatic_entities(workdir, sam_file):
+  """Without entities, SAM's automatic masks are the entities."""
+  from pixelground.inference.auto_masks import entity_id_map
+  pred = Predictor.from_checkpoint(str(workdir), sam_checkpoint=sam_file)
+  rng = np.random.default_rng(3)
+  image = np.zeros((96, 128, 3), np.uint8)
+  image[:] = (30, 120, 40)
+  image[10:50, 10:60] = (220, 30, 30)
+  image[40:90, 70:120] = (30, 30, 220)
+  image = np.clip(image + rng.integers(0, 8, image.shape), 0, 255).astype(np.uint8)
+  ids = entity_id_map(pred.auto_masks(image), image.shape[:2], 32)
+  assert ids.max() >= 2
+  res = pred.ground(image, CAPTION, phrases=PHRASES)
+  for r in res:
+    assert r.entities and set(r.entities) <= set(range(1, ids.max() + 1))
+    np.testing.assert_array_equal(r.mask, np.isin(ids, r.entities))
+
+
+def test_cli_ground_automatic_entities(workdir, sam_file, tmp_path, cli_env):
+  photo = os.path.join(SAMPLE, PHOTO)
+  code, out, err = _cli(cli_env, workdir, f"--image={photo}", "--task=ground", f"--sam={sam_file}",
+                        "--text=A man sits at a table.", "--phrases=A man;a table",
+                        f"--out={tmp_path / 'g.png'}")
+  assert code == 0, err
+  res = json.loads(out.strip().splitlines()[-1])
+  assert res["entities"] >= 1 and len(res["phrases"]) == 2

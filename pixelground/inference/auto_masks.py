@@ -133,7 +133,8 @@ class AutomaticMaskGenerator:
     self.mesh = mesh or Mesh(np.asarray(jax.devices()[:1]), ("data",))
     self._spec = PartitionSpec(tuple(self.mesh.axis_names))
     self._ndev = self.mesh.devices.size
-    self._graph, self._state = nnx.split((encoder, prompt_encoder, mask_decoder))
+    self._graph, state = nnx.split((encoder, prompt_encoder, mask_decoder))
+    self._state = jax.tree.map(self._on_mesh, state)
     self._encode = jax.jit(self._encode_fn)
     self._decode = jax.jit(self._decode_fn)
     self._post = jax.jit(self._post_fn, static_argnums=(2, 3, 4))
@@ -145,6 +146,12 @@ class AutomaticMaskGenerator:
     from pixelground.checkpoints.sam import load_sam
     encoder, decoder = load_sam(path, mesh=mesh)
     return cls(encoder, decoder.prompt_encoder, decoder.mask_decoder, mesh=mesh, **options)
+
+  def _on_mesh(self, x):
+    """Weights already laid out on the mesh's devices stay as they are; others are replicated."""
+    if isinstance(x, jax.Array) and x.sharding.device_set == set(self.mesh.devices.flat):
+      return x
+    return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
 
   # -- compiled programs -------------------------------------------------------------------------------
   def _shard(self, x):

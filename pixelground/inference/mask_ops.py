@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -189,7 +190,9 @@ def decode_rle(rle: dict) -> np.ndarray:
 
   r = dict(rle, counts=rle["counts"].encode("ascii") if isinstance(rle["counts"], str)
            else rle["counts"])
-  return mask_utils.decode(r).astype(bool)
+  with warnings.catch_warnings():  # pycocotools' Cython under NumPy 2 (`__array__` without `copy`)
+    warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+    return mask_utils.decode(r).astype(bool)
 
 
 def uncompressed_rle(mask: np.ndarray) -> dict:
