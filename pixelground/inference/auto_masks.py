@@ -139,6 +139,7 @@ class AutomaticMaskGenerator:
     self._decode = jax.jit(self._decode_fn)
     self._post = jax.jit(self._post_fn, static_argnums=(2, 3, 4))
     self.timings: dict[str, float] = {}
+    self.counts: dict[str, int] = {}
 
   @classmethod
   def from_sam(cls, path: str, *, mesh: Mesh | None = None, **options) -> "AutomaticMaskGenerator":
@@ -203,6 +204,9 @@ class AutomaticMaskGenerator:
     out[: hw[0], : hw[1]] = (resized - PIXEL_MEAN) / PIXEL_STD
     return out
 
+  def _count(self, what: str, n: int) -> None:
+    self.counts[what] = self.counts.get(what, 0) + int(n)
+
   def _tick(self, stage: str, start: float) -> float:
     now = time.perf_counter()
     self.timings[stage] = self.timings.get(stage, 0.0) + now - start
@@ -249,6 +253,8 @@ class AutomaticMaskGenerator:
       valid = np.arange(iou.shape[0]) < len(batch) * m
       keep = valid & (iou > o.pred_iou_thresh if o.pred_iou_thresh > 0 else True)
       idx = np.flatnonzero(keep)
+      self._count("masks", valid.sum())
+      self._count("passed_iou", len(idx))
       for c0 in range(0, len(idx), chunk):
         sel = idx[c0: c0 + chunk]
         index = np.zeros(chunk, np.int32)
@@ -258,7 +264,9 @@ class AutomaticMaskGenerator:
         stab, box = np.asarray(stab)[: len(sel)], np.asarray(box)[: len(sel)]
         t = self._tick("postprocess", t)
         ok = stab >= o.stability_score_thresh if o.stability_score_thresh > 0 else np.ones(len(sel), bool)
+        self._count("passed_stability", ok.sum())
         ok &= ~ops.near_crop_edge(box, crop.box, image_box)
+        self._count("passed_crop_edge", ok.sum())
         if ok.any():
           rows = np.flatnonzero(ok)
           rles.extend(ops.encode_rle(np.asarray(masks)[rows]))
@@ -271,6 +279,7 @@ class AutomaticMaskGenerator:
     data = _concat(rles, boxes, ious, stabs, pts)
     keep = ops.box_nms(data["boxes"], data["iou"], o.box_nms_thresh)
     data = _take(data, keep)
+    self._count("kept_crop_nms", len(keep))
     offset = np.asarray([x0, y0], np.float64)
     data["boxes"] = data["boxes"] + np.asarray([x0, y0, x0, y0], data["boxes"].dtype)
     data["points"] = data["points"] + offset
@@ -285,7 +294,7 @@ class AutomaticMaskGenerator:
   def generate_batch(self, images: tp.Sequence[np.ndarray]) -> list[list[dict[str, tp.Any]]]:
     """Masks of several images in one call (their crops are encoded together) → records per image."""
     o = self.options
-    self.timings = {}
+    self.timings, self.counts = {}, {}
     images = [self._check_image(im, i) for i, im in enumerate(images)]
     crops = []
     for i, im in enumerate(images):
@@ -316,6 +325,7 @@ class AutomaticMaskGenerator:
         data, masks = _remove_small_regions(data, masks, o.min_mask_region_area,
                                             max(o.box_nms_thresh, o.crop_nms_thresh))
       results.append(_records(data, masks, o.output_mode))
+      self._count("returned", len(results[-1]))
       self._tick("output", t)
     return results
 

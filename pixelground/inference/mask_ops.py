@@ -70,25 +70,73 @@ def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
 # -- on-device mask maths ----------------------------------------------------------------------------
 def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Source indices i0, i1 and weight of i1 for linear resampling n_in → n_out with half-pixel centres
-  and clamped borders (PyTorch's `interpolate(mode="bilinear", align_corners=False)`), float32 maths."""
+  and clamped borders (PyTorch's `interpolate(mode="bilinear", align_corners=False)`): a float32 scale
+  and src = scale·(i + 0.5) − 0.5 rounded once to float32, as its fused multiply-add does."""
   scale = np.float32(n_in) / np.float32(n_out)
-  src = (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+  src = (np.float64(scale) * (np.arange(n_out) + 0.5) - 0.5).astype(np.float32)
   src = np.maximum(src, np.float32(0.0))
   i0 = np.minimum(src.astype(np.int64), n_in - 1)
   i1 = np.minimum(i0 + 1, n_in - 1)
   return i0.astype(np.int32), i1.astype(np.int32), (src - i0).astype(np.float32)
 
 
+def _upsample_pow2(x: jax.Array, axis: int, factor: int) -> jax.Array:
+  """Linear upsampling by a power of two along `axis` (torch's arithmetic, which is exact for these
+  factors): output k·i + j mixes input i with its neighbour i ∓ 1 (the border repeated) by fixed
+  weights — shifted copies and a reshape instead of a gather (XLA's CPU gathers are slow)."""
+  n = x.shape[axis]
+  edge = lambda a, b: jax.lax.slice_in_dim(x, a, b, axis=axis)  # noqa: E731
+  prev = jnp.concatenate([edge(0, 1), edge(0, n - 1)], axis)
+  nxt = jnp.concatenate([edge(1, n), edge(n - 1, n)], axis)
+  parts = []
+  for j in range(factor):
+    d = (j + 0.5) / factor - 0.5   # source offset of output j within its input cell
+    parts.append(-d * prev + (1 + d) * x if d < 0 else (1 - d) * x + d * nxt)
+  out = jnp.stack(parts, axis=axis + 1)
+  return out.reshape(x.shape[:axis] + (factor * n,) + x.shape[axis + 1:])
+
+
+def _resize_axis(x: jax.Array, axis: int, n_out: int) -> jax.Array:
+  n_in = x.shape[axis]
+  if n_out == n_in:
+    return x
+  factor = n_out // n_in
+  if n_out == factor * n_in and factor & (factor - 1) == 0:
+    return _upsample_pow2(x, axis, factor)
+  return _resample_blocks(x, axis, n_out)
+
+
+def _resample_blocks(x: jax.Array, axis: int, n_out: int, block: int = 32) -> jax.Array:
+  """Linear resampling along `axis` as small dense products: each run of `block` outputs reads one
+  window of L consecutive inputs (static slices) through an (L, block) matrix holding the two taps of
+  every output (`_linear_taps`), so the work is L multiply-adds per output and no gather runs."""
+  n_in = x.shape[axis]
+  i0, i1, w = _linear_taps(n_in, n_out)
+  n_blocks = -(-n_out // block)
+  pad = n_blocks * block - n_out
+  i0, i1 = np.pad(i0, (0, pad), mode="edge"), np.pad(i1, (0, pad), mode="edge")
+  w = np.pad(w, (0, pad))
+  starts = i0.reshape(n_blocks, block).min(1)
+  length = min(n_in, int((i1.reshape(n_blocks, block).max(1) - starts).max()) + 1)
+  starts = np.minimum(starts, n_in - length)
+  mat = np.zeros((n_blocks, length, block), np.float32)
+  b, j = np.divmod(np.arange(n_blocks * block), block)
+  np.add.at(mat, (b, i0 - starts[b], j), 1 - w)
+  np.add.at(mat, (b, i1 - starts[b], j), w)
+  windows = jnp.stack([jax.lax.slice_in_dim(x, int(s), int(s) + length, axis=axis) for s in starts],
+                      axis=axis)                                   # (..., n_blocks, L, ...)
+  x = jnp.moveaxis(windows, (axis, axis + 1), (-2, -1)) if axis != x.ndim - 1 else windows
+  out = jnp.einsum("...bl,blj->...bj", x, jnp.asarray(mat), precision=jax.lax.Precision.HIGHEST)
+  out = out.reshape(out.shape[:-2] + (n_blocks * block,))[..., :n_out]
+  return jnp.moveaxis(out, -1, axis) if axis != out.ndim - 1 else out
+
+
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """(..., h, w) float → (..., H, W): bilinear, half-pixel centres, no antialiasing (the resampling of
-  PyTorch's `F.interpolate(..., mode="bilinear", align_corners=False)`); same size → unchanged."""
-  h, w = x.shape[-2:]
-  if (h, w) == tuple(size):
-    return x
-  r0, r1, rw = _linear_taps(h, size[0])
-  c0, c1, cw = _linear_taps(w, size[1])
-  rows = (x[..., r0, :] * (1 - rw)[:, None] + x[..., r1, :] * rw[:, None])
-  return rows[..., c0] * (1 - cw) + rows[..., c1] * cw
+  PyTorch's `F.interpolate(..., mode="bilinear", align_corners=False)`, width first as torch sums);
+  same size → unchanged."""
+  x = _resize_axis(x, x.ndim - 1, int(size[1]))
+  return _resize_axis(x, x.ndim - 2, int(size[0]))
 
 
 def stability_score(logits: jax.Array, threshold: float, offset: float) -> jax.Array:
