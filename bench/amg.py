@@ -15,7 +15,7 @@ batches), postprocess (low-res → full-size logits, stability, binarisation, bo
 segment-anything: `postprocess_masks` plus the rest of its batch processing), NMS, and the rest. Each
 side runs `--rounds` times (ours after one warm-up run that compiles); the best total is reported.
 
-    .venv/bin/python bench/amg.py [--rounds 2] [--points_per_side 32]
+    .venv/bin/python bench/amg.py [--rounds 2] [--points_per_side 32] [--iou_bias 0.25] [--hyper_scale 8]
 
 Last line: JSON with `speedup_vs_torch` = torch best total / ours best total (target ≥ 1.2).
 """
