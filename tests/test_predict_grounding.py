@@ -263,6 +263,7 @@ def test_ground_with_automatic_entities(workdir, sam_file):
     np.testing.assert_array_equal(r.mask, np.isin(ids, r.entities))
 
 
+@pytest.mark.slow  # a fresh process compiling SAM and the GELLA forward (~20 s on 2 cores)
 def test_cli_ground_automatic_entities(workdir, sam_file, tmp_path, cli_env):
   photo = os.path.join(SAMPLE, PHOTO)
   code, out, err = _cli(cli_env, workdir, f"--image={photo}", "--task=ground", f"--sam={sam_file}",
