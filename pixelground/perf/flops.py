@@ -167,13 +167,31 @@ def _eva(c: _Counter, cfg: P.PixelLLMConfig, b: int, w: bool) -> bool:
 
 
 def _two_way(c: _Counter, n: float, nt: int, nk: int, depth: int, dim: int, mlp: int, rate: int,
-             w: bool, gt: bool, gk: bool, gpe_k: bool = False) -> tuple[bool, bool]:
+             heads: int, w: bool, gt: bool, gk: bool, gpe_k: bool = False) -> tuple[bool, bool]:
   """SAM's two-way transformer, `n` instances of `nt` tokens against `nk` image keys (token PE = the
-  input tokens; image PE a constant or, with gpe_k, a gradient-carrying input) → (tokens, keys) flags."""
+  input tokens; image PE a constant or, with gpe_k, a gradient-carrying input) → (tokens, keys) flags.
+  Cross-attentions between few tokens and many keys run folded (`sam_decoder.Attention`)."""
   inner = dim // rate
   gpe_t = gt
 
   def attend(lq, lk, din, gq, gkk, gv):
+    kd = din // heads
+    if lk < kd <= lq // 4:    # few keys: the query side is never projected
+      k = c.dense(dim * din, n * lk, w=w, x=gkk)
+      v = c.dense(dim * din, n * lk, w=w, x=gv)
+      a = c.product(2.0 * n * lk * din * dim, w, k)           # Wq · k per head
+      c.product(2.0 * n * lk * din, w, k)                     # bq · k
+      s = c.product(2.0 * n * lq * heads * lk * dim, gq, a)   # scores
+      vo = c.product(2.0 * n * lk * din * dim, v, w)          # v · Wo
+      return c.product(2.0 * n * lq * heads * lk * dim, s, vo)
+    if lq < kd <= lk // 4:    # few queries: the key side is never projected
+      q = c.dense(dim * din, n * lq, w=w, x=gq)
+      b = c.product(2.0 * n * lq * din * dim, w, q)           # Wk · q per head
+      c.product(2.0 * n * lq * din, w, q)                     # bk · q
+      s = c.product(2.0 * n * lk * heads * lq * dim, gkk, b)  # scores
+      pooled = c.product(2.0 * n * heads * lq * lk * dim, s, gv)
+      o = c.product(2.0 * n * lq * dim * din, pooled, w)      # pooled · Wv
+      return c.dense(din * dim, n * lq, w=w, x=o)
     q = c.dense(dim * din, n * lq, w=w, x=gq)
     k = c.dense(dim * din, n * lk, w=w, x=gkk)
     v = c.dense(dim * din, n * lk, w=w, x=gv)
@@ -199,7 +217,8 @@ def _extractor(c: _Counter, cfg: P.PixelLLMConfig, n: int, g_fused: bool, tr: fr
   gk = c.dense(p * wd, n * ng, w=w, x=gp) or gk           # dense prompt
   gpe = c.dense(p * wd, ng, w=w, x=False)                  # image PE: once, not per example
   gt = c.dense(p * wd, n * 2, w=w, x=gp) or w              # box corners + learned queries
-  gt, gk = _two_way(c, n, q + 2, ng, cfg.extractor_depth, wd, cfg.extractor_mlp, 2, w, gt, gk, gpe)
+  gt, gk = _two_way(c, n, q + 2, ng, cfg.extractor_depth, wd, cfg.extractor_mlp, 2, cfg.extractor_heads,
+                    w, gt, gk, gpe)
   g = c.dense(q * wd * hq, n, w=w, x=gt)                   # per-query W → Hq
   g = c.dense(hq * cfg.t5.d_model, n * q, w=w, x=g)
   if cfg.spatial_tokens:                                   # pooled image tokens W → d_model
@@ -278,7 +297,7 @@ def _mask_decoder(c: _Counter, cfg: P.PixelLLMConfig, n: int, num_sparse: int, g
     g_detail = c.dense(stride * stride * cd * cd, images * 16 * ng, w=w_detail, x=g_detail)
     c.part = part
   gt, gk = _two_way(c, n, 1 + m + num_sparse, ng, pc.depth, p, pc.mlp_dim,
-                    pc.attention_downsample_rate, w, w or g_sparse, g_image)
+                    pc.attention_downsample_rate, pc.num_heads, w, w or g_sparse, g_image)
   up = c.dense(p * 4 * (p // 4), n * ng, w=w, x=gk)                 # transposed 2×2 convs
   up = c.dense((p // 4) * 4 * (p // 8), n * 4 * ng, w=w, x=up)
   hyper = False
@@ -465,7 +484,7 @@ def step_flops(cfg: P.PixelLLMConfig, *, batch_size: int, prompt_len: int, targe
     w, p = "mask_adapter" in tr, cfg.prompt.prompt_dim
     nk = cfg.num_visual_tokens + target_len
     gk = c.dense(t5.d_model * p, b * nk, w=w, x=g_vis or g_hid)
-    gt, _ = _two_way(c, b, 2, nk, cfg.adapter_depth, p, 2 * p, 2, w, w, gk)
+    gt, _ = _two_way(c, b, 2, nk, cfg.adapter_depth, p, 2 * p, 2, cfg.adapter_heads, w, w, gk)
     g = c.dense(p * p, b * 2, w=w, x=gt)
     c.part = "mask_decoder"
     _mask_decoder(c, cfg, b, 2, g or "prompt_encoder" in tr, g_img, w_md, iou_loss=True, images=b,
