@@ -124,3 +124,46 @@ def test_panoptic_ground_truth_association_scores_one(sample, tmp_path):
     pred_ids, pred_segs = back[int(ex["image/id"])]
     acc.add(ids, gt, pred_ids, pred_segs)
   assert acc.result()["all"]["pq"] == pytest.approx(1.0, abs=1e-12)
+
+
+def _as_auto_records(ids_map: np.ndarray) -> list[dict]:
+  """The ground-truth segments dressed as automatic-mask records (what a perfect SAM would give)."""
+  out = []
+  for sid in np.unique(ids_map[ids_map != 0]):
+    m = ids_map == sid
+    out.append({"segmentation": m, "area": int(m.sum()), "predicted_iou": 1.0 - 1e-6 * len(out)})
+  return out
+
+
+def test_automatic_entities_path_scores_one_with_perfect_masks(sample):
+  """`config.eval.entities="sam"`: rows get automatic entities (`eval_entities.auto_row`), scoring unions
+  those masks. Automatic masks equal to the true segments, with the association `auto_row` derives
+  from the ground-truth masks, give AR = 1 and PQ = 1 again; a shifted association does not."""
+  from pixelground.inference import eval_entities
+  from pixelground.inference.auto_masks import entity_id_map
+
+  png_examples, pan_examples, categories, tok = sample
+  conv = _converters(tok, categories)
+  records, shifted, pan_records = [], [], []
+  for ex in png_examples:
+    row = conv.narrative_grounding(ex, np.random.default_rng(0))
+    gt_map = coco_panoptic.segment_ids(np.asarray(ex["panoptic"]))
+    auto = entity_id_map(_as_auto_records(gt_map), gt_map.shape, 40)
+    assert len(np.unique(auto)) == len(np.unique(gt_map))
+    arow = eval_entities.auto_row(row, auto, 640)
+    assert arow["entity_valid"].sum() == len(ex["segments"]["id"])
+    assert (arow["association"].sum(1) == row["association"].sum(1)).all()
+    records.append(eval_lib._png_record(ex, arow, _logits(arow["association"]), auto))
+    shifted.append(eval_lib._png_record(ex, arow, _logits(np.roll(arow["association"], 1, axis=1)),
+                                        auto))
+  assert eval_lib.summarize("narrative_grounding", records)["ar"] == pytest.approx(1.0)
+  assert eval_lib.summarize("narrative_grounding", shifted)["ar"] < 0.9
+  scorer = eval_lib._Scorer("panoptic", tok, None, categories)
+  for ex in pan_examples:
+    row = conv.panoptic(ex, np.random.default_rng(0))
+    gt_map = coco_panoptic.segment_ids(np.asarray(ex["panoptic"]))
+    auto = entity_id_map(_as_auto_records(gt_map), gt_map.shape, 40)
+    arow = eval_entities.auto_row(row, auto, 640)
+    pan_records.append(scorer._panoptic_record(ex, arow, _panoptic_out(row, arow["association"]), 0,
+                                               auto))
+  assert eval_lib.summarize("panoptic", pan_records, categories=categories)["pq"] == pytest.approx(1.0)

@@ -272,3 +272,17 @@ def test_cli_ground_automatic_entities(workdir, sam_file, tmp_path, cli_env):
   assert code == 0, err
   res = json.loads(out.strip().splitlines()[-1])
   assert res["entities"] >= 1 and len(res["phrases"]) == 2
+
+
+@pytest.mark.slow  # a fresh evaluate process (~30 s on 2 cores)
+def test_evaluate_with_automatic_entities(workdir, sam_file, tmp_path, cli_env):
+  """`config.eval.entities=sam`: the PNG evaluation runs on SAM's automatic masks end to end."""
+  p = subprocess.run([sys.executable, "-m", "pixelground.evaluate",
+                      f"--config={os.path.join(ROOT, 'configs', 'png_gella_t5xl.py')}:runlocal",
+                      f"--checkpoint={workdir}", "--config.eval.entities=sam",
+                      f"--config.eval.sam_checkpoint={sam_file}", "--max_examples=4",
+                      f"--workdir={tmp_path}"], cwd=ROOT, env=cli_env, capture_output=True, text=True,
+                     timeout=900)
+  assert p.returncode == 0, p.stderr
+  res = json.loads(p.stdout.strip().splitlines()[-1])
+  assert res["png/count"] == 4 and 0.0 <= res["png/ar"] <= 1.0 and res["png/phrases"] > 0

@@ -119,6 +119,14 @@ class EvalConfig:
   max_decode_len: int = 40       # generated tokens (captions, answers)
   dense_k: int = 10              # proposals per image (dense captioning)
   java_fallback: bool = False    # caption metrics without Java: no METEOR, Python tokenizer
+  # GELLA tasks' entities: "oracle" (ground-truth segments) or "sam" (SAM's automatic masks of the
+  # image, `inference/eval_entities.py`), from `sam_checkpoint` or the model's own SAM parts.
+  entities: str = "oracle"
+  sam_checkpoint: str = ""
+
+  def __post_init__(self):
+    if self.entities not in ("oracle", "sam"):
+      raise ConfigError(f"config.eval.entities={self.entities!r}: expected 'oracle' or 'sam'.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,8 @@ Per task (by converter, `config.tasks[name].converter`, default the task name):
   panoptic        greedy decoding of "name [SEG]" per entity from the category list; each entity takes
                   the category of its best-associated named `[SEG]` (stuff entities of a category
                   merged); PQ / SQ / RQ overall / things / stuff against the COCO panoptic ground truth
+  (both GELLA tasks use the ground-truth segments as entities, or with `config.eval.entities="sam"`
+  SAM's automatic masks of the image: `eval_entities`)
 
 Every task also reports its teacher-forced token accuracy (`train_metrics`). Examples are split over
 processes (example i → process i mod P); every process runs the same number of global batches (rows
@@ -54,7 +56,7 @@ from pixelground.config import schema
 from pixelground.data import pipeline
 from pixelground.data import tasks as task_lib
 from pixelground.data import transforms as T
-from pixelground.inference import decoding
+from pixelground.inference import decoding, eval_entities
 from pixelground.inference.predictor import mask_to_image
 from pixelground.inference import grounding
 from pixelground.models import gella as gella_lib
@@ -166,7 +168,10 @@ class _Scorer:
     geom = T.resize_pad(hw[0], hw[1], self.cfg.image_size)
     return mask_to_image(out["mask_logits"][i][None], geom, hw)[0]
 
-  def record(self, ex: dict, row: dict[str, np.ndarray], out: dict[str, np.ndarray], i: int) -> dict:
+  def record(self, ex: dict, row: dict[str, np.ndarray], out: dict[str, np.ndarray], i: int,
+             entity_map: np.ndarray | None = None) -> dict:
+    """`entity_map`: the (H, W) ids of automatic entities (`eval_entities`) the row's entity slots
+    hold; None: the ground-truth segments."""
     hw = task_lib.image_hw(ex["image"])
     geom = T.resize_pad(hw[0], hw[1], self.cfg.image_size)
     task = self.task
@@ -217,9 +222,9 @@ class _Scorer:
               "box": np.asarray(ex["box_xyxy"], np.float32).reshape(4).round(2).tolist(),
               "references": [task_lib.as_text(s) for s in ex["sentences"]]}
     if task == "narrative_grounding":
-      return _png_record(ex, row, out["assoc_logits"][i])
+      return _png_record(ex, row, out["assoc_logits"][i], entity_map)
     if task == "panoptic":
-      return self._panoptic_record(ex, row, out, i)
+      return self._panoptic_record(ex, row, out, i, entity_map)
     if task == "dense_caption":
       boxes = geom.inverse_boxes(np.asarray(out["boxes"][i], np.float32) * self.cfg.image_size)
       texts = [self._words(t, int(n)) for t, n in zip(out["tokens"][i], out["lengths"][i])]
@@ -228,7 +233,8 @@ class _Scorer:
               "captions": texts, "gt_boxes": gt_boxes.round(2).tolist(), "gt_phrases": gt_phrases}
     raise ValueError(f"no scorer for task '{task}'")
 
-  def _panoptic_record(self, ex: dict, row: dict, out: dict[str, np.ndarray], i: int) -> dict:
+  def _panoptic_record(self, ex: dict, row: dict, out: dict[str, np.ndarray], i: int,
+                       entity_map: np.ndarray | None = None) -> dict:
     """Generated names → categories; entities (the row's segments, on the original image) → the
     predicted panoptic map; its per-category PQ sums against the ground truth."""
     from tfds_builders.coco_panoptic import segment_ids
@@ -246,7 +252,8 @@ class _Scorer:
       cat = grounding.parse_category(name, lookup)
       noun_cats[j] = -1 if cat is None else cat
     ids_map = segment_ids(np.asarray(ex["panoptic"]))
-    ents = np.stack([ids_map == int(e) for e in row["entity_ids"]])
+    source = ids_map if entity_map is None else entity_map
+    ents = np.stack([source == int(e) for e in row["entity_ids"]])
     valid = np.asarray(row["entity_valid"], bool) & (np.asarray(row["entity_ids"]) > 0)
     pred_map, pred_segs = grounding.panoptic_prediction(out["assoc_logits"][i], ents, valid, noun_cats,
                                                         self.categories)
@@ -267,14 +274,15 @@ class _Scorer:
             "pq_sums": {str(c): [acc.iou[c], acc.tp[c], acc.fp[c], acc.fn[c]]
                         for c in set(acc.tp) | set(acc.fp) | set(acc.fn)}}
 
-  def visual(self, ex: dict, rec: dict, out: dict[str, np.ndarray], i: int) -> dict:
+  def visual(self, ex: dict, rec: dict, out: dict[str, np.ndarray], i: int,
+             entity_map: np.ndarray | None = None) -> dict:
     """What a figure draws for one example: its record (`record`: boxes xyxy pixels of the original
     image) + the image and the predicted masks at its resolution — referring: "mask" (H, W) or None
     without refseg; reason_seg: "masks" (K, H, W), the first generated `[SEG]`'s, K = 0 without one."""
     if self.task == "narrative_grounding":  # each phrase's union of its entities' segments
       from tfds_builders.coco_panoptic import segment_ids
 
-      ids_map = segment_ids(np.asarray(ex["panoptic"]))
+      ids_map = segment_ids(np.asarray(ex["panoptic"])) if entity_map is None else entity_map
       masks = np.stack([np.isin(ids_map, ids) for ids in rec["entities"]]) if rec["entities"] else (
           np.zeros((0,) + ids_map.shape, bool))
       return rec | {"image": np.asarray(ex["image"]), "masks": masks}
@@ -339,11 +347,13 @@ def summarize(task: str, records: list[dict], *, java_fallback: bool = False,
   raise ValueError(f"no summary for task '{task}'")
 
 
-def _png_record(ex: dict, row: dict, logits: np.ndarray) -> dict:
-  """One PNG example: every groundable phrase's IoU (ORIGINAL image) with its flags."""
+def _png_record(ex: dict, row: dict, logits: np.ndarray, entity_map: np.ndarray | None = None) -> dict:
+  """One PNG example: every groundable phrase's IoU (ORIGINAL image) with its flags; a phrase's mask
+  is the union of its entities' segments (or of the automatic entities of `entity_map`)."""
   from tfds_builders.coco_panoptic import segment_ids
 
   ids_map = segment_ids(np.asarray(ex["panoptic"]))
+  pred_map = ids_map if entity_map is None else entity_map
   phrases = ex["phrases"]
   nouns = [p for p, noun in enumerate(phrases["noun"]) if noun]
   offsets, flat = np.asarray(ex["phrase_offsets"]), np.asarray(ex["phrase_segment_ids"])
@@ -355,7 +365,7 @@ def _png_record(ex: dict, row: dict, logits: np.ndarray) -> dict:
     gt = np.isin(ids_map, flat[offsets[p]:offsets[p + 1]])
     ids = np.asarray(row["entity_ids"])[owned[j]] if j < noun_valid.sum() else np.zeros(0, int)
     chosen.append([int(x) for x in ids])
-    ious.append(float(M.soft_iou(np.isin(ids_map, ids)[None], gt[None])[0]))
+    ious.append(float(M.soft_iou(np.isin(pred_map, ids)[None], gt[None])[0]))
   return {"caption": task_lib.as_text(ex["caption"]),
           "phrases": [task_lib.as_text(phrases["utterance"][p]) for p in nouns], "entities": chosen,
           "ious": ious, "things": [bool(phrases["isthing"][p]) for p in nouns],
@@ -466,6 +476,9 @@ class Evaluator:
     self._decode = jax.jit(decode, static_argnums=3, out_shardings=rep)
     self.scorers = {n: _Scorer(self.conv[n], tokenizer, cfg, self._categories(self.tasks[n]))
                     for n in self.names}
+    self.auto = (eval_entities.AutoEntities(self.opts.sam_checkpoint, cfg.image_size)
+                 if self.opts.entities == "sam" and any(self.conv[n] in eval_entities.TASKS
+                                                        for n in self.names) else None)
 
   @staticmethod
   def _categories(task):
@@ -485,6 +498,8 @@ class Evaluator:
 
     t0 = time.perf_counter()
     self.records, self.kept = {}, {}
+    if self.auto is not None:
+      self.auto.bind(self.setup, state)
     tfs, counts, summaries = {}, {}, {}
     # Each task's summary is computed beside the next task's device work (caption metrics wait ~7 s
     # on Java's METEOR / PTB tokenizer processes).
@@ -519,6 +534,9 @@ class Evaluator:
       exs = [task.source[i] for i in idx]
       rows = [pipeline._pad_to_schema(task.convert(ex, np.random.default_rng(i)), batch_schema, task_id, name)
               for i, ex in zip(idx, exs)]
+      maps = [None] * len(rows)
+      if self.auto is not None and conv in eval_entities.TASKS:
+        rows, maps = self.auto.rows(exs, rows)
       zero = {k: np.zeros_like(v) for k, v in rows[0].items()} if rows else self._zero_row(batch_schema, name)
       padded = rows + [zero] * (local - len(rows))
       batch = {k: np.stack([r[k] for r in padded]) for k in padded[0]}
@@ -532,10 +550,10 @@ class Evaluator:
       host = {k: np.asarray(v) for k, v in jax.device_get(out).items()}
       where = {int(i): r for r, i in enumerate(host["index"])}  # outputs are replicated: find our rows
       for j, (i, ex) in enumerate(zip(idx, exs)):
-        rec = scorer.record(ex, rows[j], host, where[i])
+        rec = scorer.record(ex, rows[j], host, where[i], maps[j])
         recs.append((i, {"index": i} | rec))
         if i < self.keep_examples and conv in ("referring", "narrative_grounding") + SEG_TASKS:
-          self.kept.setdefault(name, {})[i] = scorer.visual(ex, rec, host, where[i])
+          self.kept.setdefault(name, {})[i] = scorer.visual(ex, rec, host, where[i], maps[j])
       if bar is not None:
         bar.update(1)
     if bar is not None:
