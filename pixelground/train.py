@@ -72,7 +72,7 @@ def main(argv):
   import jax
 
   from pixelground.config import schema
-  from pixelground.data import pipeline, tasks as task_lib, tokenizer as tok_lib
+  from pixelground.data import drops as data_filter, pipeline, tasks as task_lib, tokenizer as tok_lib
   from pixelground.inference import eval_lib
   from pixelground.parallel import sharding
   from pixelground.perf.chips import chip_peak
@@ -121,11 +121,14 @@ def main(argv):
   mixing = config.data.mixing
   tasks = datasets.data_tasks(config, tokenizer)
   names = [t.name for t in tasks]
+  filtered = any(config.converter(n) in schema.FILTER_CONVERTERS for n in names)
+  drops = data_filter.DropCounter(names, task_lib.DROP_REASONS) if filtered else None
   batch_schema = task_lib.schema(config.task_config(train=True))
   data_iter = pipeline.ShardGroup(
       lambda shard, count: pipeline.Loader(tasks, batch_schema, batch_size=batch_size // count,
                                            seed=config.seed, mixing=mixing, shard_index=shard,
-                                           shard_count=count, num_workers=config.data.num_workers),
+                                           shard_count=count, num_workers=config.data.num_workers,
+                                           drop_reasons=task_lib.DROP_REASONS if filtered else ()),
       num_shards=num_shards, process_index=pid, process_count=nproc)
   if latest is not None:  # resume: model, optimizer, step and input-pipeline state
     state, data_iter = ckpt.restore(latest, setup, data_iter)
@@ -156,6 +159,8 @@ def main(argv):
     while step < total:
       t0 = time.perf_counter()
       local = next(data_iter)
+      if drops is not None:
+        drops.add(local.pop(pipeline.DROPPED), len(local["task_id"]))
       task = datasets.task_of_batch(local, names) if mixing == "batch" else None
       batch = sharding.global_batch(local, mesh, setup.rules)
       window["data"] += time.perf_counter() - t0
@@ -179,6 +184,10 @@ def main(argv):
         print(f"step {step:6d}/{total} [{task or 'mixed'}] {terms}  lr {m['lr']:.2e}  "
               f"{m['steps_per_s']:.2f} steps/s  {m['examples_per_s']:.1f} ex/s  "
               f"{m['tflops_per_device']:.3f} TFLOP/s/dev{mfu}  data {m['data_wait'] * 100:.0f}%", flush=True)
+        if drops is not None:
+          counts, kept = drops.totals()
+          writers.write_scalars(step, drops.scalars(counts, kept))
+          print(drops.line(counts, kept), flush=True)
         window = {"t": time.perf_counter(), "data": 0.0, "steps": 0, "flops": 0.0}
       stop = preempt.requested() or (_MAX_STEPS.value and run_steps >= _MAX_STEPS.value)
       if step % config.checkpoint_every == 0 or step == total or stop:

@@ -47,6 +47,18 @@ class TaskSpec:
   max_prompt_len: int = 0
   max_target_len: int = 0
   max_seg: int = 0
+  # Record filters of web image–text data (converter "web_caption"; the defaults keep everything). A
+  # dropped record is counted by reason (`pixelground.data.tasks.DROP_REASONS`) and logged.
+  min_caption_tokens: int = 0    # drop captions of fewer tokens
+  max_caption_tokens: int = 0    # drop captions of more tokens (0: no limit; longer targets are cut)
+  languages: tuple[str, ...] = ()  # keep only these `language` codes ("" = unknown); () = any
+  min_score: float = -1.0        # drop records whose `score` is below (absent scores are -1)
+  min_image_side: int = 0        # drop images whose shorter side is smaller, pixels
+
+
+_FILTER_DEFAULTS = {"min_caption_tokens": 0, "max_caption_tokens": 0, "languages": (), "min_score": -1.0,
+                    "min_image_side": 0}
+FILTER_CONVERTERS = ("web_caption",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +227,7 @@ class Config:
     if task is not None:
       spec = self.tasks[task]
       kw.update({k: getattr(spec, k) for k in _TASK_LENGTHS if getattr(spec, k)})
+      kw.update({k: getattr(spec, k) for k in _FILTER_DEFAULTS})
     return TaskConfig(train=train, **kw)
 
   def to_json(self) -> str:
@@ -274,6 +287,13 @@ def _check(cfg: Config) -> None:
   for name, t in cfg.tasks.items():
     if not t.dataset:
       raise ConfigError(f"config.tasks.{name}.dataset is empty.")
+    filters = [k for k, v in _FILTER_DEFAULTS.items() if getattr(t, k) != v]
+    if filters and cfg.converter(name) not in FILTER_CONVERTERS:
+      raise ConfigError(f"config.tasks.{name}.{filters[0]}: record filters apply to the converters "
+                        f"{FILTER_CONVERTERS}, not '{cfg.converter(name)}'.")
+    if t.max_caption_tokens and t.max_caption_tokens < t.min_caption_tokens:
+      raise ConfigError(f"config.tasks.{name}.max_caption_tokens={t.max_caption_tokens} is below "
+                        f"min_caption_tokens={t.min_caption_tokens}.")
     own = [k for k in _TASK_LENGTHS if getattr(t, k)]
     if own and cfg.data.mixing != "batch":
       raise ConfigError(f"config.tasks.{name}.{own[0]}: per-task lengths need "

@@ -23,6 +23,12 @@ and the loss masks by `task_id`.
 Workers: `num_workers > 0` runs the conversion in Grain worker processes (`mp_prefetch`); 0 keeps it in
 the main process (threads only). The iterator state is the same either way.
 
+Dropped records: a converter may return {DROPPED: reason index} instead of a row (a record its task's
+filters reject, e.g. `Converters.web_caption`). A loader built with `drop_reasons` assembles batches
+from the rows that remain (`_DropBatch`: no slot is wasted, the order stays deterministic and
+resumable) and adds `batch[DROPPED]`, (num tasks, num reasons) int32 counts of the records dropped while
+that batch was assembled, so counts made in worker processes reach the trainer with the batch.
+
 Global batches: `pixelground.parallel.sharding.global_batch(batch, mesh, rules)` assembles the per-process
 batches into sharded `jax.Array`s (each process passes its own `batch_size` rows).
 """
@@ -37,6 +43,7 @@ import numpy as np
 
 Converter = tp.Callable[[tp.Any, np.random.Generator], dict[str, np.ndarray]]
 Schema = dict[str, tuple[tuple[int, ...], tp.Any]]
+DROPPED = "dropped"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +84,8 @@ class Loader:
   def __init__(self, tasks: tp.Sequence[Task], schema: Schema, *, batch_size: int, seed: int,
                mixing: str = "example", shard_index: int = 0, shard_count: int = 1,
                num_epochs: int | None = None, shuffle: bool = True, num_workers: int = 0,
-               worker_buffer_size: int = 2, read_threads: int = 1, drop_remainder: bool = True):
+               worker_buffer_size: int = 2, read_threads: int = 1, drop_remainder: bool = True,
+               drop_reasons: tp.Sequence[str] = ()):
     if not tasks:
       raise ValueError("Loader needs at least one task")
     if mixing not in ("example", "batch"):
@@ -92,6 +100,7 @@ class Loader:
     self.num_epochs, self.shuffle = num_epochs, shuffle
     self.num_workers, self.worker_buffer_size = num_workers, worker_buffer_size
     self.read_threads, self.drop_remainder = read_threads, drop_remainder
+    self.drop_reasons = tuple(drop_reasons)
     self.dataset = self._build()
 
   @property
@@ -112,22 +121,41 @@ class Loader:
     schema, name = (task.schema or self.schema), task.name
     convert = task.convert
 
+    dropping = bool(self.drop_reasons)
+
     def convert_row(example, rng):
-      return _pad_to_schema(convert(example, rng), schema, task_id, name)
+      row = convert(example, rng)
+      if DROPPED in row:
+        if not dropping:
+          raise ValueError(f"task '{name}' dropped a record but the loader has no drop_reasons")
+        return {DROPPED: np.int32(row[DROPPED]), "task_id": np.int32(task_id)}
+      return _pad_to_schema(row, schema, task_id, name)
 
     return ds.random_map(convert_row, seed=self.seed + 104729 * (task_id + 1))
 
   def _build(self) -> grain.IterDataset:
     per_task = [self._task_dataset(i, t) for i, t in enumerate(self.tasks)]
     weights = [t.weight for t in self.tasks]
+    read = grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=max(1, 2 * self.read_threads))
+    if self.drop_reasons:
+      batch = lambda d: _DropBatch(d, self.batch_size, len(self.tasks), len(self.drop_reasons),  # noqa: E731
+                                   self.drop_remainder)
+      if self.mixing == "example":
+        mixed = per_task[0] if len(per_task) == 1 else grain.MapDataset.mix(per_task, weights)
+        it_ds = batch(mixed.to_iter_dataset(read))
+      else:
+        batched = [batch(d.to_iter_dataset(read)) for d in per_task]
+        it_ds = batched[0] if len(batched) == 1 else grain.IterDataset.mix(batched, weights)
+      return self._workers(it_ds)
     if self.mixing == "example":
       ds = per_task[0] if len(per_task) == 1 else grain.MapDataset.mix(per_task, weights)
       ds = ds.batch(self.batch_size, drop_remainder=self.drop_remainder)
     else:
       batched = [d.batch(self.batch_size, drop_remainder=self.drop_remainder) for d in per_task]
       ds = batched[0] if len(batched) == 1 else grain.MapDataset.mix(batched, weights)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=
-                                                 max(1, 2 * self.read_threads)))
+    return self._workers(ds.to_iter_dataset(read))
+
+  def _workers(self, it_ds: grain.IterDataset) -> grain.IterDataset:
     if self.num_workers > 0:
       from absl import flags
       if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app use defaults
@@ -138,6 +166,48 @@ class Loader:
 
   def __iter__(self) -> grain.DatasetIterator:
     return iter(self.dataset)
+
+
+class _DropBatch(grain.IterDataset):
+  """Batches of `batch_size` rows, skipping dropped-record markers ({DROPPED, task_id}) and counting
+  them per (task, reason) into `batch[DROPPED]`. Its state is the parent's at a batch boundary."""
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int, num_tasks: int, num_reasons: int,
+               drop_remainder: bool):
+    super().__init__(parent)
+    self.batch_size, self.shape, self.drop_remainder = batch_size, (num_tasks, num_reasons), drop_remainder
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _DropBatchIterator(self._parent.__iter__(), self)
+
+
+class _DropBatchIterator(grain.DatasetIterator):
+  def __init__(self, parent: grain.DatasetIterator, spec: _DropBatch):
+    super().__init__(parent)
+    self.spec = spec
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows, counts = [], np.zeros(self.spec.shape, np.int32)
+    while len(rows) < self.spec.batch_size:
+      try:
+        row = next(self._parent)
+      except StopIteration:
+        if rows and not self.spec.drop_remainder:
+          break
+        raise
+      if DROPPED in row:
+        counts[int(row["task_id"]), int(row[DROPPED])] += 1
+      else:
+        rows.append(row)
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    batch[DROPPED] = counts
+    return batch
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
 
 
 def process_shard() -> tuple[int, int]:
@@ -173,7 +243,8 @@ class ShardGroup:
     parts = [next(it) for it in self.iters]
     if len(parts) == 1:
       return parts[0]
-    return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+    return {k: (np.sum([p[k] for p in parts], axis=0) if k == DROPPED else
+                np.concatenate([p[k] for p in parts], axis=0)) for k in parts[0]}
 
   def get_state(self) -> bytes:
     import json

@@ -47,6 +47,10 @@ SHORT_CAPTION = "A short image caption:"
 REGION_CAPTION = "an object of"
 REFER_SEG = "Can you segment {} in this image?"
 SEG_ANSWERS = ("Sure, it is [SEG].", "It is [SEG].", "Sure, the segmentation result is [SEG].")
+# Why `web_caption` drops a record (the first failing check, in this order); a converter returns
+# {DROPPED: index} instead of a row and the loader counts it (`pipeline`).
+DROP_REASONS = ("language", "low_score", "small_image", "caption_too_short", "caption_too_long")
+DROPPED = "dropped"  # = pipeline.DROPPED (tasks does not import the pipeline's Grain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,12 @@ class TaskConfig:
   # Encoders whose normalised float32 image the host produces ("sam", "clip"): `image_{enc}` fields
   # replace the uint8 `image`. Empty (default): ship uint8 and normalise on device (4× less transfer).
   host_normalize: tuple[str, ...] = ()
+  # Web image–text record filters (`web_caption`; `config.tasks.<name>` keys, defaults keep all).
+  min_caption_tokens: int = 0
+  max_caption_tokens: int = 0
+  languages: tuple[str, ...] = ()
+  min_score: float = -1.0
+  min_image_side: int = 0
 
 
 def schema(cfg: TaskConfig) -> dict[str, tuple[tuple[int, ...], tp.Any]]:
@@ -100,6 +110,7 @@ _ENTITIES = ("entity_masks", "entity_valid", "entity_ids", "association")
 # The fields each converter produces (`task_schema`); a referring example without a mask gets zeros.
 # Caption tasks carry (empty) per-token boxes too: they then share LN's compiled train step.
 TASK_FIELDS = {"ln": _IMAGE + _TEXT + _BOXES, "caption": _IMAGE + _TEXT + _BOXES,
+               "web_caption": _IMAGE + _TEXT + _BOXES,
                "region_caption": _IMAGE + _TEXT + _BOXES, "referring": _IMAGE + _TEXT + _BOXES + _SEG,
                "reason_seg": _IMAGE + _TEXT + _SEG + ("ignore_mask",),
                "referring_seg": _IMAGE + _TEXT + _SEG + ("ignore_mask",),
@@ -252,6 +263,37 @@ class Converters:
     out = self.image_fields(ex["image"], geom)
     out["prompt_ids"] = self.prompt(SHORT_CAPTION)
     out.update(self.target(self.tok.encode(self.flip_text(geom, text))))
+    return out
+
+  # -- web image-text pairs (image_text builder): filtered captioning ---------------------------------
+  def drop_reason(self, ex: dict, ids: tp.Sequence[int]) -> str | None:
+    """The first `DROP_REASONS` check a web record fails (None: keep). `ids`: its caption's tokens."""
+    c = self.cfg
+    if c.languages and as_text(ex.get("language", "")) not in c.languages:
+      return "language"
+    if float(ex.get("score", -1.0)) < c.min_score:
+      return "low_score"
+    if c.min_image_side and min(image_hw(ex["image"])) < c.min_image_side:
+      return "small_image"
+    if len(ids) < c.min_caption_tokens:
+      return "caption_too_short"
+    if c.max_caption_tokens and len(ids) > c.max_caption_tokens:
+      return "caption_too_long"
+    return None
+
+  def web_caption(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """image_text examples (`image`, `text`, `language`, `score`): prompt "A short image caption:",
+    target the text (cut to `max_target_len`); a record failing the task's filters → {DROPPED: its
+    `DROP_REASONS` index}."""
+    text = " ".join(as_text(ex["text"]).split())
+    ids = self.tok.encode(text)
+    reason = self.drop_reason(ex, ids)
+    if reason is not None:
+      return {DROPPED: np.int32(DROP_REASONS.index(reason))}
+    geom = self.geometry(rng, ex["image"], [text])  # a flip is refused for text naming left / right
+    out = self.image_fields(ex["image"], geom)
+    out["prompt_ids"] = self.prompt(SHORT_CAPTION)
+    out.update(self.target(ids))
     return out
 
   # -- referring localisation / segmentation (RefCOCO) -------------------------------------------------

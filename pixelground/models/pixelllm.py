@@ -529,7 +529,8 @@ def referring_box(out: dict[str, jax.Array], batch: dict[str, jax.Array]) -> jax
 
 
 # Heads each task needs (`PixelLLM.__call__(batch, heads=...)`); anything else is not computed.
-TASK_HEADS = {"ln": (), "caption": (), "region_caption": (), "referring": ("refseg", "refbox"),
+TASK_HEADS = {"ln": (), "caption": (), "web_caption": (), "region_caption": (),
+              "referring": ("refseg", "refbox"),
               "reason_seg": ("lisa", "refbox"), "referring_seg": ("lisa", "refbox"),
               "narrative_grounding": ("gella",), "panoptic": ("gella",),
               "dense_caption": ("proposals",)}

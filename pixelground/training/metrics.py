@@ -31,7 +31,8 @@ from pixelground.models import pixelllm as P
 from pixelground.training import objective
 
 # task name → the token-accuracy metric its text reports
-_TOKEN_ACC = {"caption": "caption_token_acc", "ln": "ln_token_acc", "region_caption": "region_token_acc",
+_TOKEN_ACC = {"caption": "caption_token_acc", "web_caption": "web_caption_token_acc", "ln": "ln_token_acc",
+              "region_caption": "region_token_acc",
               "referring": "referring_token_acc", "reason_seg": "seg_answer_token_acc",
               "referring_seg": "seg_answer_token_acc", "narrative_grounding": "noun_token_acc",
               "panoptic": "panoptic_token_acc"}
