@@ -18,7 +18,7 @@ from pixelground.training.objective import LossConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = ["ln_t5xl", "refcoco_t5xl", "refseg_t5xl", "densecap_t5xl", "joint_t5xl", "lisa_t5xl",
-        "png_gella_t5xl", "panoptic_gella_t5xl"]
+        "png_gella_t5xl", "panoptic_gella_t5xl", "webli_pretrain_t5xl"]
 
 
 def _config_files():
@@ -127,7 +127,7 @@ def test_runlocal_keeps_the_recipe(name):
   assert list(local.tasks) == list(full.tasks)
   for n in full.tasks:
     assert local.converter(n) == full.converter(n) and local.tasks[n].weight == full.tasks[n].weight
-    assert local.tasks[n].dataset.endswith("/grounded_shapes")
+    assert local.tasks[n].dataset in recipes.LOCAL_DATASETS.values()
   assert (local.trainable, local.train_lora, local.loss) == (full.trainable, full.train_lora, full.loss)
   assert local.data.mixing == full.data.mixing and local.data.flip == full.data.flip
   fm, lm = full.model, local.model

@@ -169,3 +169,20 @@ def test_other_configs(env, tmp_path, name, keys):
   r = run_and_resume(name, tmp_path / "run", env)
   for key in keys:
     assert key in r, sorted(r)
+
+
+@pytest.mark.slow
+def test_webli_pretrain_t5xl(env, tmp_path):
+  """Filtered web captioning through the trainer: the planted share of each filter's failures is
+  dropped, counted and logged; the run stops, resumes and finishes like every config."""
+  run_and_resume("webli_pretrain_t5xl", tmp_path / "run", env)
+  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  window = [r for r in rows if "data/dropped_fraction" in r]
+  assert window
+  total = {k: sum(r[k] for r in window) for k in window[0] if k.startswith("data/dropped/")}
+  total_kept = 30 * 8  # every step's batch holds kept records only
+  dropped = sum(total.values())
+  assert total["data/dropped/web/small_image"] == 0 and total["data/dropped/web/caption_too_long"] == 0
+  for reason in ("language", "low_score", "caption_too_short"):  # a tenth of the records each
+    share = total[f"data/dropped/web/{reason}"] / (dropped + total_kept)
+    assert 0.05 < share < 0.16, (reason, total)

@@ -121,3 +121,12 @@ def test_filters_only_for_web_caption():
   c.tasks.caption.min_score = 0.5
   with pytest.raises(schema.ConfigError, match="config.tasks.caption.min_score: record filters apply"):
     schema.parse(c)
+
+
+def test_drop_counter_windows():
+  c = DropCounter(["web"], ["a", "b"])
+  c.add(np.asarray([[1, 2]]), 7)
+  assert c.scalars() == {"data/dropped/web/a": 1.0, "data/dropped/web/b": 2.0, "data/dropped_fraction": 0.3}
+  c.add(np.asarray([[0, 1]]), 9)
+  assert c.scalars()["data/dropped/web/b"] == 1.0 and c.scalars()["data/dropped/web/b"] == 0.0
+  assert c.line() == "filtered: 4 of 20 records read (20.0%) — web: a 1, b 3"

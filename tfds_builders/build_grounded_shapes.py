@@ -6,7 +6,9 @@
 
 Step 1 writes the raw files (`tfds_builders.grounded_shapes.generate`), step 2 runs the real builders'
 `grounded_shapes` configs on them (localized_narratives, coco_captions, coco_panoptic,
-panoptic_narrative_grounding, refcoco, reasonseg) — the same code paths as the real datasets. Prints a
+panoptic_narrative_grounding, refcoco, reasonseg), then writes web-style tar shards of the train images
+(`web_shapes`) and builds `image_text`'s `webdataset` config on them — the same code paths as the real
+datasets. Prints a
 progress line per dataset with its time and example counts, then a JSON summary as the last line.
 """
 
@@ -16,6 +18,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import time
 
 # (module, class) of every builder with a grounded_shapes config.
@@ -52,6 +55,17 @@ def build_all(raw_dir: str, data_dir: str, *, num_train: int, num_validation: in
     report["skipped"][module] = common.skipped_counts(builder)
     print(f"[{time.perf_counter() - t0:6.1f}s] built {module}: {report['examples'][module]} "
           f"({report['build_s'][module]} s)", flush=True)
+  # Web-style tar shards of the train images (the pretraining configs' :runlocal data) → image_text.
+  from tfds_builders import image_text, web_shapes
+  t = time.perf_counter()
+  web_dir = os.path.join(raw_dir, "web")
+  report["web_shards"] = web_shapes.write_shards(raw_dir, web_dir, num_shards=4)
+  builder = common.build(image_text.ImageText, data_dir, web_dir, config="webdataset")
+  report["build_s"]["image_text"] = round(time.perf_counter() - t, 2)
+  report["examples"]["image_text"] = {s: builder.info.splits[s].num_examples for s in builder.info.splits}
+  report["skipped"]["image_text"] = common.skipped_counts(builder)
+  print(f"[{time.perf_counter() - t0:6.1f}s] built image_text: {report['examples']['image_text']} "
+        f"({report['build_s']['image_text']} s)", flush=True)
   report["total_s"] = round(time.perf_counter() - t0, 2)
   return report
 

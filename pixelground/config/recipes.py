@@ -169,7 +169,8 @@ LOCAL_DATASETS = {"localized_narratives": "localized_narratives/grounded_shapes"
                   "reasonseg": "reasonseg/grounded_shapes",
                   "vg_densecap": "coco_panoptic/grounded_shapes",
                   "coco_panoptic": "coco_panoptic/grounded_shapes",
-                  "panoptic_narrative_grounding": "panoptic_narrative_grounding/grounded_shapes"}
+                  "panoptic_narrative_grounding": "panoptic_narrative_grounding/grounded_shapes",
+                  "image_text": "image_text/webdataset"}  # tar shards of the grounded-shapes images
 
 LOCAL_IMAGE_SIZE = 64
 LOCAL_VOCAB, LOCAL_SEG_ID = 896, 3  # the committed tiny SentencePiece model; `[SEG]` = 3 in it

@@ -1,9 +1,11 @@
 """Counting the records a task's filters drop (`Converters.web_caption`), for the trainer's log.
 
 The loader adds `batch[pipeline.DROPPED]` — (num tasks, num reasons) counts of the records dropped
-while that batch was assembled, in whichever process converted them. `DropCounter` sums them over the
-run and, at each log step, over every process (one small all-gather), so the printed line and the
-`data/dropped/<task>/<reason>` scalars are the whole job's cumulative counts.
+while that batch was assembled, in whichever process converted them. `DropCounter` sums them and, at
+each log step, over every process (one small all-gather): the printed line gives the counts since this
+process started (a resumed run starts again from 0), the `data/dropped/<task>/<reason>` and
+`data/dropped_fraction` scalars those of the log window, so their sum over a run's metrics is the total
+across restarts.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class DropCounter:
     self.tasks, self.reasons = list(tasks), list(reasons)
     self.local = np.zeros((len(self.tasks), len(self.reasons)), np.int64)
     self.kept = 0
+    self.reported = (np.zeros_like(self.local), 0)  # the totals at the previous `scalars`
 
   def add(self, counts: np.ndarray, kept: int) -> None:
     """One batch: its (tasks, reasons) drop counts and the number of rows it holds."""
@@ -37,12 +40,16 @@ class DropCounter:
     return total[:-1].reshape(self.local.shape), int(total[-1])
 
   def scalars(self, counts: np.ndarray | None = None, kept: int | None = None) -> dict[str, float]:
+    """The log window's counts (since the previous call) from the current totals."""
     if counts is None:
       counts, kept = self.totals()
-    out = {f"data/dropped/{t}/{r}": float(counts[i, j]) for i, t in enumerate(self.tasks)
+    prev_counts, prev_kept = self.reported
+    window, window_kept = counts - prev_counts, kept - prev_kept
+    self.reported = (counts.copy(), kept)
+    out = {f"data/dropped/{t}/{r}": float(window[i, j]) for i, t in enumerate(self.tasks)
            for j, r in enumerate(self.reasons)}
-    read = counts.sum() + kept
-    out["data/dropped_fraction"] = float(counts.sum() / read) if read else 0.0
+    read = window.sum() + window_kept
+    out["data/dropped_fraction"] = float(window.sum() / read) if read else 0.0
     return out
 
   def line(self, counts: np.ndarray | None = None, kept: int | None = None) -> str:

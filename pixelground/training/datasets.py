@@ -86,13 +86,17 @@ def heads_of(config, task: str | None) -> tuple[str, ...] | None:
   return None if task is None else tuple(P.TASK_HEADS.get(schema.parse(config).converter(task), ()))
 
 
+# Bumped whenever the set of datasets the grounded-shapes build writes changes (2: + image_text).
+CACHE_VERSION = 2
+
+
 def cache_dir() -> str:
   return os.path.expanduser(os.environ.get("PIXELGROUND_CACHE", "~/.cache/pixelground"))
 
 
 def _grounded_shapes_root(gs) -> str:
   """The cache directory of one `config.data.grounded_shapes` setting (keyed by its numbers)."""
-  key = f"grounded_shapes-{gs.num_train}-{gs.num_validation}-{gs.seed}-{gs.size}"
+  key = f"grounded_shapes-v{CACHE_VERSION}-{gs.num_train}-{gs.num_validation}-{gs.seed}-{gs.size}"
   if (gs.max_shapes, gs.scale) != (5, 1.0):
     key += f"-n{gs.max_shapes}-x{gs.scale:g}"
   if gs.colours != 8:
