@@ -2,8 +2,9 @@ r"""PixelLLM web-scale pretraining: image captioning on WebLI-like image–text 
 
 SAM-H (frozen) + EVA02-L (frozen) + FLAN-T5-XL (frozen, LoRA r32 on q/v of every attention); 384 px.
 What trains: the prompt feature extractor (its queries, two-way transformer and projection into T5)
-and the LoRA factors — the parts the later stages start from (`configs/ln_t5xl.py` sets
-`--config.init_from.path` to this run). Task `web`: the `image_text` builder's `webdataset` shards,
+and the LoRA factors — the parts the later stages start from: `configs/ln_t5xl.py` with
+`--config.init_from.path=<this workdir>` loads every parameter it shares with this run (at :runlocal,
+all 225 of them, EVA02 and the extractor included). Task `web`: the `image_text` builder's `webdataset` shards,
 converter `web_caption` (prompt "A short image caption:", the alt-text as target, cut to 64 tokens),
 with record filters driven by each record's own fields: English only, score ≥ 0.3, shorter image side
 ≥ 64 px, captions of 3–64 tokens. Dropped records never take a batch slot; they are counted by reason
