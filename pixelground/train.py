@@ -128,7 +128,8 @@ def main(argv):
       lambda shard, count: pipeline.Loader(tasks, batch_schema, batch_size=batch_size // count,
                                            seed=config.seed, mixing=mixing, shard_index=shard,
                                            shard_count=count, num_workers=config.data.num_workers,
-                                           drop_reasons=task_lib.DROP_REASONS if filtered else ()),
+                                           drop_reasons=task_lib.DROP_REASONS if filtered else (),
+                                           shard_by=config.data.shard_by),
       num_shards=num_shards, process_index=pid, process_count=nproc)
   if latest is not None:  # resume: model, optimizer, step and input-pipeline state
     state, data_iter = ckpt.restore(latest, setup, data_iter)

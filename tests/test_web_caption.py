@@ -130,3 +130,26 @@ def test_drop_counter_windows():
   c.add(np.asarray([[0, 1]]), 9)
   assert c.scalars()["data/dropped/web/b"] == 1.0 and c.scalars()["data/dropped/web/b"] == 0.0
   assert c.line() == "filtered: 4 of 20 records read (20.0%) — web: a 1, b 3"
+
+
+def test_file_sharding_gives_each_input_shard_whole_files():
+  lengths = (5, 3, 7, 4, 6)
+  parts = [pipeline.file_shard(lengths, k, 2) for k in range(2)]
+  np.testing.assert_array_equal(parts[0], list(range(0, 5)) + list(range(8, 15)) + list(range(19, 25)))
+  np.testing.assert_array_equal(parts[1], list(range(5, 8)) + list(range(15, 19)))
+  source, bad = _source(25)
+  conv = _converters()
+  seen = []
+  for k in range(2):
+    loader = pipeline.Loader([pipeline.Task("web", source, conv.web_caption, file_lengths=lengths)],
+                             task_lib.schema(conv.cfg), batch_size=2, seed=0, shard_index=k, shard_count=2,
+                             num_epochs=1, drop_remainder=False, drop_reasons=task_lib.DROP_REASONS,
+                             shard_by="file")
+    got = sorted(int(im[0, 0, 0]) for b in loader for im in b["image"][:, :1, :1])
+    assert set(got) <= set(parts[k].tolist())
+    seen += got
+  assert sorted(seen) == [i for i in range(25) if i not in bad]
+  with pytest.raises(ValueError, match="5 files cannot feed 6 input shards"):
+    pipeline.Loader([pipeline.Task("web", source, conv.web_caption, file_lengths=lengths)],
+                    task_lib.schema(conv.cfg), batch_size=2, seed=0, shard_index=0, shard_count=6,
+                    drop_reasons=task_lib.DROP_REASONS, shard_by="file")

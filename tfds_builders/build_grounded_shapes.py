@@ -60,7 +60,7 @@ def build_all(raw_dir: str, data_dir: str, *, num_train: int, num_validation: in
   t = time.perf_counter()
   web_dir = os.path.join(raw_dir, "web")
   report["web_shards"] = web_shapes.write_shards(raw_dir, web_dir, num_shards=4)
-  builder = common.build(image_text.ImageText, data_dir, web_dir, config="webdataset")
+  builder = common.build(image_text.ImageText, data_dir, web_dir, config="webdataset", num_shards=4)
   report["build_s"]["image_text"] = round(time.perf_counter() - t, 2)
   report["examples"]["image_text"] = {s: builder.info.splits[s].num_examples for s in builder.info.splits}
   report["skipped"]["image_text"] = common.skipped_counts(builder)

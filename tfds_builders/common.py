@@ -206,8 +206,10 @@ def skipped_counts(builder: tfds.core.DatasetBuilder) -> dict[str, dict[str, int
 
 def build(builder_cls: type[tfds.core.DatasetBuilder], data_dir: str | os.PathLike,
           manual_dir: str | os.PathLike | None = None, *, config: str | None = None,
-          beam_runner: tp.Any = None, **builder_kwargs) -> tfds.core.DatasetBuilder:
+          beam_runner: tp.Any = None, num_shards: int | None = None, **builder_kwargs
+          ) -> tfds.core.DatasetBuilder:
   """Builds `builder_cls` (optionally a named config) into `data_dir`; returns the prepared builder.
+  `num_shards`: the number of array_record files per split (default: TFDS picks by size).
 
   Read it back with `builder.as_data_source(split=...)` (random access, for Grain).
   """
@@ -216,7 +218,8 @@ def build(builder_cls: type[tfds.core.DatasetBuilder], data_dir: str | os.PathLi
     kwargs["config"] = config
   builder = builder_cls(**kwargs)
   dl_config = tfds.download.DownloadConfig(
-      manual_dir=None if manual_dir is None else str(manual_dir), beam_runner=beam_runner)
+      manual_dir=None if manual_dir is None else str(manual_dir), beam_runner=beam_runner,
+      num_shards=num_shards)
   builder.download_and_prepare(download_config=dl_config,
                                download_dir=os.path.join(str(data_dir), "downloads"))
   return builder

@@ -87,6 +87,10 @@ class DataConfig:
   max_regions: int = 16          # dense-captioning regions per image
   max_region_len: int = 16       # tokens per region caption incl. EOS
   split_sentences: bool = False  # LN: one sentence per target instead of the whole narrative
+  # How input shards split a task's records: "record" (shard k of n reads records k, k + n, ...: every
+  # shard touches every file) or "file" (whole array_record files, files k, k + n, ... of the split:
+  # disjoint files per host, for web-scale data in thousands of files).
+  shard_by: str = "record"
   seg_boxes: bool = False        # `[SEG]` rows also carry their mask's box (a from-scratch aid)
   mixing: str = "batch"          # "batch": one task per batch (per-task programs); "example": mixed rows
   num_workers: int = 0           # Grain worker processes converting examples (0: in-process)
@@ -97,6 +101,8 @@ class DataConfig:
   def __post_init__(self):
     if self.mixing not in ("batch", "example"):
       raise ConfigError(f"config.data.mixing={self.mixing!r}: must be 'batch' or 'example'.")
+    if self.shard_by not in ("record", "file"):
+      raise ConfigError(f"config.data.shard_by={self.shard_by!r}: must be 'record' or 'file'.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,6 +56,28 @@ class Task:
   convert: Converter
   weight: float = 1.0
   schema: Schema | None = None
+  file_lengths: tuple[int, ...] = ()  # records per file of `source`, in order (for shard_by="file")
+
+
+class _Subset:
+  """Records `indices` of a random-access source (picklable, for Grain workers)."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]
+
+
+def file_shard(file_lengths: tp.Sequence[int], shard_index: int, shard_count: int) -> np.ndarray:
+  """Record indices of files shard_index, shard_index + shard_count, ... (whole files, in order)."""
+  starts = np.concatenate([[0], np.cumsum(file_lengths)[:-1]]).astype(np.int64)
+  return np.concatenate([np.arange(starts[f], starts[f] + file_lengths[f], dtype=np.int64)
+                         for f in range(shard_index, len(file_lengths), shard_count)] or
+                        [np.zeros(0, np.int64)])
 
 
 def _pad_to_schema(row: dict[str, np.ndarray], schema: Schema, task_id: int, task: str
@@ -85,7 +107,7 @@ class Loader:
                mixing: str = "example", shard_index: int = 0, shard_count: int = 1,
                num_epochs: int | None = None, shuffle: bool = True, num_workers: int = 0,
                worker_buffer_size: int = 2, read_threads: int = 1, drop_remainder: bool = True,
-               drop_reasons: tp.Sequence[str] = ()):
+               drop_reasons: tp.Sequence[str] = (), shard_by: str = "record"):
     if not tasks:
       raise ValueError("Loader needs at least one task")
     if mixing not in ("example", "batch"):
@@ -101,6 +123,9 @@ class Loader:
     self.num_workers, self.worker_buffer_size = num_workers, worker_buffer_size
     self.read_threads, self.drop_remainder = read_threads, drop_remainder
     self.drop_reasons = tuple(drop_reasons)
+    if shard_by not in ("record", "file"):
+      raise ValueError(f"shard_by={shard_by!r}: expected 'record' or 'file'")
+    self.shard_by = shard_by
     self.dataset = self._build()
 
   @property
@@ -108,10 +133,21 @@ class Loader:
     return [t.name for t in self.tasks]
 
   def _task_dataset(self, task_id: int, task: Task) -> grain.MapDataset:
-    ds = grain.MapDataset.source(task.source)
-    if len(ds) < self.shard_count:
-      raise ValueError(f"task '{task.name}': {len(ds)} records cannot feed {self.shard_count} processes")
-    ds = ds[self.shard_index::self.shard_count]
+    if self.shard_by == "file":
+      files = task.file_lengths
+      if not files or sum(files) != len(task.source):
+        raise ValueError(f"task '{task.name}': shard_by='file' needs the source's records per file "
+                         f"(got {len(files)} files for {len(task.source)} records)")
+      if len(files) < self.shard_count:
+        raise ValueError(f"task '{task.name}': {len(files)} files cannot feed {self.shard_count} input "
+                         f"shards with shard_by='file' (prepare the data in more files)")
+      ds = grain.MapDataset.source(_Subset(task.source, file_shard(files, self.shard_index,
+                                                                  self.shard_count)))
+    else:
+      ds = grain.MapDataset.source(task.source)
+      if len(ds) < self.shard_count:
+        raise ValueError(f"task '{task.name}': {len(ds)} records cannot feed {self.shard_count} processes")
+      ds = ds[self.shard_index::self.shard_count]
     if self.shuffle:
       ds = ds.shuffle(seed=self.seed + 7919 * task_id)  # reshuffled every epoch once repeated
     ds = ds.repeat(self.num_epochs)

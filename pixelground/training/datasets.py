@@ -70,7 +70,8 @@ def data_tasks(config, tokenizer, *, train: bool = True, names: tp.Sequence[str]
       raise ValueError(f"{where}.converter: no converter '{conv_name}'.")
     out.append(pipeline.Task(name, builder.as_data_source(use), getattr(conv, conv_name), t.weight,
                              schema=task_lib.task_schema(conv.cfg, conv_name)
-                             if config.data.mixing == "batch" else None))
+                             if config.data.mixing == "batch" else None,
+                             file_lengths=tuple(int(n) for n in builder.info.splits[use].shard_lengths)))
   return out
 
 
