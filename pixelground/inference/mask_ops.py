@@ -253,12 +253,3 @@ def uncompressed_rle(mask: np.ndarray) -> dict:
   if h * w and flat[0]:
     counts = [0] + counts
   return {"size": [h, w], "counts": counts}
-
-
-def rle_area(rle: dict) -> int:
-  """Pixels inside a compressed COCO RLE."""
-  from pycocotools import mask as mask_utils
-
-  r = dict(rle, counts=rle["counts"].encode("ascii") if isinstance(rle["counts"], str)
-           else rle["counts"])
-  return int(mask_utils.area(r))
