@@ -137,7 +137,6 @@ def main():
       theirs = gen.generate(image)
     total = time.perf_counter() - t
     stages = dict(timer.t)
-    stages["postprocess"] = stages.get("postprocess", 0.0)
     stages["rest"] = total - sum(stages.values())
     results["torch"].append((total, stages))
     print(f"round {r}: torch {total:.2f} s {json.dumps({k: round(v, 2) for k, v in stages.items()})}",

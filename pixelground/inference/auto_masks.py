@@ -400,6 +400,18 @@ def _records(data, masks, output_mode: str) -> list[dict[str, tp.Any]]:
   return out
 
 
+def model_sam_parts(model, hint: str):
+  """A PixelLLM's SAM image encoder, prompt encoder and mask decoder for the generator; a ValueError
+  naming what is missing (no SAM encoder or decoder, or a decoder with detail channels) and `hint`."""
+  missing = ("no SAM encoder" if model.sam_encoder is None else "no SAM mask decoder"
+             if model.mask_decoder is None else "a mask decoder with detail channels, not SAM's"
+             if model.mask_decoder.detail_channels else None)
+  if missing:
+    raise ValueError(f"automatic masks need SAM's encoder and mask decoder; this checkpoint has "
+                     f"{missing}: {hint}")
+  return model.sam_encoder, model.prompt_encoder, model.mask_decoder
+
+
 def entity_id_map(records: list[dict[str, tp.Any]], hw: tuple[int, int], limit: int | None = None
                   ) -> np.ndarray:
   """Automatic masks → an (H, W) int64 entity id map (0 = void) for GELLA: the `limit` masks of highest

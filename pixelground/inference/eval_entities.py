@@ -59,7 +59,7 @@ class AutoEntities:
       return
     from jax.sharding import Mesh
 
-    from pixelground.inference.auto_masks import AutomaticMaskGenerator
+    from pixelground.inference.auto_masks import AutomaticMaskGenerator, model_sam_parts
     if self.sam_checkpoint:
       local = Mesh(np.asarray(jax.local_devices()), ("devices",))
       self.generator = AutomaticMaskGenerator.from_sam(self.sam_checkpoint, mesh=local)
@@ -69,11 +69,8 @@ class AutoEntities:
                        "config.eval.sam_checkpoint (the generator runs on each process's devices)")
     from flax import nnx
     model = nnx.merge(setup.graphdef, state["params"], state["frozen"])
-    if model.sam_encoder is None or model.mask_decoder is None or model.mask_decoder.detail_channels:
-      raise ValueError("config.eval.entities='sam': the model has no SAM encoder + mask decoder; set "
-                       "config.eval.sam_checkpoint")
-    self.generator = AutomaticMaskGenerator(model.sam_encoder, model.prompt_encoder, model.mask_decoder,
-                                            mesh=setup.mesh)
+    parts = model_sam_parts(model, "set config.eval.sam_checkpoint (config.eval.entities='sam')")
+    self.generator = AutomaticMaskGenerator(*parts, mesh=setup.mesh)
 
   def rows(self, examples: tp.Sequence[dict], rows: list[dict[str, np.ndarray]]
            ) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:

@@ -319,14 +319,8 @@ class Predictor:
       from pixelground.checkpoints.sam import load_sam
       encoder, decoder = load_sam(self.sam_checkpoint)
       return encoder, decoder.prompt_encoder, decoder.mask_decoder
-    m = self.model
-    missing = ("no SAM encoder" if m.sam_encoder is None else "no SAM mask decoder"
-               if m.mask_decoder is None else "a mask decoder with detail channels, not SAM's"
-               if m.mask_decoder.detail_channels else None)
-    if missing:
-      raise ValueError(f"automatic masks need SAM's encoder and mask decoder; this checkpoint has "
-                       f"{missing}: give a SAM checkpoint (sam_checkpoint=..., predict --sam=...)")
-    return m.sam_encoder, m.prompt_encoder, m.mask_decoder
+    from pixelground.inference.auto_masks import model_sam_parts
+    return model_sam_parts(self.model, "give a SAM checkpoint (sam_checkpoint=..., predict --sam=...)")
 
   # -- GELLA (pixelground.inference.grounded) --------------------------------------------------------
   def ground(self, image, caption: str, entities=None, *, phrases: tp.Sequence[str] | None = None,
