@@ -98,6 +98,15 @@ def torch_generator(sam, timer: Timer, **options):
   return gen
 
 
+def _keep(results: dict, side: str, r: int, total: float, timings: dict[str, float]) -> None:
+  """Stores one round's (total, stages incl. the untimed rest) and prints it."""
+  stages = dict(timings)
+  stages["rest"] = total - sum(stages.values())
+  results[side].append((total, stages))
+  print(f"round {r}: {side:5s} {total:.2f} s {json.dumps({k: round(v, 2) for k, v in stages.items()})}",
+        flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--rounds", type=int, default=2)
@@ -135,20 +144,10 @@ def main():
     t = time.perf_counter()
     with torch.inference_mode():
       theirs = gen.generate(image)
-    total = time.perf_counter() - t
-    stages = dict(timer.t)
-    stages["rest"] = total - sum(stages.values())
-    results["torch"].append((total, stages))
-    print(f"round {r}: torch {total:.2f} s {json.dumps({k: round(v, 2) for k, v in stages.items()})}",
-          flush=True)
+    _keep(results, "torch", r, time.perf_counter() - t, timer.t)
     t = time.perf_counter()
     mine = ours.generate(image)
-    total = time.perf_counter() - t
-    stages = dict(ours.timings)
-    stages["rest"] = total - sum(stages.values())
-    results["ours"].append((total, stages))
-    print(f"round {r}: ours  {total:.2f} s {json.dumps({k: round(v, 2) for k, v in stages.items()})}",
-          flush=True)
+    _keep(results, "ours", r, time.perf_counter() - t, ours.timings)
 
   best = {k: min(v, key=lambda x: x[0]) for k, v in results.items()}
   ious = []
