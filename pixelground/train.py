@@ -63,6 +63,35 @@ class _Preemption:
     return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
 
 
+def _newest(ckpt) -> str:
+  good = ckpt.good_step()
+  return f"step {good} ({ckpt.step_dir(good)})" if good is not None else "none"
+
+
+def _save(ckpt, step, state, data_iter) -> None:
+  from pixelground.training import checkpointing
+  try:
+    ckpt.save(step, state, data_iter, force=True)
+  except checkpointing.CheckpointSaveError as e:
+    raise SystemExit(f"Error: {e}") from None
+
+
+def _stop(message: str, ckpt, data_iter, writers, code: int = 0) -> None:
+  """Ends the run early: finishes the checkpoint in flight, closes the input workers and writers."""
+  from pixelground.training import checkpointing
+  try:
+    ckpt.close()
+  except checkpointing.CheckpointSaveError as e:
+    message += f" Error: {e}"
+    code = 1
+  data_iter.close()
+  writers.close()
+  if code:
+    logging.error(message)
+    raise SystemExit(message)
+  print(message, flush=True)
+
+
 def main(argv):
   del argv
   workdir = _WORKDIR.value
@@ -76,7 +105,7 @@ def main(argv):
   from pixelground.inference import eval_lib
   from pixelground.parallel import sharding
   from pixelground.perf.chips import chip_peak
-  from pixelground.training import checkpointing, datasets, steps, train_state, weights
+  from pixelground.training import checkpointing, datasets, guard as guard_lib, steps, train_state, weights
   from pixelground.training import writers as metric_writers
 
   config = schema.parse(_CONFIG.value)  # unknown / missing keys fail here, named
@@ -121,7 +150,9 @@ def main(argv):
   mixing = config.data.mixing
   tasks = datasets.data_tasks(config, tokenizer)
   names = [t.name for t in tasks]
-  filtered = any(config.converter(n) in schema.FILTER_CONVERTERS for n in names)
+  # Records dropped by a task's filters or skipped unreadable (data.bad_records="skip") are counted.
+  filtered = (any(config.converter(n) in schema.FILTER_CONVERTERS for n in names)
+              or config.data.bad_records == "skip")
   drops = data_filter.DropCounter(names, task_lib.DROP_REASONS) if filtered else None
   batch_schema = task_lib.schema(config.task_config(train=True))
   data_iter = pipeline.ShardGroup(
@@ -132,14 +163,17 @@ def main(argv):
                                            shard_by=config.data.shard_by),
       num_shards=num_shards, process_index=pid, process_count=nproc)
   if latest is not None:  # resume: model, optimizer, step and input-pipeline state
-    state, data_iter = ckpt.restore(latest, setup, data_iter)
-    logging.info("resumed from step %d (%s)", latest, ckpt.manager.directory)
+    (state, data_iter), latest = ckpt.restore_latest(lambda s: ckpt.restore(s, setup, data_iter))
+    logging.info("resumed from step %d (%s)", latest, ckpt.directory)
     print(f"Resumed from the checkpoint at step {latest}", flush=True)
   n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
   n_all = n_train + sum(x.size for x in jax.tree.leaves(state["frozen"]))
 
   train_step = steps.make_train_step(setup, config.loss, seed=config.seed,
                                      accum_steps=config.optimizer.grad_accum_steps)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  guard = jax.device_put(steps.init_guard(), replicated)
+  watch = guard_lib.NonFiniteWatch(config.max_nonfinite_steps, echo=pid == 0)
   figure = config.visualize.enabled
   evaluator = eval_lib.Evaluator(config, setup, tokenizer,
                                  keep_examples=config.visualize.num_images if figure else 0)
@@ -156,7 +190,8 @@ def main(argv):
   t_start = time.perf_counter()
   window = {"t": time.perf_counter(), "data": 0.0, "steps": 0, "flops": 0.0}
   run_steps = 0
-  with sharding.use(mesh, setup.rules):
+  # Every host↔device copy in the loop is explicit (device_put / device_get); an implicit one is a bug.
+  with sharding.use(mesh, setup.rules), jax.transfer_guard("disallow"):
     while step < total:
       t0 = time.perf_counter()
       local = next(data_iter)
@@ -165,26 +200,35 @@ def main(argv):
       task = datasets.task_of_batch(local, names) if mixing == "batch" else None
       batch = sharding.global_batch(local, mesh, setup.rules)
       window["data"] += time.perf_counter() - t0
-      state, metrics = train_step(state, batch, datasets.heads_of(config, task))
+      state, guard, metrics = train_step(state, guard, batch, datasets.heads_of(config, task))
       step += 1
       run_steps += 1
       window["steps"] += 1
       window["flops"] += step_flops(task)
+      try:
+        watch.push(step, task, guard, metrics)
+        if step % log_every == 0 or step == total:
+          watch.flush()
+      except guard_lib.NonFiniteStop as e:
+        return _stop(f"Stopped at step {step}: {e} Newest checkpoint: {_newest(ckpt)}.", ckpt, data_iter,
+                     writers, code=1)
       if step % log_every == 0 or step == total:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite"}
         dt = time.perf_counter() - window["t"]
         per_dev = window["flops"] / dt / jax.device_count()
         m.update({"steps_per_s": window["steps"] / dt, "examples_per_s": window["steps"] * batch_size / dt,
-                  "data_wait": window["data"] / dt, "tflops_per_device": per_dev / 1e12})
+                  "data_wait": window["data"] / dt, "tflops_per_device": per_dev / 1e12,
+                  "skipped_nonfinite": watch.skipped})
         if peak:
           m["mfu"] = per_dev / peak
         writers.write_scalars(step, {f"train/{k}": v for k, v in m.items()} | ({"train/task": names.index(task)}
                                                                                   if task else {}))
-        terms = "  ".join(f"{k} {m[k]:.4f}" for k in sorted(metrics) if k not in ("lr",))
+        terms = "  ".join(f"{k} {m[k]:.4f}" for k in sorted(metrics) if k not in ("lr", "nonfinite"))
         mfu = f"  MFU {m['mfu'] * 100:.1f}%" if "mfu" in m else ""
         print(f"step {step:6d}/{total} [{task or 'mixed'}] {terms}  lr {m['lr']:.2e}  "
               f"{m['steps_per_s']:.2f} steps/s  {m['examples_per_s']:.1f} ex/s  "
-              f"{m['tflops_per_device']:.3f} TFLOP/s/dev{mfu}  data {m['data_wait'] * 100:.0f}%", flush=True)
+              f"{m['tflops_per_device']:.3f} TFLOP/s/dev{mfu}  data {m['data_wait'] * 100:.0f}%"
+              f"{watch.line()}", flush=True)
         if drops is not None:
           counts, kept = drops.totals()
           writers.write_scalars(step, drops.scalars(counts, kept))
@@ -192,20 +236,23 @@ def main(argv):
         window = {"t": time.perf_counter(), "data": 0.0, "steps": 0, "flops": 0.0}
       stop = preempt.requested() or (_MAX_STEPS.value and run_steps >= _MAX_STEPS.value)
       if step % config.checkpoint_every == 0 or step == total or stop:
-        ckpt.save(step, state, data_iter, force=True)
+        try:
+          watch.flush()
+        except guard_lib.NonFiniteStop as e:
+          return _stop(f"Stopped at step {step}: {e} Newest checkpoint: {_newest(ckpt)}.", ckpt,
+                       data_iter, writers, code=1)
+        if watch.streak:  # the state is the last good one, but a streak in progress is not saved
+          print(f"Not saving step {step}: {watch.streak} non-finite step(s) in a row.", flush=True)
+        else:
+          _save(ckpt, step, state, data_iter)
       if config.eval_every and step % config.eval_every == 0 and step < total and not stop:
         result = evaluator.run(state)
         writers.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
         print(f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()
                                               if not k.endswith("/count")), flush=True)
       if stop:
-        ckpt.wait()
-        data_iter.close()
-        writers.close()
-        print(f"Stopped at step {step} ({'SIGTERM' if preempt.flag else '--stop_after'}); checkpoint "
-              f"saved.", flush=True)
-        ckpt.close()
-        return
+        return _stop(f"Stopped at step {step} ({'SIGTERM' if preempt.flag else '--stop_after'}); "
+                     f"checkpoint saved.", ckpt, data_iter, writers)
     # The final checkpoint finishes writing in the background during the evaluation.
     result = evaluator.run(state)
     result.update(step=step, train_seconds=round(time.perf_counter() - t_start, 1),
@@ -223,11 +270,7 @@ def main(argv):
         result["figure"] = path
       else:
         logging.info("demo figure skipped: multi-process run")
-    ckpt.wait()
-  data_iter.close()
-  writers.close()
-  ckpt.close()
-  print(json.dumps(result), flush=True)
+  _stop(json.dumps(result), ckpt, data_iter, writers)
   sys.stdout.flush()
 
 

@@ -68,7 +68,7 @@ def test_loader_skips_and_counts_dropped_records():
   batches = list(_loader(source))
   counts = sum(b[task_lib.DROPPED] for b in batches)
   assert counts.shape == (1, len(task_lib.DROP_REASONS))
-  expect = dict(zip(task_lib.DROP_REASONS, [2, 1, 1, 1, 1]))
+  expect = dict(zip(task_lib.DROP_REASONS, [2, 1, 1, 1, 1, 0]))
   assert dict(zip(task_lib.DROP_REASONS, counts[0].tolist())) == expect
   rows = sum(len(b["task_id"]) for b in batches)
   assert rows == len(source) - len(bad)

@@ -19,6 +19,8 @@ is read by the trainer, the evaluator or the data code (tests/test_configs.py ch
     data.*                  section  `DataConfig`
     eval.*                  section  `EvalConfig`
     log_every, eval_every, checkpoint_every, checkpoint_keep, async_checkpoint   the loop's cadence
+    max_nonfinite_steps     int      steps with a non-finite loss / gradient are not applied; this many
+                                     in a row stop the run (docs/faults.md)
     visualize.*             section  `VisualizeConfig` (the demo figure)
     mesh.{data,fsdp,tensor} ints     mesh axis sizes (-1: the rest of the devices)
     sharding_rules          pairs    logical axis → mesh axes (`pixelground.parallel.sharding`)
@@ -95,6 +97,9 @@ class DataConfig:
   mixing: str = "batch"          # "batch": one task per batch (per-task programs); "example": mixed rows
   num_workers: int = 0           # Grain worker processes converting examples (0: in-process)
   num_shards: int = 0            # input shards (0: one per process); fixed shards resume on any count
+  # A prepared record that cannot be read (damaged or missing array_record file): "error" stops the run
+  # naming the file; "skip" drops it, counted in the log as "unreadable" (training only).
+  bad_records: str = "error"
   tfds_dir: str = "~/tensorflow_datasets"  # where the prepared TFDS datasets live (TFDS's default)
   grounded_shapes: GroundedShapesConfig | None = None
 
@@ -103,6 +108,8 @@ class DataConfig:
       raise ConfigError(f"config.data.mixing={self.mixing!r}: must be 'batch' or 'example'.")
     if self.shard_by not in ("record", "file"):
       raise ConfigError(f"config.data.shard_by={self.shard_by!r}: must be 'record' or 'file'.")
+    if self.bad_records not in ("error", "skip"):
+      raise ConfigError(f"config.data.bad_records={self.bad_records!r}: must be 'error' or 'skip'.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +221,7 @@ class Config:
   checkpoint_every: int = 1000
   checkpoint_keep: int = 3
   async_checkpoint: bool = True
+  max_nonfinite_steps: int = 5   # consecutive non-finite steps (skipped, not applied) before the run stops
   visualize: VisualizeConfig = dataclasses.field(default_factory=VisualizeConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   sharding_rules: tuple[tuple[str, tp.Any], ...] = dataclasses.field(default_factory=_default_rules)
@@ -304,6 +312,11 @@ def _check(cfg: Config) -> None:
     if own and cfg.data.mixing != "batch":
       raise ConfigError(f"config.tasks.{name}.{own[0]}: per-task lengths need "
                         f"config.data.mixing='batch' (mixed rows share one shape).")
+  for key in ("log_every", "checkpoint_every", "checkpoint_keep", "max_nonfinite_steps"):
+    if getattr(cfg, key) < 1:
+      raise ConfigError(f"config.{key}={getattr(cfg, key)}: must be ≥ 1.")
+  if cfg.eval_every < 0:
+    raise ConfigError(f"config.eval_every={cfg.eval_every}: must be ≥ 0 (0: at the end only).")
   for n in cfg.eval.tasks:
     if n not in cfg.tasks:
       raise ConfigError(f"config.eval.tasks: unknown task '{n}' (config.tasks has {list(cfg.tasks)}).")

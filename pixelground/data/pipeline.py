@@ -59,6 +59,52 @@ class Task:
   file_lengths: tuple[int, ...] = ()  # records per file of `source`, in order (for shard_by="file")
 
 
+UNREADABLE = "__unreadable__"  # CheckedSource's marker for a record it skipped
+UNREADABLE_REASON = "unreadable"  # its drop reason (in the loader's `drop_reasons`)
+
+
+class DataReadError(RuntimeError):
+  """A prepared-data record could not be read (the message names the file)."""
+
+
+class CheckedSource:
+  """A random-access source whose read errors name their file: record i lives in file
+  `files[f]`, f from the records per file `lengths`. A record that cannot be read raises
+  `DataReadError` naming the task, the file and the record, or with `skip` returns an UNREADABLE
+  marker (the loader drops and counts it; the first per file is logged as a warning)."""
+
+  def __init__(self, source, task: str, files: tp.Sequence[str], lengths: tp.Sequence[int], *,
+               skip: bool = False):
+    if len(files) != len(lengths) or sum(lengths) != len(source):
+      raise ValueError(f"task '{task}': {len(files)} files / {sum(lengths)} records per file do not "
+                       f"describe the source's {len(source)} records")
+    self.source, self.task, self.files, self.skip = source, task, [str(f) for f in files], skip
+    self.ends = np.cumsum(np.asarray(lengths, np.int64))
+    self.warned: set[int] = set()
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i):
+    try:
+      return self.source[i]
+    except Exception as e:  # noqa: BLE001 — any read failure is reported with its file
+      f = int(np.searchsorted(self.ends, int(i), side="right"))
+      local = int(i) - (int(self.ends[f - 1]) if f else 0)
+      what = (f"task '{self.task}': record {local} of {self.files[f]} cannot be read "
+              f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})")
+      if not self.skip:
+        raise DataReadError(f"{what}. The prepared data is damaged or missing: rebuild it, or set "
+                            f"--config.data.bad_records=skip to skip unreadable records (counted in "
+                            f"the log).") from e
+      if f not in self.warned:
+        self.warned.add(f)
+        from absl import logging
+        logging.warning("%s; skipping this file's unreadable records (config.data.bad_records=skip)",
+                        what)
+      return {UNREADABLE: self.files[f]}
+
+
 class _Subset:
   """Records `indices` of a random-access source (picklable, for Grain workers)."""
 
@@ -159,7 +205,15 @@ class Loader:
 
     dropping = bool(self.drop_reasons)
 
+    unreadable = (self.drop_reasons.index(UNREADABLE_REASON) if UNREADABLE_REASON in self.drop_reasons
+                  else None)
+
     def convert_row(example, rng):
+      if isinstance(example, dict) and UNREADABLE in example:
+        if unreadable is None:
+          raise ValueError(f"task '{name}': an unreadable record was skipped but the loader does not "
+                           f"count '{UNREADABLE_REASON}' drops")
+        return {DROPPED: np.int32(unreadable), "task_id": np.int32(task_id)}
       row = convert(example, rng)
       if DROPPED in row:
         if not dropping:

@@ -49,7 +49,8 @@ REFER_SEG = "Can you segment {} in this image?"
 SEG_ANSWERS = ("Sure, it is [SEG].", "It is [SEG].", "Sure, the segmentation result is [SEG].")
 # Why `web_caption` drops a record (the first failing check, in this order); a converter returns
 # {DROPPED: index} instead of a row and the loader counts it (`pipeline`).
-DROP_REASONS = ("language", "low_score", "small_image", "caption_too_short", "caption_too_long")
+DROP_REASONS = ("language", "low_score", "small_image", "caption_too_short", "caption_too_long",
+                "unreadable")  # the last: a damaged record skipped with config.data.bad_records="skip"
 DROPPED = "dropped"  # = pipeline.DROPPED (tasks does not import the pipeline's Grain)
 
 

@@ -56,7 +56,7 @@ from pixelground.config import schema
 from pixelground.data import pipeline
 from pixelground.data import tasks as task_lib
 from pixelground.data import transforms as T
-from pixelground.inference import decoding, eval_entities
+from pixelground.inference import decoding, eval_entities, nonfinite
 from pixelground.inference.predictor import mask_to_image
 from pixelground.inference import grounding
 from pixelground.models import gella as gella_lib
@@ -502,8 +502,9 @@ class Evaluator:
       self.auto.bind(self.setup, state)
     tfs, counts, summaries = {}, {}, {}
     # Each task's summary is computed beside the next task's device work (caption metrics wait ~7 s
-    # on Java's METEOR / PTB tokenizer processes).
-    with ThreadPoolExecutor(1) as pool:
+    # on Java's METEOR / PTB tokenizer processes). Host↔device copies are explicit (device_put /
+    # device_get): an implicit one is an error here.
+    with ThreadPoolExecutor(1) as pool, jax.transfer_guard("disallow"):
       for name in self.names:
         recs, tfs[name] = self._run_task(name, state, progress)
         self.records[name], counts[name] = recs, len(recs)
@@ -512,7 +513,8 @@ class Evaluator:
                                       categories=self.scorers[name].categories)
     results: dict[str, float] = {}
     for name in self.names:
-      metrics = tfs[name] | summaries[name].result() | {"count": counts[name]}
+      nonfinite = sum(1 for r in self.records[name] if r.get("nonfinite"))
+      metrics = tfs[name] | summaries[name].result() | {"count": counts[name], "nonfinite": nonfinite}
       results.update({f"{name}/{k}": v for k, v in metrics.items()})
     results["eval_seconds"] = time.perf_counter() - t0
     return results
@@ -548,9 +550,12 @@ class Evaluator:
           out |= self._decode(state["params"], state["frozen"], gb, conv)
       acc.add(out.pop("tf"))
       host = {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+      host, bad = nonfinite.sanitize(host, self.setup.cfg.image_size)
       where = {int(i): r for r, i in enumerate(host["index"])}  # outputs are replicated: find our rows
       for j, (i, ex) in enumerate(zip(idx, exs)):
         rec = scorer.record(ex, rows[j], host, where[i], maps[j])
+        if bad[where[i]]:
+          rec["nonfinite"] = True
         recs.append((i, {"index": i} | rec))
         if i < self.keep_examples and conv in ("referring", "narrative_grounding") + SEG_TASKS:
           self.kept.setdefault(name, {})[i] = scorer.visual(ex, rec, host, where[i], maps[j])

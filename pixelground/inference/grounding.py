@@ -74,16 +74,17 @@ def phrase_entities(logits, noun_valid=None, entity_valid=None) -> np.ndarray:
   Returns:
     (K, E) bool: valid noun k owns every valid entity with logit > 0 (sigmoid > 0.5); if there is
     none, it owns its argmax valid entity (the first on ties). Nothing is owned when no entity is valid.
+    A non-finite logit is no association: a noun whose valid logits are all non-finite owns nothing.
   """
   logits = _logits(logits)
   k, e = logits.shape
   noun_valid = _valid(noun_valid, k, "noun_valid")
   entity_valid = _valid(entity_valid, e, "entity_valid")
-  own = (logits > 0) & entity_valid[None, :] & noun_valid[:, None]
-  if entity_valid.any():
-    masked = np.where(entity_valid[None, :], logits, -np.inf)
-    fallback = noun_valid & ~own.any(axis=1)
-    own[np.flatnonzero(fallback), np.argmax(masked[fallback], axis=1)] = True
+  usable = np.isfinite(logits) & entity_valid[None, :]
+  own = (np.where(usable, logits, -np.inf) > 0) & noun_valid[:, None]
+  masked = np.where(usable, logits, -np.inf)
+  fallback = noun_valid & ~own.any(axis=1) & usable.any(axis=1)
+  own[np.flatnonzero(fallback), np.argmax(masked[fallback], axis=1)] = True
   return own
 
 
@@ -165,6 +166,7 @@ def entity_categories(logits, entity_valid, noun_categories,
 
   Returns:
     (category (E,) int64, 0 = void; score (E,) float64 = sigmoid of the winning logit, 0 for void).
+    Non-finite logits are no association: an entity with no finite logit to a usable noun is void.
   """
   logits = _logits(logits)
   k, e = logits.shape
@@ -175,11 +177,13 @@ def entity_categories(logits, entity_valid, noun_categories,
   table = _isthing_table(categories)
   known = np.array([int(c) in table for c in noun_categories], bool).reshape(k)
   category, score = np.zeros(e, np.int64), np.zeros(e, np.float64)
-  if known.any():
-    masked = np.where(known[:, None], logits, -np.inf)
+  usable = known[:, None] & np.isfinite(logits)
+  if usable.any():
+    masked = np.where(usable, logits, -np.inf)
     best = np.argmax(masked, axis=0)  # (E,)
-    category = np.where(entity_valid, noun_categories[best], 0)
-    score = np.where(entity_valid, _sigmoid(masked[best, np.arange(e)]), 0.0)
+    has = entity_valid & usable.any(axis=0)
+    category = np.where(has, noun_categories[best], 0)
+    score = np.where(has, _sigmoid(masked[best, np.arange(e)]), 0.0)
   return category, score
 
 

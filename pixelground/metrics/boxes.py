@@ -88,3 +88,13 @@ def refer_accuracy(pred, gt, thresh: float = 0.5) -> float:
   if not len(pred):
     return float("nan")
   return float(np.mean(box_iou(pred, gt) >= thresh))
+
+
+def miss_nonfinite(boxes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+  """Scored predictions (P, 4), (P,) → the same with every prediction whose box or score is not finite
+  turned into a miss (score −inf: ranked last; box NaN: IoU 0 with everything), and their count."""
+  boxes, scores = np.array(boxes, np.float64), np.array(scores, np.float64)
+  bad = ~np.isfinite(boxes).all(axis=1) | ~np.isfinite(scores)
+  boxes[bad], scores[bad] = np.nan, -np.inf
+  return boxes, scores, int(bad.sum())
+

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from pixelground.metrics.boxes import box_iou_matrix
+from pixelground.metrics.boxes import box_iou_matrix, miss_nonfinite
 from pixelground.metrics.detection import interpolated_ap
 
 IOU_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -87,6 +87,7 @@ class DenseCapEvaluator:
     self.meteor_thresholds = tuple(meteor_thresholds)
     self.merge_iou = merge_iou
     self.num_gt = 0
+    self.nonfinite = 0  # predictions with a non-finite box or score (scored as misses)
     self._scores: list[float] = []
     self._ious: list[float] = []  # IoU with the box taken; -1 (below any threshold) when none
     self._text: dict[int, tuple[str, list[str]]] = {}  # record index → (caption, references)
@@ -97,6 +98,8 @@ class DenseCapEvaluator:
     ps = np.asarray(pred_scores, np.float64).reshape(-1)
     if not len(pb) == len(ps) == len(pred_captions):
       raise ValueError("pred_boxes, pred_scores and pred_captions must have the same length")
+    pb, ps, bad = miss_nonfinite(pb, ps)  # a NaN box or score is a miss, counted
+    self.nonfinite += bad
     gt, refs = merge_gt_boxes(gt_boxes, gt_captions, self.merge_iou)
     self.num_gt += len(gt)
     order = np.argsort(-ps, kind="stable")

@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from pixelground.metrics.boxes import box_ioa_matrix, box_iou_matrix
+from pixelground.metrics.boxes import box_ioa_matrix, box_iou_matrix, miss_nonfinite
 
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -77,6 +77,7 @@ class DetectionEvaluator:
     self.iou_thresholds = np.asarray(iou_thresholds, np.float64)
     self.max_dets = max_dets
     self._scores: dict[int, list[np.ndarray]] = defaultdict(list)
+    self.nonfinite = 0  # predictions with a non-finite box or score (scored as misses)
     self._status: dict[int, list[np.ndarray]] = defaultdict(list)  # (T, D) per image
     self._num_gt: dict[int, int] = defaultdict(int)
 
@@ -95,6 +96,8 @@ class DetectionEvaluator:
     gc = np.zeros(len(gb), bool) if gt_crowd is None else np.asarray(gt_crowd, bool).reshape(-1)
     if not len(pb) == len(ps) == len(pl) or not len(gb) == len(gl) == len(gc):
       raise ValueError("per-box arrays of one image must have the same length")
+    pb, ps, bad = miss_nonfinite(pb, ps)  # a NaN box or score is a miss, counted
+    self.nonfinite += bad
     for c in np.union1d(pl, gl).tolist():
       det = np.flatnonzero(pl == c)
       det = det[np.argsort(-ps[det], kind="stable")][:self.max_dets]

@@ -159,11 +159,15 @@ def lbm_distance(pred, ref, *, window: int = 0, metric: str = "euclidean") -> fl
     metric: element distance, "euclidean" or "l1" (mean |Δ| over the d coordinates).
 
   Returns:
-    The distance in normalised units (0 for identical sequences).
+    The distance in normalised units (0 for identical sequences); NaN when either sequence holds a
+    non-finite coordinate, like the other trace metrics (the evaluator replaces non-finite predictions
+    before scoring: `pixelground.inference.nonfinite`).
   """
   a, b = _points(pred, "pred"), _points(ref, "ref")
   if window < 0:
     raise ValueError(f"window must be ≥ 0, got {window}")
+  if not (np.isfinite(a).all() and np.isfinite(b).all()):
+    return float("nan")
   if len(a) > len(b):
     a, b = b, a
   p, m = len(a), len(b)

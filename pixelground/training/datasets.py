@@ -68,10 +68,14 @@ def data_tasks(config, tokenizer, *, train: bool = True, names: tp.Sequence[str]
                                categories=categories)
     if not hasattr(conv, conv_name):
       raise ValueError(f"{where}.converter: no converter '{conv_name}'.")
-    out.append(pipeline.Task(name, builder.as_data_source(use), getattr(conv, conv_name), t.weight,
+    info = builder.info.splits[use]
+    lengths = tuple(int(n) for n in info.shard_lengths)
+    source = pipeline.CheckedSource(builder.as_data_source(use), name, [str(f) for f in info.filepaths],
+                                    lengths, skip=train and config.data.bad_records == "skip")
+    out.append(pipeline.Task(name, source, getattr(conv, conv_name), t.weight,
                              schema=task_lib.task_schema(conv.cfg, conv_name)
                              if config.data.mixing == "batch" else None,
-                             file_lengths=tuple(int(n) for n in builder.info.splits[use].shard_lengths)))
+                             file_lengths=lengths))
   return out
 
 

@@ -18,11 +18,36 @@ from pixelground.training import objective
 from pixelground.training.train_state import Setup
 
 
+def init_guard() -> dict[str, jax.Array]:
+  """The non-finite guard's carry (`make_train_step`): all zeros, int32 scalars.
+
+  streak      consecutive steps not applied (reset by the next applied step)
+  skipped     steps not applied in this run
+  first_step  the step number (before the step) of the current streak's first skipped step
+  first_bad   bitmask over `guard_terms(metrics)` of what was non-finite at that step"""
+  return {k: jnp.zeros((), jnp.int32) for k in ("streak", "skipped", "first_step", "first_bad")}
+
+
+def guard_terms(metrics: tp.Mapping[str, tp.Any]) -> list[str]:
+  """The names behind the bits of `first_bad` / `metrics["nonfinite"]`: the step's loss terms (sorted),
+  then the gradient and update norms."""
+  return sorted(k for k in metrics if k not in _NOT_TERMS) + ["grad_norm", "update_norm"]
+
+
+_NOT_TERMS = ("grad_norm", "update_norm", "lr", "nonfinite", "applied")
+
+
 def make_train_step(setup: Setup, loss_cfg: objective.LossConfig, *, accum_steps: int = 1, seed: int = 0,
                     drop_path: bool = True):
-  """train_step(state, batch, heads) → (state, metrics). `heads` (static: a tuple from
+  """train_step(state, guard, batch, heads) → (state, guard, metrics). `heads` (static: a tuple from
   `heads_of(config, task)`) picks the heads to run (None: all — mixed-task batches); tasks with the
-  same heads and batch fields share one compiled program. Gradients are averaged over `accum_steps` micro-batches (a scan)."""
+  same heads and batch fields share one compiled program. Gradients are averaged over `accum_steps`
+  micro-batches (a scan).
+
+  Non-finite guard, decided on device: a step whose total loss, gradient norm or update norm is not
+  finite leaves the parameters and optimizer state as they were (the step counter still advances, so
+  the data and schedule move on); `guard` (`init_guard`) counts it, and `metrics["nonfinite"]` is the
+  bitmask of the non-finite entries of `guard_terms(metrics)` (0 on a good step)."""
   cfg, graphdef, tx = setup.cfg, setup.graphdef, setup.tx
   batch_spec = lambda x: NamedSharding(setup.mesh, sharding.batch_spec(x.ndim, setup.rules, setup.mesh))
 
@@ -31,7 +56,7 @@ def make_train_step(setup: Setup, loss_cfg: objective.LossConfig, *, accum_steps
     out = model(batch, rng=rng if drop_path else None, heads=heads, train=True)
     return objective.compute_losses(cfg, loss_cfg, out, batch)
 
-  def step(state, batch, heads):
+  def step(state, guard, batch, heads):
     rng = jax.random.fold_in(jax.random.key(seed), state["step"])
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum_steps == 1:
@@ -53,11 +78,26 @@ def make_train_step(setup: Setup, loss_cfg: objective.LossConfig, *, accum_steps
       grads, terms = jax.tree.map(lambda x: x / accum_steps, (grads, terms))
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(terms, grad_norm=optax.global_norm(grads), lr=setup.schedule(state["step"]))
-    return {"step": state["step"] + 1, "params": params, "frozen": state["frozen"], "opt": opt}, metrics
+    grad_norm, update_norm = optax.global_norm(grads), optax.global_norm(updates)
+    checked = [terms[k] for k in sorted(terms)] + [grad_norm, update_norm]
+    bad = jnp.stack([~jnp.isfinite(jnp.asarray(v, jnp.float32)) for v in checked])
+    mask = jnp.sum(bad.astype(jnp.int32) << jnp.arange(len(checked), dtype=jnp.int32))
+    ok = jnp.isfinite(terms["total"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    params, opt = keep(params, state["params"]), keep(opt, state["opt"])
+    fresh = guard["streak"] == 0
+    guard = {"streak": jnp.where(ok, 0, guard["streak"] + 1),
+             "skipped": guard["skipped"] + (~ok).astype(jnp.int32),
+             "first_step": jnp.where(~ok & fresh, state["step"], guard["first_step"]),
+             "first_bad": jnp.where(~ok & fresh, mask, guard["first_bad"])}
+    metrics = dict(terms, grad_norm=grad_norm, update_norm=update_norm, lr=setup.schedule(state["step"]),
+                   nonfinite=mask)
+    new_state = {"step": state["step"] + 1, "params": params, "frozen": state["frozen"], "opt": opt}
+    return new_state, guard, metrics
 
-  return jax.jit(step, static_argnums=2, donate_argnums=0,
-                 out_shardings=(setup.state_shardings, None))
+  replicated = NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, static_argnums=3, donate_argnums=0,
+                 out_shardings=(setup.state_shardings, replicated, None))
 
 
 def flops_inputs(config, setup: Setup, batch_size: int, task: str | None
