@@ -87,7 +87,11 @@ class CheckedSource:
 
   def __getitem__(self, i):
     try:
-      return self.source[i]
+      record = self.source[i]
+      # array_record can hand back empty records from a truncated file instead of failing.
+      if record is None or (isinstance(record, (bytes, dict)) and not record):
+        raise ValueError("an empty record: the file is truncated or damaged")
+      return record
     except Exception as e:  # noqa: BLE001 — any read failure is reported with its file
       f = int(np.searchsorted(self.ends, int(i), side="right"))
       local = int(i) - (int(self.ends[f - 1]) if f else 0)

@@ -8,6 +8,8 @@ A diverged or half-trained model can emit NaN / inf points, boxes, scores or log
   boxes (B, K, 4) normalised (dense captioning)          → −1 (zero-area, outside; IoU 0)
   scores (B, K)                                          → 0 (ranked last)
   mask_logits (B, ..., H, W)                             → −1e4 (background: an empty mask)
+
+(a point, box or mask with one non-finite entry is replaced whole)
   assoc_logits (B, K, E)                                 → left non-finite: `inference.grounding`
                                                           reads a non-finite logit as "no association"
                                                           (the phrase owns nothing, the entity is void)
@@ -43,6 +45,9 @@ def sanitize(out: dict[str, np.ndarray], image_size: int) -> tuple[dict[str, np.
     bad |= ~finite.reshape(batch, -1).all(axis=1)
     if key == "assoc_logits":
       continue
+    # The whole point / box / mask goes, not just its non-finite entries.
+    axes = {"mask_logits": (-2, -1), "scores": ()}.get(key, (-1,))
+    whole = finite.all(axis=axes, keepdims=True) if axes else finite
     fill = -float(image_size) if key in _FILL_PIXELS else _FILL[key]
-    fixed[key] = np.where(finite, x, np.asarray(fill, x.dtype))
+    fixed[key] = np.where(whole, x, np.asarray(fill, x.dtype))
   return fixed, bad

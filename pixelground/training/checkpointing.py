@@ -175,6 +175,7 @@ class Checkpointer:
     self.save_args, self.restore_args = _shard_state_args()
     self.manager = ocp.CheckpointManager(self.directory, options=opts, item_handlers=handlers)
     self.pending: int | None = None
+    self.last_sealed: int | None = None  # the newest checkpoint this process saw finished and sealed
 
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -190,6 +191,14 @@ class Checkpointer:
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
     """Starts saving `step` (after finishing the previous save: `CheckpointSaveError` if it failed)."""
     self.finish()
+    # Orbax's async save waits forever when it cannot create its directory: try a write first.
+    probe = os.path.join(self.directory, f".write_probe.{jax.process_index()}")
+    try:
+      with open(probe, "w") as f:
+        f.write(str(step))
+      os.remove(probe)
+    except OSError as e:
+      raise self._save_error(step, e) from e
     args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(state), data=self.save_args(data_iter))
     try:
       with jax.transfer_guard("allow"):
@@ -200,7 +209,7 @@ class Checkpointer:
     return saved
 
   def _save_error(self, step: int, e: BaseException) -> CheckpointSaveError:
-    good = self.good_step()
+    good = self.last_sealed if self.last_sealed is not None else self.good_step()
     kept = f"the checkpoint of step {good} is intact" if good is not None else "no earlier checkpoint"
     return CheckpointSaveError(f"saving the checkpoint of step {step} to {self.step_dir(step)} failed "
                                f"({_first_line(e)}); {kept}. Free space or fix the directory's "
@@ -223,6 +232,7 @@ class Checkpointer:
     if self.primary:
       seal(self.step_dir(step))
       self._retain()
+    self.last_sealed = step
     self._sync("retain")
     self.manager.reload()
 
