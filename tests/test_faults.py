@@ -324,3 +324,156 @@ def test_damaged_data_file_skipped_and_counted(record_files, tmp_path):
   kept = sorted(int(x) for b in batches for x in b["x"][:, 0])
   assert kept == list(range(20, 40))  # the whole damaged file is skipped, the good one read
   assert sum(int(b[pipeline.DROPPED].sum()) for b in batches) == 20
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end: the trainer CLI (slow)
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def train_env(tmp_path_factory):
+  cache = tmp_path_factory.mktemp("cache")
+  e = dict(os.environ, PIXELGROUND_CACHE=str(cache), XLA_FLAGS="--xla_force_host_platform_device_count=8",
+           JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  e.pop("CUDA_VISIBLE_DEVICES", None)
+  return e
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "pixelground.train", f"--config={CONFIG}", f"--workdir={workdir}", *extra]
+
+
+def _train(env, workdir, *extra, ok=True, timeout=900):
+  p = subprocess.run(_cmd(workdir, *extra), env=env, cwd=ROOT, capture_output=True, text=True,
+                     timeout=timeout)
+  if ok:
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+  return p
+
+
+def _params(workdir, step):
+  import orbax.checkpoint as ocp
+  tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def _equal(a, b):
+  assert a.keys() == b.keys()
+  bad = [k for k in a if not np.array_equal(a[k], b[k])]
+  assert not bad, f"{len(bad)} leaves differ, e.g. {bad[:3]}"
+
+
+@pytest.fixture(scope="module")
+def reference(train_env, tmp_path_factory):
+  """An uninterrupted 40-step run (checkpoints at 10, 20, 30, 40)."""
+  ref = tmp_path_factory.mktemp("reference")
+  _train(train_env, ref)
+  return ref
+
+
+@pytest.mark.slow
+def test_learning_rate_blowup_stops_and_keeps_the_last_good_checkpoint(train_env, reference, tmp_path):
+  """lr 1e9 from step 20 on: the run stops within max_nonfinite_steps + 1 steps of the first
+  non-finite one, naming it; nothing newer than step 20 is saved and step 20 restores as saved."""
+  run = tmp_path / "blowup"
+  shutil.copytree(os.path.join(reference, "checkpoints", "20"), run / "checkpoints" / "20")
+  saved = _params(run, 20)
+  n = 3
+  p = _train(train_env, run, "--config.optimizer.learning_rate=1e9", f"--config.max_nonfinite_steps={n}",
+             ok=False)
+  assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-3000:]
+  msg = p.stderr.strip().splitlines()[-1]
+  import re
+  m = re.search(r"Stopped at step (\d+): 3 consecutive steps with a non-finite loss or gradient .*the "
+                r"first at step (\d+) \[task (\w+)\], first non-finite term: (\w+)", msg)
+  assert m, msg
+  stopped, first, task, term = int(m[1]), int(m[2]), m[3], m[4]
+  print(f"first non-finite step {first} [{task}], term {term}; stopped at step {stopped}")
+  assert 20 < first and stopped - first + 1 <= n + 1 and task in ("ln", "caption")
+  assert "Newest checkpoint: step 20" in msg
+  assert _steps(run) == [20]
+  _equal(saved, _params(run, 20))
+  # The same command with a sane learning rate resumes from step 20 and matches the reference.
+  out = _train(train_env, run).stdout
+  assert "Resumed from the checkpoint at step 20" in out
+  _equal(_params(reference, 40), _params(run, 40))
+
+
+@pytest.mark.slow
+def test_truncated_newest_checkpoint_resumes_from_the_previous_step(train_env, reference, tmp_path):
+  run = tmp_path / "truncated"
+  _train(train_env, run, "--stop_after=30")
+  assert _steps(run) == [10, 20, 30]
+  f = _truncate(os.path.join(run, "checkpoints", "30"))
+  p = _train(train_env, run)
+  assert f"checkpoint {run}/checkpoints/30 is damaged — file " in p.stderr
+  assert "Resumed from the checkpoint at step 20" in p.stdout
+  assert os.path.exists(str(run / "checkpoints") + ".damaged")
+  print("truncated", f, "→ resumed from 20")
+  _equal(_params(reference, 40), _params(run, 40))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(env, workdir, *extra):
+  port = _free_port()
+  e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  return [subprocess.Popen(_cmd(workdir, *extra, f"--coordinator_address=127.0.0.1:{port}",
+                                "--num_processes=2", f"--process_id={pid}"),
+                           env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+          for pid in range(2)]
+
+
+def _finish(procs, timeout=900):
+  outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  return outs
+
+
+def _logged_step(workdir) -> int:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    steps = [json.loads(line).get("step", 0) for line in f if line.strip()]
+  return max(steps, default=0)
+
+
+@pytest.mark.slow
+def test_kill9_of_two_processes_resumes_exactly(train_env, tmp_path):
+  """5 trials, 2 processes × 4 CPU devices (gloo): kill -9 both at a random step after a random
+  checkpoint, restart → the final parameters equal an uninterrupted 2-process run's exactly."""
+  ref = tmp_path / "ref2"
+  _finish(_two_processes(train_env, ref))
+  want = _params(ref, 40)
+  rng = random.Random(24)
+  for trial in range(5):
+    run = tmp_path / f"trial{trial}"
+    after = rng.choice([10, 20, 30])
+    extra = rng.randint(1, 8)  # steps past the checkpoint (possibly while it is still being written)
+    procs = _two_processes(train_env, run)
+    deadline = time.time() + 600
+    while _logged_step(run) < after + extra and all(p.poll() is None for p in procs):
+      assert time.time() < deadline
+      time.sleep(0.05)
+    killed_at = _logged_step(run)
+    for p in procs:
+      os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+    assert killed_at < 40, "the run finished before the kill"
+    before = _steps(run)
+    outs = _finish(_two_processes(train_env, run))
+    resumed = [ln for ln in outs[0].splitlines() if ln.startswith("Resumed from the checkpoint")]
+    print(f"trial {trial}: killed at step {killed_at} (checkpoints {before}), {resumed[0]}")
+    assert resumed and int(resumed[0].split()[-1]) == max(before)
+    _equal(want, _params(run, 40))
