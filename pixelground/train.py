@@ -59,21 +59,12 @@ class _Preemption:
     if jax.process_count() == 1:
       return self.flag
     import numpy as np
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
+    return bool(np.any(runtime.allgather(np.int32(self.flag))))
 
 
 def _newest(ckpt) -> str:
   good = ckpt.good_step()
   return f"step {good} ({ckpt.step_dir(good)})" if good is not None else "none"
-
-
-def _save(ckpt, step, state, data_iter) -> None:
-  from pixelground.training import checkpointing
-  try:
-    ckpt.save(step, state, data_iter, force=True)
-  except checkpointing.CheckpointSaveError as e:
-    raise SystemExit(f"Error: {e}") from None
 
 
 def _stop(message: str, ckpt, data_iter, writers, code: int = 0) -> None:
@@ -82,7 +73,7 @@ def _stop(message: str, ckpt, data_iter, writers, code: int = 0) -> None:
   try:
     ckpt.close()
   except checkpointing.CheckpointSaveError as e:
-    message += f" Error: {e}"
+    message = f"{message}\nError: {e}"
     code = 1
   data_iter.close()
   writers.close()
@@ -205,9 +196,11 @@ def main(argv):
       run_steps += 1
       window["steps"] += 1
       window["flops"] += step_flops(task)
+      stop = preempt.requested() or (_MAX_STEPS.value and run_steps >= _MAX_STEPS.value)
+      saving = step % config.checkpoint_every == 0 or step == total or stop
       try:
         watch.push(step, task, guard, metrics)
-        if step % log_every == 0 or step == total:
+        if step % log_every == 0 or saving:
           watch.flush()
       except guard_lib.NonFiniteStop as e:
         return _stop(f"Stopped at step {step}: {e} Newest checkpoint: {_newest(ckpt)}.", ckpt, data_iter,
@@ -234,17 +227,13 @@ def main(argv):
           writers.write_scalars(step, drops.scalars(counts, kept))
           print(drops.line(counts, kept), flush=True)
         window = {"t": time.perf_counter(), "data": 0.0, "steps": 0, "flops": 0.0}
-      stop = preempt.requested() or (_MAX_STEPS.value and run_steps >= _MAX_STEPS.value)
-      if step % config.checkpoint_every == 0 or step == total or stop:
+      if saving and watch.streak:  # the state is the last good one, but a streak is not saved
+        print(f"Not saving step {step}: {watch.streak} non-finite step(s) in a row.", flush=True)
+      elif saving:
         try:
-          watch.flush()
-        except guard_lib.NonFiniteStop as e:
-          return _stop(f"Stopped at step {step}: {e} Newest checkpoint: {_newest(ckpt)}.", ckpt,
-                       data_iter, writers, code=1)
-        if watch.streak:  # the state is the last good one, but a streak in progress is not saved
-          print(f"Not saving step {step}: {watch.streak} non-finite step(s) in a row.", flush=True)
-        else:
-          _save(ckpt, step, state, data_iter)
+          ckpt.save(step, state, data_iter, force=True)
+        except checkpointing.CheckpointSaveError as e:
+          return _stop(f"Error: {e}", ckpt, data_iter, writers, code=1)
       if config.eval_every and step % config.eval_every == 0 and step < total and not stop:
         result = evaluator.run(state)
         writers.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})

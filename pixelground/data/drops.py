@@ -34,9 +34,9 @@ class DropCounter:
     import jax
     if jax.process_count() == 1:
       return self.local, self.kept
-    from jax.experimental import multihost_utils
+    from pixelground.parallel import runtime
     flat = np.concatenate([self.local.ravel(), [self.kept]])
-    total = np.asarray(multihost_utils.process_allgather(flat)).reshape(-1, flat.size).sum(0)
+    total = runtime.allgather(flat).reshape(-1, flat.size).sum(0)
     return total[:-1].reshape(self.local.shape), int(total[-1])
 
   def scalars(self, counts: np.ndarray | None = None, kept: int | None = None) -> dict[str, float]:

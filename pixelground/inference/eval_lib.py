@@ -412,13 +412,13 @@ def _allgather_objects(obj) -> list:
   """Every process's `obj` (any picklable), in process order (one entry when single-process)."""
   if jax.process_count() == 1:
     return [obj]
-  from jax.experimental import multihost_utils
+  from pixelground.parallel import runtime
 
   data = np.frombuffer(pickle.dumps(obj), np.uint8)
-  sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int64))
+  sizes = runtime.allgather(np.asarray([data.size], np.int64))
   buf = np.zeros(int(np.max(sizes)), np.uint8)
   buf[: data.size] = data
-  allbufs = multihost_utils.process_allgather(buf)
+  allbufs = runtime.allgather(buf)
   return [pickle.loads(allbufs[p, : int(sizes[p][0])].tobytes()) for p in range(jax.process_count())]
 
 

@@ -41,3 +41,23 @@ def log_to_workdir(workdir: str, program: str) -> None:
   handler.use_absl_log_file(program_name=program, log_dir=workdir)
   flags.FLAGS.stderrthreshold = "warning"
   absl_logging.set_verbosity(absl_logging.INFO)
+
+
+def allgather(x):
+  """`multihost_utils.process_allgather` of a host array → numpy (process, ...): an explicit
+  collective, allowed under the loop's `jax.transfer_guard("disallow")`."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+  with jax.transfer_guard("allow"):
+    return np.asarray(multihost_utils.process_allgather(x))
+
+
+def barrier(name: str) -> None:
+  """Every process waits here (`multihost_utils.sync_global_devices`); a no-op with one process."""
+  import jax
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  with jax.transfer_guard("allow"):
+    multihost_utils.sync_global_devices(name)

@@ -248,9 +248,8 @@ class Checkpointer:
         logging.info("checkpoint retention: deleted %s", self.step_dir(s))
 
   def _sync(self, name: str) -> None:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f"pixelground_checkpoint_{name}")
+    from pixelground.parallel import runtime
+    runtime.barrier(f"pixelground_checkpoint_{name}")
 
   def _target(self, setup: Setup):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

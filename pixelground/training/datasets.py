@@ -162,9 +162,8 @@ def prepare_data(config, *, background: bool = False) -> tp.Callable[[], None]:
                            f"its output is above). Command: {' '.join(cmd)}")
       shutil.rmtree(os.path.join(root, "raw"), ignore_errors=True)
       os.replace(report, marker)  # the build report; its presence marks the cache complete
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("grounded_shapes_ready")
+    from pixelground.parallel import runtime
+    runtime.barrier("grounded_shapes_ready")
 
   if not background:
     wait()
