@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -33,8 +32,8 @@ from pixelground.inference import grounding, nonfinite
 from pixelground import metrics as M
 from pixelground.training import checkpointing
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "tests", "configs", "train_small.py")
+import trainer_cli
+from trainer_cli import ROOT
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -332,40 +331,18 @@ def test_damaged_data_file_skipped_and_counted(record_files, tmp_path):
 
 @pytest.fixture(scope="module")
 def train_env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("cache")
-  e = dict(os.environ, PIXELGROUND_CACHE=str(cache), XLA_FLAGS="--xla_force_host_platform_device_count=8",
-           JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  e.pop("CUDA_VISIBLE_DEVICES", None)
-  return e
-
-
-def _cmd(workdir, *extra):
-  return [sys.executable, "-m", "pixelground.train", f"--config={CONFIG}", f"--workdir={workdir}", *extra]
+  return trainer_cli.environment(tmp_path_factory.mktemp("cache"))
 
 
 def _train(env, workdir, *extra, ok=True, timeout=900):
-  p = subprocess.run(_cmd(workdir, *extra), env=env, cwd=ROOT, capture_output=True, text=True,
-                     timeout=timeout)
+  p = subprocess.run(trainer_cli.cmd(workdir, *extra), env=env, cwd=ROOT, capture_output=True,
+                     text=True, timeout=timeout)
   if ok:
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
   return p
 
 
-def _params(workdir, step):
-  import orbax.checkpoint as ocp
-  tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
-  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _steps(workdir):
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
-def _equal(a, b):
-  assert a.keys() == b.keys()
-  bad = [k for k in a if not np.array_equal(a[k], b[k])]
-  assert not bad, f"{len(bad)} leaves differ, e.g. {bad[:3]}"
+_params, _steps, _equal = trainer_cli.params, trainer_cli.saved_steps, trainer_cli.assert_equal_states
 
 
 @pytest.fixture(scope="module")
@@ -418,28 +395,6 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_step(train_env, r
   _equal(_params(reference, 40), _params(run, 40))
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _two_processes(env, workdir, *extra):
-  port = _free_port()
-  e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  return [subprocess.Popen(_cmd(workdir, *extra, f"--coordinator_address=127.0.0.1:{port}",
-                                "--num_processes=2", f"--process_id={pid}"),
-                           env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
-          for pid in range(2)]
-
-
-def _finish(procs, timeout=900):
-  outs = [p.communicate(timeout=timeout)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-  return outs
-
-
 def _logged_step(workdir) -> int:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
@@ -454,14 +409,14 @@ def test_kill9_of_two_processes_resumes_exactly(train_env, tmp_path):
   """5 trials, 2 processes × 4 CPU devices (gloo): kill -9 both at a random step after a random
   checkpoint, restart → the final parameters equal an uninterrupted 2-process run's exactly."""
   ref = tmp_path / "ref2"
-  _finish(_two_processes(train_env, ref))
+  trainer_cli.finish(trainer_cli.two_processes(train_env, ref))
   want = _params(ref, 40)
   rng = random.Random(24)
   for trial in range(5):
     run = tmp_path / f"trial{trial}"
     after = rng.choice([10, 20, 30])
     extra = rng.randint(1, 8)  # steps past the checkpoint (possibly while it is still being written)
-    procs = _two_processes(train_env, run)
+    procs = trainer_cli.two_processes(train_env, run)
     deadline = time.time() + 600
     while _logged_step(run) < after + extra and all(p.poll() is None for p in procs):
       assert time.time() < deadline
@@ -472,7 +427,7 @@ def test_kill9_of_two_processes_resumes_exactly(train_env, tmp_path):
       p.wait()
     assert killed_at < 40, "the run finished before the kill"
     before = _steps(run)
-    outs = _finish(_two_processes(train_env, run))
+    outs = trainer_cli.finish(trainer_cli.two_processes(train_env, run))
     resumed = [ln for ln in outs[0].splitlines() if ln.startswith("Resumed from the checkpoint")]
     print(f"trial {trial}: killed at step {killed_at} (checkpoints {before}), {resumed[0]}")
     assert resumed and int(resumed[0].split()[-1]) == max(before)

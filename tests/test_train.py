@@ -3,9 +3,7 @@ exact resume after SIGKILL, SIGTERM → checkpoint + exit 0, multi-host (2 × 4 
 1 × 8 devices, restore onto another mesh shape. Config: tests/configs/train_small.py (LN + captions)."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,52 +11,13 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "tests", "configs", "train_small.py")
+from trainer_cli import ROOT, CONFIG, cmd as _cmd, environment, losses as _losses, params as _params
+from trainer_cli import run as _run, saved_steps as _saved_steps, two_processes, finish
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("cache")
-  e = dict(os.environ, PIXELGROUND_CACHE=str(cache), XLA_FLAGS="--xla_force_host_platform_device_count=8",
-           JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  e.pop("CUDA_VISIBLE_DEVICES", None)
-  return e
-
-
-def _cmd(workdir, *extra):
-  return [sys.executable, "-m", "pixelground.train", f"--config={CONFIG}", f"--workdir={workdir}", *extra]
-
-
-def _run(env, workdir, *extra, timeout=600):
-  p = subprocess.run(_cmd(workdir, *extra), env=env, cwd=ROOT, capture_output=True, text=True,
-                     timeout=timeout)
-  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-  return p.stdout
-
-
-def _losses(workdir, key="train/total") -> dict[int, float]:
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      if key in r:
-        out[r["step"]] = float(r[key])
-  return out
-
-
-def _params(workdir, step):
-  import orbax.checkpoint as ocp
-  tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
-  import jax
-  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _saved_steps(workdir):
-  d = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(d):
-    return []
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+  return environment(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.mark.slow
@@ -128,18 +87,7 @@ def test_two_processes_equal_one(env, tmp_path):
   one = tmp_path / "one"
   _run(env, one, *steps)
   two = tmp_path / "two"
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  procs = []
-  for pid in range(2):
-    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    procs.append(subprocess.Popen(
-        _cmd(two, *steps, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-             f"--process_id={pid}"), env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True))
-  outs = [p.communicate(timeout=900)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  finish(two_processes(env, two, *steps))
   la, lb = _losses(one), _losses(two)
   assert sorted(la) == sorted(lb) == list(range(1, 51))
   rel = max(abs(la[s] - lb[s]) / abs(la[s]) for s in la)
