@@ -83,7 +83,9 @@ def get_config(arg=None):
     # GELLA on top: the narrative's noun phrases each followed by `[SEG]` (up to 6 per image) and the
     # panoptic "name [SEG]" list walking the category names; entities = the ground-truth segments.
     # 2,250 steps keep the other tasks' 1,500-step share.
-    c.model.tiny["gella"] = {"image_stem": 16}
+    # From-scratch aids (GellaConfig): each entity's query also sees its own pixels and its mask's shape
+    # / size; each noun is the mean of its phrase's decoder states.
+    c.model.tiny["gella"] = {"image_stem": 16, "mask_stem": 16, "noun_pool": True}
     c.tasks.png = base.task("panoptic_narrative_grounding/grounded_shapes",
                             converter="narrative_grounding", weight=2.5, max_seg=6, max_target_len=48)
     c.tasks.panoptic = base.task("coco_panoptic/grounded_shapes", weight=2.5, max_seg=6,

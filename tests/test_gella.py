@@ -1,6 +1,7 @@
 """GELLA parts (pixelground.models.gella inside PixelLLM): colormap encoding, the association loss,
 gradients through both branches, 8-device sharding against one device, and an 8-example overfit."""
 
+import dataclasses
 import math
 
 import jax
@@ -80,6 +81,29 @@ def test_colormap_smaller_entity_on_top():
 def test_too_many_entities_is_a_clear_error():
   with pytest.raises(ValueError, match="exceed the 215 distinct colormap colours"):
     G.entity_colours(jax.random.key(0), 1, 500, 6)
+
+
+def test_phrase_states_average_each_phrase():
+  # Target "a b [SEG] c d e [SEG]" (decoder input at step t = target[t - 1], BOS at 0): the [SEG]s sit
+  # at 2 and 6; phrase 0 = the steps reading a, b (1, 2), phrase 1 = those reading c, d, e (4..6; step 3
+  # reads the first [SEG]); a padded slot (position 0 after a real one) is zeros.
+  hidden = jnp.arange(8, dtype=jnp.float32)[None, :, None] * jnp.ones((1, 1, 3))
+  got = G.phrase_states(hidden, jnp.asarray([[2, 6, 0]]))
+  np.testing.assert_allclose(got[0, :, 0], [1.5, 5.0, 0.0])
+
+
+def test_mask_stem_tells_shapes_and_sizes_apart():
+  cfg = dataclasses.replace(G.tiny_gella(32), mask_stem=8)
+  dec = G.EntityDecoder(cfg, 4, rngs=nnx.Rngs(0))
+  h = cfg.pixel_grid
+  y, x = np.mgrid[:h, :h]
+  square = (abs(y - 8) <= 4) & (abs(x - 8) <= 4)
+  disk = (y - 20) ** 2 + (x - 20) ** 2 <= 4.5 ** 2
+  big = (abs(y - 16) <= 8) & (abs(x - 16) <= 8)
+  w = jnp.asarray(np.stack([square, disk, big])[None].astype(np.float32))
+  f = np.asarray(dec._mask_stem(w))[0]
+  assert f.shape == (3, cfg.width)
+  assert min(np.abs(f[0] - f[1]).max(), np.abs(f[0] - f[2]).max()) > 1e-3
 
 
 def test_association_loss_equals_the_formula():

@@ -147,9 +147,10 @@ def save_grid(rows: tp.Sequence[tp.Sequence[Image.Image]], path: str) -> None:
 def demo_figure(config, model, tokenizer, path: str,
                 kept: tp.Mapping[str, tp.Mapping[int, dict]] | None = None) -> None:
   """The demo's figure: for `config.visualize.num_images` held-out images, one row each — the
-  generated LN caption with its trace, a referring expression's box + mask, and a ReasonSeg `[SEG]` mask
-  (its own held-out image), and with a `png` task the grounded narrative (GELLA). `kept`: the evaluator's kept examples (`eval_lib.Evaluator.kept`, the
-  predictions it scored); panels it lacks are predicted here (`inference.Predictor`)."""
+  generated LN caption with its trace, a referring expression's box + mask, a ReasonSeg `[SEG]` mask
+  (its own held-out image) and the grounded narrative (GELLA `png`), each panel when the config has
+  that task. `kept`: the evaluator's kept examples (`eval_lib.Evaluator.kept`, the predictions it
+  scored); panels it lacks are predicted here (`inference.Predictor`)."""
   from pixelground.config import schema
   from pixelground.data import tasks as task_lib
   from pixelground.inference import predictor as inference
@@ -160,33 +161,43 @@ def demo_figure(config, model, tokenizer, path: str,
   kept = kept or {}
   n = config.visualize.num_images
   src = {}
-  for name in ("ln", "referring", "reason_seg"):
+  for name in ("ln", "referring", "reason_seg"):  # the panels of the tasks the config trains
+    if name not in config.tasks:
+      continue
     t = config.tasks[name]
     builder = datasets.open_builder(t.dataset, datasets.data_dir(config), f"config.tasks.{name}")
     src[name] = builder.as_data_source(t.eval_split)
   rows = []
   for i in range(n):
-    ex = src["ln"][i]
-    cap = predictor.caption(np.asarray(ex["image"]), max_len=config.data.max_target_len)
+    row = []
+    if "ln" in src:
+      ex = src["ln"][i]
+      cap = predictor.caption(np.asarray(ex["image"]), max_len=config.data.max_target_len)
+      row.append(draw_caption(np.asarray(ex["image"]), cap.text, cap.pieces, cap.boxes))
     ref = kept.get("referring", {}).get(i)
-    if ref is None:
+    if ref is None and "referring" in src:
       ex_ref = src["referring"][i]
       expr = task_lib.as_text(ex_ref["sentences"][0])
       r = predictor.referring(np.asarray(ex_ref["image"]), expr)
       ref = {"image": np.asarray(ex_ref["image"]), "expression": expr, "box": r.box, "mask": r.mask,
              "gt_box": np.asarray(ex_ref["box_xyxy"]).reshape(4)}
+    if ref is not None:
+      row.append(draw_referring(ref["image"], ref["expression"], ref["box"], ref["mask"],
+                                gt_box=ref["gt_box"]))
     seg = kept.get("reason_seg", {}).get(i)
-    if seg is None:
+    if seg is None and "reason_seg" in src:
       ex_seg = src["reason_seg"][i]
       q = task_lib.as_text(ex_seg["queries"][0])
       r = predictor.segment(np.asarray(ex_seg["image"]), q)
       seg = {"image": np.asarray(ex_seg["image"]), "query": q, "answer": r.text, "masks": r.masks}
-    row = [draw_caption(np.asarray(ex["image"]), cap.text, cap.pieces, cap.boxes),
-           draw_referring(ref["image"], ref["expression"], ref["box"], ref["mask"],
-                          gt_box=ref["gt_box"]),
-           draw_segmentation(seg["image"], seg["query"], seg["answer"], seg["masks"])]
+    if seg is not None:
+      row.append(draw_segmentation(seg["image"], seg["query"], seg["answer"], seg["masks"]))
     ground = kept.get("png", {}).get(i)
     if ground is not None:  # GELLA: the held-out narrative's phrases over the ground-truth entities
       row.append(draw_grounding(ground["image"], ground["caption"], ground["phrases"], ground["masks"]))
-    rows.append(row)
+    if row:
+      rows.append(row)
+  if not rows:
+    raise ValueError("config.visualize: none of the figure's tasks (ln, referring, reason_seg, png) is "
+                     "in config.tasks; set config.visualize.enabled=False.")
   save_grid(rows, path)

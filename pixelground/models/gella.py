@@ -52,6 +52,16 @@ class GellaConfig(ModelConfig):
   # normalised image, area-resized to the pixel grid and added to the pixel features, so an entity's
   # query sees its own pixels (a tiny encoder's coarse grid blurs a small shape into its surroundings).
   image_stem: int = 0
+  # mask_stem = C (from-scratch aid, 0 = off as in the paper): two 3×3 convs (1 → C → C, GELU) on each
+  # entity's own mask at the pixel grid, summed over the grid per unit of mask area, → Linear → added
+  # to its query, so the entity embedding knows its shape and size (the mean of the pixel features over
+  # a mask keeps its colour but neither).
+  mask_stem: int = 0
+  # noun_pool (from-scratch aid, False = off as in the paper): a noun's embedding is the mean of the
+  # decoder states over its phrase's steps (after the previous `[SEG]` up to the `[SEG]`-predicting one)
+  # instead of that last state alone, whose input is the phrase's last word only: a tiny T5 trained by
+  # the text loss to predict `[SEG]` there keeps the phrase's colour / size words faint in it.
+  noun_pool: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -255,11 +265,35 @@ class EntityDecoder(nnx.Module):
       self.stem_proj = Projection((c,), (d,), ("conv_in",), ("embed",), use_bias=True, **common)
     else:
       self.stem1 = None
+    c = cfg.mask_stem
+    if c:
+      self.mask_stem1 = make_param(rngs, normal(9 ** -0.5), (3, 3, 1, c), (None, None, None, "conv_out"),
+                                   pd)
+      self.mask_stem1_bias = make_param(rngs, zeros, (c,), ("conv_out",), pd)
+      self.mask_stem2 = make_param(rngs, normal((9 * c) ** -0.5), (3, 3, c, c), (None, None, "conv_in",
+                                                                               "conv_out"), pd)
+      self.mask_stem2_bias = make_param(rngs, zeros, (c,), ("conv_out",), pd)
+      self.mask_stem_proj = Projection((c,), (d,), ("conv_in",), ("embed",), use_bias=True, **common)
+    else:
+      self.mask_stem1 = None
 
   def _stem(self, pixels: jax.Array, hw: tuple[int, int]) -> jax.Array:
     x = jax.nn.gelu(_conv(pixels, self.stem1[...], self.stem1_bias[...], self.dtype), approximate=False)
     x = jax.nn.gelu(_conv(x, self.stem2[...], self.stem2_bias[...], self.dtype), approximate=False)
     return _resize(self.stem_proj(x), hw)
+
+  def _mask_stem(self, weights: jax.Array) -> jax.Array:
+    """weights (B, E, h, w) the entities' area fractions at the pixel grid → (B, E, D) float32: the
+    convs' features summed over the grid (edges just outside the mask included) per unit of area."""
+    b, e, h, w = weights.shape
+    x = weights.reshape(b * e, h, w, 1)
+    x = jax.nn.gelu(_conv(x, self.mask_stem1[...], self.mask_stem1_bias[...], self.dtype),
+                    approximate=False)
+    x = jax.nn.gelu(_conv(x, self.mask_stem2[...], self.mask_stem2_bias[...], self.dtype),
+                    approximate=False)
+    area = jnp.maximum(jnp.sum(weights, axis=(2, 3)), 1e-6).reshape(b * e, 1)
+    pooled = jnp.sum(x.astype(jnp.float32), axis=(1, 2)) / area
+    return self.mask_stem_proj(pooled.astype(self.dtype)).astype(jnp.float32).reshape(b, e, -1)
 
   def __call__(self, level0: jax.Array, blended: jax.Array, masks: jax.Array, valid: jax.Array,
                pixel_pe: jax.Array, grid_pe: jax.Array, pixels: jax.Array | None = None
@@ -279,6 +313,8 @@ class EntityDecoder(nnx.Module):
     weights = weights * valid[:, :, None, None]
     pooled = jnp.einsum("behw,bhwd->bed", weights, pix) / jnp.maximum(
         jnp.sum(weights, axis=(2, 3))[..., None], 1e-6)
+    if self.mask_stem1 is not None:
+      pooled = pooled + self._mask_stem(weights)
     q = self.query_norm((pooled + self.query_embed[...].astype(jnp.float32)).astype(self.dtype))
     gh, gw = blended.shape[1:3]
     mem = blended.reshape(b, gh * gw, -1)
@@ -307,6 +343,18 @@ class Association(nnx.Module):
     """nouns (B, K, d_model), entities (B, E, D) → projected (B, K, A), (B, E, A) float32."""
     return (self.noun_fc(nouns.astype(jnp.float32)).astype(jnp.float32),
             self.entity_fc(entities.astype(jnp.float32)).astype(jnp.float32))
+
+
+def phrase_states(hidden: jax.Array, positions: jax.Array) -> jax.Array:
+  """hidden (B, T, d) decoder states, positions (B, K) ascending `[SEG]`-predicting steps → (B, K, d)
+  float32: per slot the mean of the states from the step after the previous `[SEG]` is read (the one
+  whose input is the phrase's first token) through its own step (its input the phrase's last token);
+  a slot with no such step (padding) gets zeros."""
+  t = jnp.arange(hidden.shape[1])
+  start = jnp.concatenate([jnp.full_like(positions[:, :1], -1), positions[:, :-1]], axis=1) + 2
+  inside = ((t >= start[..., None]) & (t <= positions[..., None])).astype(jnp.float32)  # (B, K, T)
+  total = jnp.einsum("bkt,btd->bkd", inside, hidden.astype(jnp.float32))
+  return total / jnp.maximum(jnp.sum(inside, axis=-1, keepdims=True), 1.0)
 
 
 def association_logits(nouns: jax.Array, entities: jax.Array) -> jax.Array:

@@ -321,8 +321,12 @@ class PixelLLM(nnx.Module):
   def associate(self, hidden: jax.Array, positions: jax.Array, entity_emb: jax.Array
                 ) -> tuple[jax.Array, jax.Array]:
     """hidden (B, T, d) decoder states, positions (B, K) of the `[SEG]`-predicting steps, Evc (B, E, D)
-    → projected nouns (B, K, A) and entities (B, E, A) float32 (logits = `gella.association_logits`)."""
-    nouns = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    → projected nouns (B, K, A) and entities (B, E, A) float32 (logits = `gella.association_logits`).
+    With `GellaConfig.noun_pool` a noun is the mean of its phrase's states (`gella.phrase_states`)."""
+    if self.cfg.gella.noun_pool:
+      nouns = gella_lib.phrase_states(hidden, positions)
+    else:
+      nouns = jnp.take_along_axis(hidden, positions[..., None], axis=1)
     return self.gella.association(nouns, entity_emb)
 
   def region_captions(self, fused: jax.Array, boxes: jax.Array, prompt_ids: jax.Array,
