@@ -209,6 +209,53 @@ def test_retention_deletes_only_behind_keep_sealed_checkpoints(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The non-finite guard's decision (in-process; the trainer end to end is the slow test below)
+# ----------------------------------------------------------------------------------------------------
+
+def test_guard_keeps_the_state_counts_and_names_the_terms():
+  from pixelground.training import guard as guard_lib
+  from pixelground.training import steps
+
+  step = jax.jit(steps.guarded)
+  old = {"w": jnp.ones(3), "m": jnp.zeros(3)}
+  new = {"w": jnp.full(3, 2.0), "m": jnp.full(3, 0.5)}
+  good = {"text_ce": 1.0, "point_l1": 0.5, "total": 1.5, "grad_norm": 3.0, "update_norm": 0.1}
+  bad = dict(good, point_l1=jnp.nan, total=jnp.nan, grad_norm=jnp.inf)
+  g = steps.init_guard()
+  kept, g, mask = step(new, old, g, good, 7)
+  assert int(mask) == 0 and int(g["streak"]) == 0 and kept["w"][0] == 2.0
+  kept, g, mask = step(new, old, g, bad, 8)
+  names = steps.guard_terms(bad)
+  assert names == ["point_l1", "text_ce", "total", "grad_norm", "update_norm"]
+  assert guard_lib._names(int(mask), names) == ["point_l1", "total", "grad_norm"]
+  assert all(np.array_equal(kept[k], old[k]) for k in old)  # not applied
+  kept, g, _ = step(new, old, g, dict(good, update_norm=jnp.nan), 9)  # an overflowing update too
+  assert kept["w"][0] == 1.0
+  assert (int(g["streak"]), int(g["skipped"]), int(g["first_step"])) == (2, 2, 8)
+  assert guard_lib._names(int(g["first_bad"]), names) == ["point_l1", "total", "grad_norm"]
+  _, g, _ = step(new, old, g, good, 10)
+  assert int(g["streak"]) == 0 and int(g["skipped"]) == 2
+
+
+def test_watch_stops_after_max_streak_naming_the_first_step():
+  from pixelground.training import guard as guard_lib
+  from pixelground.training import steps
+
+  watch = guard_lib.NonFiniteWatch(2, echo=False)
+  g = steps.init_guard()
+  bad = {"text_ce": jnp.nan, "total": jnp.nan, "grad_norm": jnp.nan, "update_norm": jnp.nan}
+  metrics = {}
+  with pytest.raises(guard_lib.NonFiniteStop, match=r"the first at step 5 \[task caption\], first "
+                                                    r"non-finite term: text_ce"):
+    for s, task in ((4, "ln"), (5, "caption"), (6, "ln"), (7, "ln")):
+      terms = bad if s >= 5 else {k: 1.0 for k in bad}
+      _, g, mask = steps.guarded({"w": jnp.ones(1)}, {"w": jnp.ones(1)}, g, terms, s - 1)
+      metrics = dict(terms, lr=0.0, nonfinite=mask)
+      watch.push(s, task, g, metrics)
+  assert watch.skipped == 2
+
+
+# ----------------------------------------------------------------------------------------------------
 # Non-finite predictions (in-process)
 # ----------------------------------------------------------------------------------------------------
 

@@ -34,7 +34,24 @@ def guard_terms(metrics: tp.Mapping[str, tp.Any]) -> list[str]:
   return sorted(k for k in metrics if k not in _NOT_TERMS) + ["grad_norm", "update_norm"]
 
 
-_NOT_TERMS = ("grad_norm", "update_norm", "lr", "nonfinite", "applied")
+_NOT_TERMS = ("grad_norm", "update_norm", "lr", "nonfinite")
+
+
+def guarded(new, old, guard: dict, terms: dict, step: jax.Array):
+  """The non-finite guard (traced inside the step): `new` (the updated pytree) if the total loss, the
+  gradient norm and the update norm in `terms` are finite, else `old`; the updated guard carry
+  (`init_guard`); the bitmask of the non-finite entries of `guard_terms(terms)`."""
+  checked = [terms[k] for k in guard_terms(terms)]
+  bad = jnp.stack([~jnp.isfinite(jnp.asarray(v, jnp.float32)) for v in checked])
+  mask = jnp.sum(bad.astype(jnp.int32) << jnp.arange(len(checked), dtype=jnp.int32))
+  ok = jnp.isfinite(terms["total"]) & jnp.isfinite(terms["grad_norm"]) & jnp.isfinite(terms["update_norm"])
+  kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  fresh = guard["streak"] == 0
+  guard = {"streak": jnp.where(ok, 0, guard["streak"] + 1),
+           "skipped": guard["skipped"] + (~ok).astype(jnp.int32),
+           "first_step": jnp.where(~ok & fresh, step, guard["first_step"]),
+           "first_bad": jnp.where(~ok & fresh, mask, guard["first_bad"])}
+  return kept, guard, mask
 
 
 def make_train_step(setup: Setup, loss_cfg: objective.LossConfig, *, accum_steps: int = 1, seed: int = 0,
@@ -79,19 +96,10 @@ def make_train_step(setup: Setup, loss_cfg: objective.LossConfig, *, accum_steps
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm, update_norm = optax.global_norm(grads), optax.global_norm(updates)
-    checked = [terms[k] for k in sorted(terms)] + [grad_norm, update_norm]
-    bad = jnp.stack([~jnp.isfinite(jnp.asarray(v, jnp.float32)) for v in checked])
-    mask = jnp.sum(bad.astype(jnp.int32) << jnp.arange(len(checked), dtype=jnp.int32))
-    ok = jnp.isfinite(terms["total"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-    params, opt = keep(params, state["params"]), keep(opt, state["opt"])
-    fresh = guard["streak"] == 0
-    guard = {"streak": jnp.where(ok, 0, guard["streak"] + 1),
-             "skipped": guard["skipped"] + (~ok).astype(jnp.int32),
-             "first_step": jnp.where(~ok & fresh, state["step"], guard["first_step"]),
-             "first_bad": jnp.where(~ok & fresh, mask, guard["first_bad"])}
-    metrics = dict(terms, grad_norm=grad_norm, update_norm=update_norm, lr=setup.schedule(state["step"]),
-                   nonfinite=mask)
+    terms = dict(terms, grad_norm=grad_norm, update_norm=update_norm)
+    (params, opt), guard, mask = guarded((params, opt), (state["params"], state["opt"]), guard, terms,
+                                         state["step"])
+    metrics = dict(terms, lr=setup.schedule(state["step"]), nonfinite=mask)
     new_state = {"step": state["step"] + 1, "params": params, "frozen": state["frozen"], "opt": opt}
     return new_state, guard, metrics
 
