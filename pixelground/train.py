@@ -38,6 +38,9 @@ from pixelground.parallel import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and outputs go here.", required=True)
+_BATCH_LOG = flags.DEFINE_bool("batch_log", False, "Write a digest of every step's input batch to "
+                                "WORKDIR/batches.p<process>.jsonl (each process its own slice) — to "
+                                "check that a resumed or re-sharded run reads the same data.")
 _MAX_STEPS = flags.DEFINE_integer("stop_after", 0, "Stop (with a checkpoint) after this many steps of "
                                   "this run — for tests and debugging; 0 = run to the end.")
 
@@ -60,6 +63,19 @@ class _Preemption:
       return self.flag
     import numpy as np
     return bool(np.any(runtime.allgather(np.int32(self.flag))))
+
+
+def _digest(batch, row: int | None = None) -> str:
+  """SHA-1 of a host batch's arrays (field names, shapes, dtypes and bytes, in name order), or of one
+  row of it."""
+  import hashlib
+  import numpy as np
+  h = hashlib.sha1()
+  for k in sorted(batch):
+    x = np.ascontiguousarray(batch[k] if row is None else batch[k][row])
+    h.update(f"{k}{x.shape}{x.dtype}".encode())
+    h.update(x.tobytes())
+  return h.hexdigest()
 
 
 def _newest(ckpt) -> str:
@@ -160,8 +176,9 @@ def main(argv):
   n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
   n_all = n_train + sum(x.size for x in jax.tree.leaves(state["frozen"]))
 
-  train_step = steps.make_train_step(setup, config.loss, seed=config.seed,
-                                     accum_steps=config.optimizer.grad_accum_steps)
+  train_step = runtime.AheadOfTime(steps.make_train_step(setup, config.loss, seed=config.seed,
+                                                         accum_steps=config.optimizer.grad_accum_steps),
+                                  "train_step")
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   guard = jax.device_put(steps.init_guard(), replicated)
   watch = guard_lib.NonFiniteWatch(config.max_nonfinite_steps, echo=pid == 0)
@@ -178,6 +195,7 @@ def main(argv):
   print(f"Training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters for {total} steps "
         f"(from step {step}) on mesh {dict(mesh.shape)}, {nproc} process(es); tasks {names}", flush=True)
 
+  batch_log = open(os.path.join(workdir, f"batches.p{pid}.jsonl"), "a") if _BATCH_LOG.value else None
   t_start = time.perf_counter()
   window = {"t": time.perf_counter(), "data": 0.0, "steps": 0, "flops": 0.0}
   run_steps = 0
@@ -189,9 +207,19 @@ def main(argv):
       if drops is not None:
         drops.add(local.pop(pipeline.DROPPED), len(local["task_id"]))
       task = datasets.task_of_batch(local, names) if mixing == "batch" else None
+      if batch_log is not None:
+        batch_log.write(json.dumps({"step": step + 1, "task": task, "digest": _digest(local),
+                                    "rows": [_digest(local, row=i)[:12]
+                                             for i in range(len(local["task_id"]))]}) + "\n")
+        batch_log.flush()
       batch = sharding.global_batch(local, mesh, setup.rules)
       window["data"] += time.perf_counter() - t0
-      state, guard, metrics = train_step(state, guard, batch, datasets.heads_of(config, task))
+      heads = datasets.heads_of(config, task)
+      fresh = heads not in train_step.programs
+      state, guard, metrics = train_step(state, guard, batch, heads)
+      if fresh:
+        print(f"compiled the train step of [{task or 'mixed'}] in "
+              f"{train_step.compile_seconds[heads]:.1f} s", flush=True)
       step += 1
       run_steps += 1
       window["steps"] += 1

@@ -21,8 +21,8 @@ def environment(cache) -> dict:
   return e
 
 
-def cmd(workdir, *extra) -> list[str]:
-  return [sys.executable, "-m", "pixelground.train", f"--config={CONFIG}", f"--workdir={workdir}", *extra]
+def cmd(workdir, *extra, config=CONFIG) -> list[str]:
+  return [sys.executable, "-m", "pixelground.train", f"--config={config}", f"--workdir={workdir}", *extra]
 
 
 def run(env, workdir, *extra, timeout=900) -> str:
@@ -33,23 +33,29 @@ def run(env, workdir, *extra, timeout=900) -> str:
   return p.stdout
 
 
-def two_processes(env, workdir, *extra) -> list[subprocess.Popen]:
-  """The trainer as 2 processes × 4 CPU devices (gloo), each in its own process group."""
+def processes(env, workdir, count: int, *extra, config=CONFIG) -> list[subprocess.Popen]:
+  """The trainer as `count` processes × 8 / count CPU devices (gloo), each in its own process group."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // count}")
   return [subprocess.Popen(cmd(workdir, *extra, f"--coordinator_address=127.0.0.1:{port}",
-                               "--num_processes=2", f"--process_id={pid}"),
+                               f"--num_processes={count}", f"--process_id={pid}", config=config),
                            env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
-          for pid in range(2)]
+          for pid in range(count)]
+
+
+def two_processes(env, workdir, *extra) -> list[subprocess.Popen]:
+  """The trainer as 2 processes × 4 CPU devices."""
+  return processes(env, workdir, 2, *extra)
 
 
 def finish(procs, timeout=900) -> list[str]:
   """Waits for every process; their outputs (asserting exit status 0)."""
   outs = [p.communicate(timeout=timeout)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+  assert not failed, "\n".join(f"process {i}:\n{outs[i][-3000:]}" for i in failed)
   return outs
 
 

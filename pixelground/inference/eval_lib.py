@@ -62,7 +62,7 @@ from pixelground.inference import grounding
 from pixelground.models import gella as gella_lib
 from pixelground.models import pixelllm as P
 from pixelground.models.heads import proposals as prop_lib
-from pixelground.parallel import sharding
+from pixelground.parallel import runtime, sharding
 from pixelground.training import metrics as train_metrics
 
 # Converters `Evaluator` knows how to score.
@@ -472,8 +472,8 @@ class Evaluator:
       return _decode(nnx.merge(graphdef, params, frozen), batch, task, self.opts.max_decode_len,
                      self.opts.dense_k, tokenizer.num_ids)
 
-    self._forward = jax.jit(forward, static_argnums=3, out_shardings=rep)
-    self._decode = jax.jit(decode, static_argnums=3, out_shardings=rep)
+    self._forward = runtime.AheadOfTime(jax.jit(forward, static_argnums=3, out_shardings=rep), "forward")
+    self._decode = runtime.AheadOfTime(jax.jit(decode, static_argnums=3, out_shardings=rep), "decode")
     self.scorers = {n: _Scorer(self.conv[n], tokenizer, cfg, self._categories(self.tasks[n]))
                     for n in self.names}
     self.auto = (eval_entities.AutoEntities(self.opts.sam_checkpoint, cfg.image_size)

@@ -61,3 +61,27 @@ def barrier(name: str) -> None:
   from jax.experimental import multihost_utils
   with jax.transfer_guard("allow"):
     multihost_utils.sync_global_devices(name)
+
+
+class AheadOfTime:
+  """A jitted function whose LAST positional argument is static, compiled ahead of its first call for
+  each static value: `aot(*args, static)` lowers and compiles, then — with several processes — waits
+  for every process before running. Gloo (the CPU stand-in for TPU hosts) gives up connecting after
+  ~30 s, so a process that finished compiling a program long before another would otherwise time
+  out inside the program's first collective. `compile_seconds` holds each program's compile time."""
+
+  def __init__(self, jitted, name: str):
+    self.jitted, self.name = jitted, name
+    self.programs: dict = {}
+    self.compile_seconds: dict = {}
+
+  def __call__(self, *args):
+    *dynamic, static = args
+    program = self.programs.get(static)
+    if program is None:
+      import time
+      t0 = time.perf_counter()
+      program = self.programs[static] = self.jitted.lower(*dynamic, static).compile()
+      self.compile_seconds[static] = time.perf_counter() - t0
+      barrier(f"pixelground_{self.name}_{len(self.programs)}")
+    return program(*dynamic)
