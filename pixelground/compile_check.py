@@ -43,7 +43,7 @@ import time
 import typing as tp
 
 from pixelground.perf.chips import GIB, chip_family, chip_hbm_bytes, chip_peak
-from pixelground.perf.hlo import hlo_flops
+from pixelground.perf.hlo import hlo_collectives, hlo_flops
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,8 +216,11 @@ def compile_check(config, *, topology: str, batch_size: int | None = None,
   }
 
   t0 = time.perf_counter()
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  guard = jax.tree.map(lambda g: jax.ShapeDtypeStruct(g.shape, g.dtype, sharding=replicated),
+                       steps.init_guard())
   with sharding.use(mesh, setup.rules):
-    lowered = step.lower(state, batch, heads)
+    lowered = step.lower(state, guard, batch, heads)
   report["lower_seconds"] = round(time.perf_counter() - t0, 1)
   t0 = time.perf_counter()
   hbm = chip_hbm_bytes(kind)
@@ -248,6 +251,7 @@ def compile_check(config, *, topology: str, batch_size: int | None = None,
   report["hlo_loops"] = {str(t): counted["loops"].count(t) for t in sorted(set(counted["loops"]))}
   report["hlo_unknown_loops"] = counted["unknown_loops"]
   report["top_contractions"] = counted["top"]
+  report["collectives"] = hlo_collectives(text)
   _add_flops(report, analytic_flops(config, setup, batch_size, task), counted["flops"], n, kind)
   return report
 
@@ -323,6 +327,11 @@ def format_report(r: dict[str, tp.Any]) -> str:
     lines.append("Most expensive contractions per chip (FLOPs × runs, shape, op):")
     for t in r["top_contractions"]:
       lines.append(f"  {_tf(t['flops']):>16}  ×{t['runs']:<4d} {t['shape']:<24s} {t['op_name'][-80:]}")
+  if r.get("collectives"):
+    lines.append("Collectives per chip per step (ops × runs; bytes = each op's largest buffer per chip):")
+    for kind, c in r["collectives"].items():
+      if c["count"]:
+        lines.append(f"  {kind:<20s} {c['count']:6d} ops   {_gib(c['bytes']):>12}")
   if r["peak_tflops"]:
     lines.append(f"Step time     {r['step_seconds_at_100_mfu']:.4g} s at 100% MFU, "
                  f"{r['step_seconds_at_50_mfu']:.4g} s at 50% MFU ({r['peak_tflops']} TFLOP/s peak)")

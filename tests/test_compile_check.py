@@ -90,3 +90,7 @@ def test_compile_tiny_for_v5e():
   assert 0.85 < report["flops_ratio"] / report["expected_ratio_with_remat"] < 1.15
   assert report["peak_tflops"] == 197.0
   assert report["step_seconds_at_50_mfu"] == pytest.approx(2 * report["step_seconds_at_100_mfu"])
+  # Data parallel over 4 chips: the gradients are summed across them every step.
+  coll = report["collectives"]
+  assert coll["all-reduce"]["count"] + coll["reduce-scatter"]["count"] > 0
+  assert "Collectives per chip per step" in proc.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pixelground.compile_check import _xla_cost_flops
@@ -74,3 +75,24 @@ ENTRY %main (p0: bf16[8,64], p1: bf16[64,128]) -> f32[8,128] {
 }
 """
   assert hlo.hlo_flops(text)["flops"] == 2 * 8 * 64 * 128
+
+
+def test_hlo_collectives_bytes_by_kind_with_loops():
+  """8 CPU devices: per device x (8, 32) f32 = 1 KiB; an all-gather (result 8 KiB), a reduce-scatter
+  (operand 8 KiB), one all-reduce + three in a fori_loop (1 KiB each)."""
+  from jax.sharding import Mesh, PartitionSpec
+  mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+
+  def body(x):
+    a = jax.lax.psum(x, "d")
+    g = jax.lax.all_gather(x, "d", tiled=True)
+    r = jax.lax.psum_scatter(g, "d", tiled=True)
+    loop = jax.lax.fori_loop(0, 3, lambda i, c: c * 0.5 + jax.lax.psum(c, "d"), x)
+    return a + r + loop
+
+  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=PartitionSpec("d"), out_specs=PartitionSpec("d")))
+  got = hlo.hlo_collectives(f.lower(jnp.ones((64, 32), jnp.float32)).compile().as_text())
+  assert got["all-gather"] == {"count": 1, "bytes": 8192.0}
+  assert got["reduce-scatter"] == {"count": 1, "bytes": 8192.0}
+  assert got["all-reduce"] == {"count": 4, "bytes": 4096.0}
+  assert got["all-to-all"]["count"] == got["collective-permute"]["count"] == 0

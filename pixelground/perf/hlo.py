@@ -257,17 +257,11 @@ def _trip_count(ins: _Instr, comps: dict[str, list[_Instr]], caller: dict[str, _
   return max(-(-span // step), 0)
 
 
-def hlo_flops(text: str, top: int = 0) -> dict[str, tp.Any]:
-  """Matmul + convolution FLOPs of an (optimized, per-device) HLO module's entry computation, each
-  computation counted as often as it runs: fusions / calls once per call, `while` bodies × trip count,
-  every branch of a conditional once (an upper bound; train steps rarely have them).
-
-  → {"flops", "loops": [trip count of every while], "unknown_loops": n (trip count unreadable: counted
-  once), "top": the `top` most expensive contractions [{"flops" (× runs), "runs", "op", "shape",
-  "op_name"}]}."""
-  comps, entry = parse_hlo(text)
-  if entry is None:
-    raise ValueError("hlo_flops: no ENTRY computation in the HLO text")
+def _runs(comps: dict[str, list[_Instr]], entry: str) -> tuple[list[str], dict[str, int], list[int], int]:
+  """How often each computation reachable from `entry` runs per call of the entry: fusions / calls
+  once per call, `while` bodies × trip count, every branch of a conditional once. → (computations,
+  callers before callees; {computation: runs}; trip count of every while; whiles whose trip count is
+  unreadable, counted once)."""
   loops: list[int] = []
   unknown = 0
   edges: dict[str, list[tuple[str, int]]] = {}
@@ -290,7 +284,7 @@ def hlo_flops(text: str, top: int = 0) -> dict[str, tp.Any]:
         callee = _attr(ins.attrs, key)
         if callee:
           out.extend((c, 1) for c in re.findall(r"%?([\w.\-]+)", callee))
-  # Runs of each computation reachable from the entry: callers before callees (the call graph is a DAG).
+  # Callers before callees (the call graph is a DAG).
   order, seen = [], set()
 
   def visit(name):
@@ -307,6 +301,21 @@ def hlo_flops(text: str, top: int = 0) -> dict[str, tp.Any]:
     for callee, n in edges.get(name, ()):
       if callee in runs:
         runs[callee] += runs[name] * n
+  return order, runs, loops, unknown
+
+
+def hlo_flops(text: str, top: int = 0) -> dict[str, tp.Any]:
+  """Matmul + convolution FLOPs of an (optimized, per-device) HLO module's entry computation, each
+  computation counted as often as it runs: fusions / calls once per call, `while` bodies × trip count,
+  every branch of a conditional once (an upper bound; train steps rarely have them).
+
+  → {"flops", "loops": [trip count of every while], "unknown_loops": n (trip count unreadable: counted
+  once), "top": the `top` most expensive contractions [{"flops" (× runs), "runs", "op", "shape",
+  "op_name"}]}."""
+  comps, entry = parse_hlo(text)
+  if entry is None:
+    raise ValueError("hlo_flops: no ENTRY computation in the HLO text")
+  order, runs, loops, unknown = _runs(comps, entry)
   flops, rows = 0.0, []
   for name in order:
     shapes = {i.name: i.shape for i in comps[name]}
@@ -321,3 +330,48 @@ def hlo_flops(text: str, top: int = 0) -> dict[str, tp.Any]:
   rows.sort(key=lambda r: -r["flops"])
   # Loop trip counts as listed per while instruction (a loop in a computation called twice is listed once).
   return {"flops": flops, "loops": loops, "unknown_loops": unknown, "top": rows[:top]}
+
+
+# Collectives: kind → HLO ops (synchronous and the async "-start" halves; "-done" carries no data).
+COLLECTIVES = {"all-gather": ("all-gather", "all-gather-start"),
+               "reduce-scatter": ("reduce-scatter",),
+               "all-reduce": ("all-reduce", "all-reduce-start"),
+               "all-to-all": ("all-to-all",),
+               "collective-permute": ("collective-permute", "collective-permute-start")}
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+          "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+
+
+def _array_bytes(shape: str) -> list[int]:
+  """Bytes of every array in an HLO shape ('bf16[8,4]{1,0}' or a tuple of them)."""
+  return [math.prod(int(d.lstrip("<=")) for d in dims.split(",") if d.strip()) * _BYTES.get(t, 4)
+          for t, dims in re.findall(r"\b([a-z]\w*)\[([^\]]*)\]", shape)]
+
+
+def hlo_collectives(text: str) -> dict[str, dict[str, float]]:
+  """Per-device collective traffic of one run of an (optimized, per-device) HLO module, each
+  computation counted as often as it runs (`while` bodies × trip count).
+
+  → {kind: {"count": ops executed, "bytes": bytes}} for the kinds of `COLLECTIVES`. An op's bytes are
+  its largest buffer per device: the gathered result of an all-gather, the full operand of a
+  reduce-scatter, the operand (= result) of an all-reduce / all-to-all / collective-permute — the
+  size of what it moves, independent of the algorithm the interconnect uses."""
+  comps, entry = parse_hlo(text)
+  if entry is None:
+    raise ValueError("hlo_collectives: no ENTRY computation in the HLO text")
+  order, runs, _, _ = _runs(comps, entry)
+  kind_of = {op: kind for kind, ops in COLLECTIVES.items() for op in ops}
+  out = {kind: {"count": 0, "bytes": 0.0} for kind in COLLECTIVES}
+  for name in order:
+    shapes = {i.name: i.shape for i in comps[name]}
+    for ins in comps[name]:
+      kind = kind_of.get(ins.op)
+      if kind is None or not runs[name]:
+        continue
+      sizes = _array_bytes(ins.shape)
+      for op, inline in zip(ins.operands, ins.operand_shapes):
+        sizes += _array_bytes(inline or shapes.get(op, ""))
+      out[kind]["count"] += runs[name]
+      out[kind]["bytes"] += runs[name] * max(sizes, default=0)
+  return out
+
