@@ -20,11 +20,13 @@ panoptic segmentation over the ground-truth segments; demo.png gains a grounded-
 
     python -m pixelground.train --config=configs/demo.py:gella --workdir=workdir/demo_gella
 
-Measured on 2 CPU cores (2026-12-07, 2,250 steps, ~16 min alone): seed 0 / 1 — PNG AR 0.672 / 0.688
-(things 0.46 / 0.49, stuff 1.00 / 1.00), panoptic PQ 0.230 / 0.221 (stuff 0.34, things 0.12–0.14);
-the GELLA targets (AR ≥ 0.7, PQ ≥ 0.6) are not met, and training GELLA beside the other tasks costs
-them: referring Acc@0.5 0.700 / 0.695, mask gIoU 0.551 / 0.588, `[SEG]` gIoU 0.428 / 0.434 (trace and
-caption targets still met). That is why it is not the default; docs/gella.md has the details.
+Not re-measured since its from-scratch aids changed (2026-12-07, session 12: `noun_pool`,
+`mask_stem`, `shape_stem`, `shape_blend`, fixed panoptic category order — docs/gella.md). Before them
+(2,250 steps, ~16 min alone) seeds 0 / 1 gave PNG AR 0.672 / 0.688, PQ 0.230 / 0.221, and the referring
+targets dropped (Acc@0.5 0.70, `[SEG]` gIoU 0.43). With them, a 400-step run of the GELLA tasks alone
+gives PNG AR 0.894 / 0.800 and PQ 0.602 / 0.553 (seeds 0 / 1): the association now tells the shapes
+apart, but the decoder still writes the same thing names in every image. That is why it is not the
+default yet.
 """
 
 from pixelground.config import base, recipes
@@ -84,8 +86,12 @@ def get_config(arg=None):
     # panoptic "name [SEG]" list walking the category names; entities = the ground-truth segments.
     # 2,250 steps keep the other tasks' 1,500-step share.
     # From-scratch aids (GellaConfig): each entity's query also sees its own pixels and its mask's shape
-    # / size; each noun is the mean of its phrase's decoder states.
-    c.model.tiny["gella"] = {"image_stem": 16, "mask_stem": 16, "noun_pool": True}
+    # / size; each noun is the mean of its phrase's decoder states; each entity's outline at one scale
+    # (a 16×16 crop) gives a shape code joining its query, its embedding and, painted, the fused map.
+    c.model.tiny["gella"] = {"image_stem": 16, "mask_stem": 16, "noun_pool": True, "shape_stem": 16,
+                             "shape_blend": True}
+    # The panoptic prompt keeps the category list's order in training too (one fixed target order).
+    c.data.shuffle_categories = False
     c.tasks.png = base.task("panoptic_narrative_grounding/grounded_shapes",
                             converter="narrative_grounding", weight=2.5, max_seg=6, max_target_len=48)
     c.tasks.panoptic = base.task("coco_panoptic/grounded_shapes", weight=2.5, max_seg=6,

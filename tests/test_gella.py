@@ -106,6 +106,35 @@ def test_mask_stem_tells_shapes_and_sizes_apart():
   assert min(np.abs(f[0] - f[1]).max(), np.abs(f[0] - f[2]).max()) > 1e-3
 
 
+def test_shape_crops_keep_the_outline_whatever_the_size():
+  # A small and a large square crop alike, a disk does not; an empty slot crops to zeros.
+  y, x = np.mgrid[:64, :64] + 0.5
+  small = (abs(y - 10) <= 5) & (abs(x - 12) <= 5)
+  large = (abs(y - 40) <= 14) & (abs(x - 40) <= 14)
+  disk = (y - 30) ** 2 + (x - 20) ** 2 <= 9 ** 2
+  masks = jnp.asarray(np.stack([small, large, disk, np.zeros_like(disk)])[None])
+  crops = np.asarray(G.shape_crops(masks, 8))[0]
+  assert crops.shape == (4, 8, 8)
+  assert np.abs(crops[0] - crops[1]).max() < 0.02
+  assert np.abs(crops[0] - crops[2]).max() > 0.5
+  np.testing.assert_allclose(crops[0, 1:-1, 1:-1], 1.0, atol=1e-5)  # the inside is the mask
+  assert crops[3].max() == 0.0
+  # The codes: (B, E, D), zero for an invalid slot; painted codes sum back to ≈ area × code (the
+  # antialiased resize renormalises its filter at the border).
+  cfg = dataclasses.replace(G.tiny_gella(64), shape_stem=8, shape_blend=True)
+  gella = G.Gella(cfg, 16, 24, 4, rngs=nnx.Rngs(0))
+  valid = jnp.asarray([[True, True, True, False]])
+  codes = gella.shape_codes(masks, valid)
+  assert codes.shape == (1, 4, cfg.width) and float(jnp.abs(codes[0, 3]).max()) == 0.0
+  assert float(jnp.abs(codes[0, 0] - codes[0, 2]).max()) > 1e-3
+  painted = gella.paint(codes, masks, (8, 8))
+  area = np.asarray(masks, np.float32).sum((2, 3))[0] / 64.0  # in 8×8-cell units
+  np.testing.assert_allclose(np.asarray(painted[0].sum((0, 1))), np.asarray(area @ codes[0]),
+                             rtol=0.03, atol=0.05)
+  fused = jnp.ones((1, 8, 8, 16))  # the blend's Linear starts at zero: the fused map is unchanged
+  np.testing.assert_allclose(np.asarray(gella.blend_shapes(fused, codes, masks)), 1.0)
+
+
 def test_association_loss_equals_the_formula():
   nouns = np.asarray([[[1.0, 0.5], [-1.0, 2.0]]], np.float32)                 # (1, K=2, A=2)
   ents = np.asarray([[[0.5, 1.0], [2.0, -1.0], [0.0, 0.0]]], np.float32)       # (1, E=3, A=2)

@@ -94,6 +94,7 @@ class DataConfig:
   # disjoint files per host, for web-scale data in thousands of files).
   shard_by: str = "record"
   seg_boxes: bool = False        # `[SEG]` rows also carry their mask's box (a from-scratch aid)
+  shuffle_categories: bool = True  # panoptic prompts list the categories in a random order (training)
   mixing: str = "batch"          # "batch": one task per batch (per-task programs); "example": mixed rows
   num_workers: int = 0           # Grain worker processes converting examples (0: in-process)
   num_shards: int = 0            # input shards (0: one per process); fixed shards resume on any count

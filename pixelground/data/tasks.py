@@ -71,6 +71,10 @@ class TaskConfig:
   # and the attention-grounding loss): off in the papers; the from-scratch demo uses it so the `[SEG]`
   # state learns which object it is about.
   seg_boxes: bool = False
+  # panoptic: the prompt's category names in a random order per training example (the decoder learns to
+  # walk the given list); False keeps the category list's own order in training as at evaluation (the
+  # target then names the categories in one fixed order: a from-scratch aid).
+  shuffle_categories: bool = True
   # Encoders whose normalised float32 image the host produces ("sam", "clip"): `image_{enc}` fields
   # replace the uint8 `image`. Empty (default): ship uint8 and normalise on device (4× less transfer).
   host_normalize: tuple[str, ...] = ()
@@ -449,12 +453,13 @@ class Converters:
 
   # -- panoptic segmentation (GELLA): category list → "name [SEG]" per entity -------------------------
   def panoptic(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """coco_panoptic examples. Prompt: the category names (shuffled when training); target: each
-    entity's category name followed by `[SEG]`, in the prompt's category order (the decoder walks the
-    list and names each category as often as it has entities, largest entity first), at most
-    min(K, E) entities that fit the target (the largest ones when more). Entity slots hold the same
-    entities in a random order when training (the model must associate by content, not by slot), in
-    target order at evaluation; association[k, slot of entity k]."""
+    """coco_panoptic examples. Prompt: the category names (shuffled when training with
+    `shuffle_categories`); target: each entity's category name followed by `[SEG]`, in the prompt's
+    category order (the decoder walks the list and names each category as often as it has entities,
+    largest entity first), at most min(K, E) entities that fit the target (the largest ones when
+    more). Entity slots hold the same entities in a random order when training (the model must
+    associate by content, not by slot), in target order at evaluation; association[k, slot of entity
+    k]."""
     from tfds_builders.coco_panoptic import segment_ids
 
     if not self.categories:
@@ -462,7 +467,8 @@ class Converters:
     from pixelground.inference.grounding import category_display_name
 
     names = [category_display_name(c["name"]) for c in self.categories]
-    order = rng.permutation(len(names)) if self.cfg.train else np.arange(len(names))
+    shuffle = self.cfg.train and self.cfg.shuffle_categories
+    order = rng.permutation(len(names)) if shuffle else np.arange(len(names))
     geom = self.geometry(rng, ex["image"], names)
     out = self.image_fields(ex["image"], geom)
     out["prompt_ids"] = self.prompt(", ".join(names[i] for i in order))

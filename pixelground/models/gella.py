@@ -62,6 +62,17 @@ class GellaConfig(ModelConfig):
   # instead of that last state alone, whose input is the phrase's last word only: a tiny T5 trained by
   # the text loss to predict `[SEG]` there keeps the phrase's colour / size words faint in it.
   noun_pool: bool = False
+  # shape_stem = G (from-scratch aid, 0 = off as in the paper): each entity's mask cropped to a square
+  # around its bounding box (`shape_crops`: 10 % margin, antialiased at the input resolution S) and
+  # resampled to G×G → 2-layer MLP → a shape code (B, E, D) added to its query and, past the decoder
+  # layers (whose attention averages the entities), to its embedding: the outline at one scale whatever
+  # the entity's size, so the association can tell a square from a circle (the mask_stem's convs at the
+  # pixel grid see a small shape a few cells wide: its size, not its kind).
+  shape_stem: int = 0
+  # shape_blend (from-scratch aid, needs shape_stem): the shape codes also painted over each entity's
+  # area at the image grid and added to the fused map through a zero-initialised Linear (D → C), so the
+  # visual tokens T5 reads know which kind of shape covers each cell (the panoptic names).
+  shape_blend: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -73,6 +84,9 @@ class GellaConfig(ModelConfig):
                        f"stride {self.swin.patch_size * 2 ** (len(self.swin.depths) - 1)}.")
     if self.palette_levels < 2:
       raise ValueError(f"GellaConfig: palette_levels {self.palette_levels} must be ≥ 2.")
+    if self.shape_stem < 0 or (self.shape_blend and not self.shape_stem):
+      raise ValueError(f"GellaConfig: shape_stem {self.shape_stem} must be ≥ 0, and shape_blend needs "
+                       "shape_stem.")
 
   @property
   def max_colours(self) -> int:
@@ -140,6 +154,35 @@ def colormap(masks: jax.Array, valid: jax.Array, cfg: GellaConfig, key: jax.Arra
   idx = entity_colours(key, b, e, cfg.palette_levels)
   colours = jnp.asarray(palette(cfg.palette_levels))[idx]
   return paint_colormap(masks, valid, colours, cfg.colormap_size), idx
+
+
+def shape_crops(masks: jax.Array, size: int, margin: float = 0.1) -> jax.Array:
+  """masks (B, E, S, S) bool → (B, E, G, G) float32, G = `size`: each mask resampled inside the square
+  centred on its bounding box, side = (1 + 2·`margin`) × the box's longer side, with a tent filter as
+  wide as a crop cell (antialiased when the crop shrinks, bilinear when it enlarges). Outside the image
+  is background; an empty mask gives zeros."""
+  s = masks.shape[-1]
+  m = masks.astype(jnp.float32)
+  idx = jnp.arange(s, dtype=jnp.float32)
+
+  def extent(occupied):  # (B, E, S) bool → first and one-past-last occupied index
+    lo = jnp.argmax(occupied, axis=-1).astype(jnp.float32)
+    hi = s - jnp.argmax(occupied[..., ::-1], axis=-1).astype(jnp.float32)
+    return lo, hi
+
+  y0, y1 = extent(jnp.any(masks, axis=3))
+  x0, x1 = extent(jnp.any(masks, axis=2))
+  side = jnp.maximum(y1 - y0, x1 - x0) * (1.0 + 2.0 * margin)                    # (B, E)
+  step = side / size
+  offsets = (jnp.arange(size, dtype=jnp.float32) + 0.5 - size / 2)              # (G,)
+
+  def weights(lo, hi):  # (B, E, G, S) sampling weights along one axis (pixel j's centre is j + ½)
+    at = (lo + hi)[..., None] / 2 + offsets * step[..., None] - 0.5              # (B, E, G)
+    width = jnp.maximum(step, 1.0)[..., None, None]
+    return jnp.maximum(0.0, 1.0 - jnp.abs(at[..., None] - idx) / width) / width
+
+  return jnp.einsum("begy,beyx,behx->begh", weights(y0, y1), m, weights(x0, x1),
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,11 +339,12 @@ class EntityDecoder(nnx.Module):
     return self.mask_stem_proj(pooled.astype(self.dtype)).astype(jnp.float32).reshape(b, e, -1)
 
   def __call__(self, level0: jax.Array, blended: jax.Array, masks: jax.Array, valid: jax.Array,
-               pixel_pe: jax.Array, grid_pe: jax.Array, pixels: jax.Array | None = None
-               ) -> tuple[jax.Array, jax.Array]:
+               pixel_pe: jax.Array, grid_pe: jax.Array, pixels: jax.Array | None = None,
+               shapes: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """level0 (B, h, h, C0) Swin's first map, blended (B, g, g, D), masks (B, E, S, S) bool, valid
     (B, E), pixel_pe (h, h, Pd), grid_pe (g, g, Pd), with `image_stem` pixels (B, S, S, 3) the
-    normalised image → (Evc (B, E, D), mask logits (B, E, h, h) f32)."""
+    normalised image, with `shape_stem` shapes (B, E, D) the entities' shape codes (added to their
+    queries and embeddings) → (Evc (B, E, D), mask logits (B, E, h, h) f32)."""
     b, h, w, _ = level0.shape
     pix = (self.level0(level0).astype(jnp.float32) + _resize(self.blend_proj(blended), (h, w))
            + self.pe_proj(pixel_pe)[None].astype(jnp.float32))                 # (B, h, w, D)
@@ -315,6 +359,8 @@ class EntityDecoder(nnx.Module):
         jnp.sum(weights, axis=(2, 3))[..., None], 1e-6)
     if self.mask_stem1 is not None:
       pooled = pooled + self._mask_stem(weights)
+    if shapes is not None:
+      pooled = pooled + shapes.astype(jnp.float32)
     q = self.query_norm((pooled + self.query_embed[...].astype(jnp.float32)).astype(self.dtype))
     gh, gw = blended.shape[1:3]
     mem = blended.reshape(b, gh * gw, -1)
@@ -323,6 +369,8 @@ class EntityDecoder(nnx.Module):
     for layer in self.layers:
       q = layer(q, qpe, valid, mem, mem_pe)
     emb = self.out_norm(q)
+    if shapes is not None:  # past the layers too: their attention averages the entities' queries
+      emb = (emb.astype(jnp.float32) + shapes.astype(jnp.float32)).astype(emb.dtype)
     logits = jnp.einsum("bed,bhwd->behw", self.mask_mlp(emb).astype(jnp.float32), pix)
     return emb, logits
 
@@ -375,6 +423,35 @@ class Gella(nnx.Module):
     self.association = Association(cfg, d_model, rngs=rngs)
     self.blend_pe = Projection((pe_dim,), (cfg.width,), (None,), ("embed",), use_bias=False,
                                dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+    g = cfg.shape_stem
+    self.shape_mlp = (dec_lib.MLP(g * g, cfg.width, cfg.width, 2, dtype=cfg.compute_dtype,
+                                  param_dtype=cfg.weight_dtype, rngs=rngs) if g else None)
+    self.shape_out = (Projection((cfg.width,), (feature_dim,), ("embed",), ("channels",), init_std=0.0,
+                                 use_bias=True, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                                 rngs=rngs) if cfg.shape_blend else None)
+
+  def shape_codes(self, masks: jax.Array, valid: jax.Array) -> jax.Array:
+    """masks (B, E, S, S) bool, valid (B, E) → (B, E, D) float32 shape codes (`shape_stem`): the
+    MLP of each entity's `shape_crops` (zeros for invalid slots)."""
+    b, e = masks.shape[:2]
+    crops = shape_crops(masks, self.cfg.shape_stem).reshape(b, e, -1)
+    codes = self.shape_mlp(crops.astype(self.cfg.compute_dtype)).astype(jnp.float32)
+    return codes * valid[..., None]
+
+  def paint(self, codes: jax.Array, masks: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """codes (B, E, D), masks (B, E, S, S) bool → (B, *grid, D) float32: each grid cell the sum of the
+    codes weighted by the entities' area fractions in it (`shape_blend`)."""
+    frac = jax.image.resize(masks.astype(jnp.float32), masks.shape[:2] + tuple(grid), "linear",
+                            antialias=True)
+    return jnp.einsum("behw,bed->bhwd", frac, codes)
+
+  def blend_shapes(self, fused: jax.Array, codes: jax.Array, masks: jax.Array) -> jax.Array:
+    """fused (B, g, g, C), codes (B, E, D), masks (B, E, S, S) → fused + Linear(`paint`ed codes)
+    (`shape_blend`), in fused's dtype."""
+    painted = self.paint(codes, masks, fused.shape[1:3])
+    out = fused.astype(jnp.float32) + self.shape_out(painted.astype(self.cfg.compute_dtype)).astype(
+        jnp.float32)
+    return out.astype(fused.dtype)
 
   def encode_colormap(self, masks: jax.Array, valid: jax.Array, key: jax.Array) -> list[jax.Array]:
     """Entity masks (B, E, S, S), valid (B, E) → Swin pyramid of the colormap (colours from `key`),

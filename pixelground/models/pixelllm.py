@@ -177,12 +177,14 @@ class PixelLLMConfig(ModelConfig):
 class EntityState(tp.NamedTuple):
   """GELLA's per-image state after ResoBlend: `blended` (B, g, g, D), `level0` the colormap's first Swin
   map (B, h, h, C0), the entity `masks` (B, E, S, S) bool and `valid` (B, E) they came from, and with
-  `image_stem` the ImageNet-normalised image `pixels` (B, S, S, 3) (else None)."""
+  `image_stem` the ImageNet-normalised image `pixels` (B, S, S, 3) (else None), with `shape_stem` the
+  entities' shape codes `shapes` (B, E, D) (else None)."""
   blended: jax.Array
   level0: jax.Array
   masks: jax.Array
   valid: jax.Array
   pixels: jax.Array | None = None
+  shapes: jax.Array | None = None
 
 
 class MaskFeatures(tp.NamedTuple):
@@ -288,10 +290,13 @@ class PixelLLM(nnx.Module):
     pyramid = self.gella.encode_colormap(masks, valid, key)
     pe = self.gella.blend_pe(self.prompt_encoder.pe.dense_pe(fused.shape[1:3]))
     blended_fused, blended = self.gella.resoblend(fused, pyramid, pe)
+    shapes = self.gella.shape_codes(masks, valid) if self.cfg.gella.shape_stem else None
+    if self.cfg.gella.shape_blend:
+      blended_fused = self.gella.blend_shapes(blended_fused, shapes, masks)
     fused = jnp.where(jnp.any(valid, axis=1)[:, None, None, None], blended_fused, fused)
     pixels = (_normalise(batch["image"], batch["image_mask"], IMAGENET_MEAN, IMAGENET_STD)
               if self.cfg.gella.image_stem else None)
-    return fused, sam, EntityState(blended, pyramid[0], masks, valid, pixels)
+    return fused, sam, EntityState(blended, pyramid[0], masks, valid, pixels, shapes)
 
   def _encode(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None):
     fused, sam, entities = self.features(batch, rng=rng)
@@ -313,7 +318,7 @@ class PixelLLM(nnx.Module):
     emb, logits = self.gella.entity_decoder(
         entities.level0, entities.blended, entities.masks, entities.valid,
         pe.dense_pe(entities.level0.shape[1:3]), pe.dense_pe(entities.blended.shape[1:3]),
-        entities.pixels)
+        entities.pixels, entities.shapes)
     b, e = logits.shape[:2]
     s = self.cfg.image_size
     return emb, jax.image.resize(logits, (b, e, s, s), "bilinear")
