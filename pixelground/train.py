@@ -94,7 +94,7 @@ def _stop(message: str, ckpt, data_iter, writers, code: int = 0) -> None:
   data_iter.close()
   writers.close()
   if code:
-    logging.warning(message)
+    logging.info(message)
     raise SystemExit(message)
   print(message, flush=True)
 

@@ -288,7 +288,7 @@ class Checkpointer:
       failures.append((step, why))
       msg = (f"WARNING: checkpoint {self.step_dir(step)} is damaged — {why}; falling back to the "
              f"previous checkpoint.")
-      logging.warning(msg)
+      logging.info(msg)
       if self.primary:
         print(msg, file=sys.stderr, flush=True)
     if failures:
@@ -307,7 +307,7 @@ class Checkpointer:
       for s in steps:
         dest = os.path.join(aside, f"{s}-{int(time.time())}")
         shutil.move(self.step_dir(s), dest)
-        logging.warning("moved damaged checkpoint %s to %s", self.step_dir(s), dest)
+        logging.info("moved damaged checkpoint %s to %s", self.step_dir(s), dest)
     self._sync("set_aside")
     self.manager.reload()
 

@@ -65,7 +65,7 @@ class NonFiniteWatch:
       values = "  ".join(f"{k} {float(m[k]):.4g}" for k in names if k in m)
       msg = (f"step {step} [{task}]: non-finite {', '.join(bad) or '?'} — update not applied "
              f"({g['streak']} in a row, {g['skipped']} in this run); {values}")
-      logging.warning(msg)
+      logging.info(msg)  # the terminal gets the print below
       if self.echo:
         print(msg, flush=True)
     self.skipped, self.streak = g["skipped"], g["streak"]
