@@ -14,7 +14,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -465,16 +464,7 @@ def test_kill9_of_two_processes_resumes_exactly(train_env, tmp_path):
     after = rng.choice([10, 20, 30])
     extra = rng.randint(1, 8)  # steps past the checkpoint (possibly while it is still being written)
     procs = trainer_cli.two_processes(train_env, run, steps)
-    deadline = time.time() + 600
-    while _logged_step(run) < after + extra:
-      ended = [p for p in procs if p.poll() is not None]
-      assert not ended, f"trial {trial}: a process ended before the kill:\n" + ended[0].stdout.read()[-3000:]
-      assert time.time() < deadline
-      time.sleep(0.02)
-    for p in procs:
-      os.killpg(p.pid, signal.SIGKILL)
-    for p in procs:
-      p.wait()
+    trainer_cli.kill_when(procs, lambda: _logged_step(run) >= after + extra)
     killed_at = _logged_step(run)
     assert killed_at < 60, "the run finished before the kill"
     before = _steps(run)

@@ -7,8 +7,6 @@ Slow: 5 runs of 30 steps, 4 processes compiling side by side on 2 cores (~10 min
 
 import json
 import os
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -79,16 +77,7 @@ def test_four_processes_equal_one_and_resume_after_kill9(env, tmp_path):
 
   # kill -9 of all four processes after the step-10 checkpoint, the same commands again.
   procs = trainer_cli.processes(env, killed, 4, *ARGS, config=CONFIG)
-  deadline = time.time() + 900
-  while not _batches_exist(killed) or max(_batches(killed, 0), default=0) < 14:
-    ended = [p for p in procs if p.poll() is not None]
-    assert not ended, ended[0].stdout.read()[-3000:]
-    assert time.time() < deadline
-    time.sleep(0.05)
-  for p in procs:
-    os.killpg(p.pid, signal.SIGKILL)
-  for p in procs:
-    p.wait()
+  trainer_cli.kill_when(procs, lambda: _batches_exist(killed) and max(_batches(killed, 0)) >= 14)
   killed_at = max(_batches(killed, 0))
   outs = trainer_cli.finish(trainer_cli.processes(env, killed, 4, *ARGS, config=CONFIG))
   resumed = [ln for ln in outs[0].splitlines() if ln.startswith("Resumed from the checkpoint")]

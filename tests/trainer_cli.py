@@ -94,3 +94,20 @@ def assert_equal_states(a: dict, b: dict) -> None:
   assert a.keys() == b.keys()
   bad = [k for k in a if not np.array_equal(a[k], b[k])]
   assert not bad, f"{len(bad)} leaves differ, e.g. {bad[:3]}"
+
+
+def kill_when(procs, ready, timeout=900) -> None:
+  """SIGKILLs every process (and its children) as soon as `ready()` is true; fails if one ended
+  before (with its output) or `timeout` seconds pass."""
+  import signal
+  import time
+  deadline = time.time() + timeout
+  while not ready():
+    ended = [p for p in procs if p.poll() is not None]
+    assert not ended, "a process ended before the kill:\n" + ended[0].stdout.read()[-3000:]
+    assert time.time() < deadline, "timed out waiting to kill"
+    time.sleep(0.02)
+  for p in procs:
+    os.killpg(p.pid, signal.SIGKILL)
+  for p in procs:
+    p.wait()
