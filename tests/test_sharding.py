@@ -126,3 +126,13 @@ def test_next_key_is_rngs_params_bit_for_bit():
     np.testing.assert_array_equal(ours[0], theirs[0])
     assert int(ours[1]) == int(theirs[1]) == 5
   assert len({tuple(np.asarray(k).ravel()) for k in draws(True)[0]}) == 5  # 5 distinct keys
+
+
+def test_ahead_of_time_compiles_once_per_static_value_and_signature():
+  from pixelground.parallel import runtime
+  f = runtime.AheadOfTime(jax.jit(lambda x, y, n: x * n + y.sum(), static_argnums=2), "t")
+  a, b = jnp.ones(3), jnp.ones(4)
+  assert float(f(a, b, 2)[0]) == 6.0 and f.last_compile_seconds is not None
+  assert float(f(a, b + 1, 2)[0]) == 10.0 and f.last_compile_seconds is None   # same program
+  assert float(f(a, jnp.ones(5), 2)[0]) == 7.0 and f.last_compile_seconds is not None  # new shape
+  assert float(f(a, b, 3)[0]) == 7.0 and len(f.programs) == 3                     # new static value

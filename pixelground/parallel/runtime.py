@@ -65,23 +65,29 @@ def barrier(name: str) -> None:
 
 class AheadOfTime:
   """A jitted function whose LAST positional argument is static, compiled ahead of its first call for
-  each static value: `aot(*args, static)` lowers and compiles, then — with several processes — waits
-  for every process before running. Gloo (the CPU stand-in for TPU hosts) gives up connecting after
-  ~30 s, so a process that finished compiling a program long before another would otherwise time
-  out inside the program's first collective. `compile_seconds` holds each program's compile time."""
+  each static value and input signature (shapes, dtypes, shardings of the other arguments — e.g. two
+  tasks with the same heads but their own sequence lengths): `aot(*args, static)` lowers and
+  compiles, then — with several processes — waits for every process before running. Gloo (the CPU
+  stand-in for TPU hosts) gives up connecting after ~30 s, so a process that finished compiling a
+  program long before another would otherwise time out inside the program's first collective.
+  `last_compile_seconds` is the compile time when the last call compiled (else None)."""
 
   def __init__(self, jitted, name: str):
     self.jitted, self.name = jitted, name
     self.programs: dict = {}
-    self.compile_seconds: dict = {}
+    self.last_compile_seconds: float | None = None
 
   def __call__(self, *args):
+    import jax
     *dynamic, static = args
-    program = self.programs.get(static)
+    leaves, treedef = jax.tree.flatten(dynamic)
+    key = (static, treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+    program = self.programs.get(key)
+    self.last_compile_seconds = None
     if program is None:
       import time
       t0 = time.perf_counter()
-      program = self.programs[static] = self.jitted.lower(*dynamic, static).compile()
-      self.compile_seconds[static] = time.perf_counter() - t0
+      program = self.programs[key] = self.jitted.lower(*dynamic, static).compile()
+      self.last_compile_seconds = time.perf_counter() - t0
       barrier(f"pixelground_{self.name}_{len(self.programs)}")
     return program(*dynamic)
