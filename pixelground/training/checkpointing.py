@@ -167,10 +167,10 @@ class Checkpointer:
     self.ocp, self.keep, self.directory = ocp, keep, os.path.abspath(directory)
     self.primary = jax.process_index() == 0
     # Read-only (evaluation beside a running job): no directory creation, no cleanup of the trainer's
-    # save in progress.
+    # save in progress. (Not Orbax's own read_only option: it prints warnings on every open.)
     opts = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save,
-                                        create=not read_only, read_only=read_only,
-                                        cleanup_tmp_directories=not read_only)
+                                        create=not read_only, cleanup_tmp_directories=not read_only)
+    self.read_only = read_only
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ShardStateHandler()}
     self.save_args, self.restore_args = _shard_state_args()
     self.manager = ocp.CheckpointManager(self.directory, options=opts, item_handlers=handlers)
@@ -190,6 +190,8 @@ class Checkpointer:
 
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
     """Starts saving `step` (after finishing the previous save: `CheckpointSaveError` if it failed)."""
+    if self.read_only:
+      raise ValueError(f"{self.directory}: this Checkpointer was opened read-only.")
     self.finish()
     # Orbax's async save waits forever when it cannot create its directory: try a write first.
     probe = os.path.join(self.directory, f".write_probe.{jax.process_index()}")
