@@ -23,13 +23,12 @@ def init_guard() -> dict[str, jax.Array]:
 
   streak      consecutive steps not applied (reset by the next applied step)
   skipped     steps not applied in this run
-  first_step  the step number (before the step) of the current streak's first skipped step
-  first_bad   bitmask over `guard_terms(metrics)` of what was non-finite at that step"""
-  return {k: jnp.zeros((), jnp.int32) for k in ("streak", "skipped", "first_step", "first_bad")}
+  (which terms were non-finite is each step's `metrics["nonfinite"]`)"""
+  return {k: jnp.zeros((), jnp.int32) for k in ("streak", "skipped")}
 
 
 def guard_terms(metrics: tp.Mapping[str, tp.Any]) -> list[str]:
-  """The names behind the bits of `first_bad` / `metrics["nonfinite"]`: the step's loss terms (sorted),
+  """The names behind the bits of `metrics["nonfinite"]`: the step's loss terms (sorted),
   then the gradient and update norms."""
   return sorted(k for k in metrics if k not in _NOT_TERMS) + ["grad_norm", "update_norm"]
 
@@ -37,7 +36,7 @@ def guard_terms(metrics: tp.Mapping[str, tp.Any]) -> list[str]:
 _NOT_TERMS = ("grad_norm", "update_norm", "lr", "nonfinite")
 
 
-def guarded(new, old, guard: dict, terms: dict, step: jax.Array):
+def guarded(new, old, guard: dict, terms: dict):
   """The non-finite guard (traced inside the step): `new` (the updated pytree) if the total loss, the
   gradient norm and the update norm in `terms` are finite, else `old`; the updated guard carry
   (`init_guard`); the bitmask of the non-finite entries of `guard_terms(terms)`."""
@@ -46,11 +45,8 @@ def guarded(new, old, guard: dict, terms: dict, step: jax.Array):
   mask = jnp.sum(bad.astype(jnp.int32) << jnp.arange(len(checked), dtype=jnp.int32))
   ok = jnp.isfinite(terms["total"]) & jnp.isfinite(terms["grad_norm"]) & jnp.isfinite(terms["update_norm"])
   kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  fresh = guard["streak"] == 0
   guard = {"streak": jnp.where(ok, 0, guard["streak"] + 1),
-           "skipped": guard["skipped"] + (~ok).astype(jnp.int32),
-           "first_step": jnp.where(~ok & fresh, step, guard["first_step"]),
-           "first_bad": jnp.where(~ok & fresh, mask, guard["first_bad"])}
+           "skipped": guard["skipped"] + (~ok).astype(jnp.int32)}
   return kept, guard, mask
 
 
@@ -97,8 +93,7 @@ def make_train_step(setup: Setup, loss_cfg: objective.LossConfig, *, accum_steps
     params = optax.apply_updates(state["params"], updates)
     grad_norm, update_norm = optax.global_norm(grads), optax.global_norm(updates)
     terms = dict(terms, grad_norm=grad_norm, update_norm=update_norm)
-    (params, opt), guard, mask = guarded((params, opt), (state["params"], state["opt"]), guard, terms,
-                                         state["step"])
+    (params, opt), guard, mask = guarded((params, opt), (state["params"], state["opt"]), guard, terms)
     metrics = dict(terms, lr=setup.schedule(state["step"]), nonfinite=mask)
     new_state = {"step": state["step"] + 1, "params": params, "frozen": state["frozen"], "opt": opt}
     return new_state, guard, metrics
