@@ -25,10 +25,10 @@ def cmd(workdir, *extra, config=CONFIG) -> list[str]:
   return [sys.executable, "-m", "pixelground.train", f"--config={config}", f"--workdir={workdir}", *extra]
 
 
-def run(env, workdir, *extra, timeout=900) -> str:
+def run(env, workdir, *extra, timeout=900, config=CONFIG) -> str:
   """Runs the trainer to the end; its stdout (asserting exit status 0)."""
-  p = subprocess.run(cmd(workdir, *extra), env=env, cwd=ROOT, capture_output=True, text=True,
-                     timeout=timeout)
+  p = subprocess.run(cmd(workdir, *extra, config=config), env=env, cwd=ROOT, capture_output=True,
+                     text=True, timeout=timeout)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
   return p.stdout
 
