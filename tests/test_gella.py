@@ -229,6 +229,37 @@ def test_gradients_reach_both_branches():
   assert sum(float(jnp.sum(jnp.abs(v[...]))) for _, v in nnx.to_flat_state(g2)) > 0
 
 
+def test_entity_tokens_join_the_encoder():
+  # `entity_tokens`: one T5 prefix token per entity slot after the visual tokens, masked where the slot
+  # is empty; the caption loss alone then trains the entity decoder through them.
+  base = P.tiny_config(vocab_size=VOCAB, seg_token_id=SEG, gella=True)
+  cfg = dataclasses.replace(base, gella=dataclasses.replace(base.gella, entity_tokens=True))
+  model = P.PixelLLM(cfg, rngs=nnx.Rngs(0))
+  batch = _batch(np.random.default_rng(0), e=6)
+  batch["entity_valid"] = batch["entity_valid"].at[1, 4:].set(False)
+  fused, _, entities = model.features(batch)
+  visual, prefix, mask = model.prefix(fused, batch["prompt_box"], entities)
+  q = visual.shape[1]
+  assert prefix.shape == (2, q + 6, cfg.t5.d_model) and mask.shape == (2, q + 6)
+  assert bool(jnp.all(mask[:, :q])) and np.array_equal(np.asarray(mask[:, q:]),
+                                                       np.asarray(batch["entity_valid"]))
+  emb, _ = model.entity_outputs(entities)  # the decoded entities are reused, not decoded twice
+  np.testing.assert_allclose(np.asarray(emb), np.asarray(entities.decoded[0]))
+  def text_only(m):
+    out = m(batch, heads=(), train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        out["logits"], batch["target_ids"]).mean()
+  g = nnx.jit(nnx.grad(text_only, argnums=nnx.DiffState(0, nnx.Param)))(model)
+  flat = {".".join(map(str, k)): float(jnp.sum(jnp.abs(v[...]))) for k, v in nnx.to_flat_state(g)}
+  assert sum(v for k, v in flat.items() if k.startswith("gella.token_proj.")) > 0
+  assert sum(v for k, v in flat.items() if k.startswith("gella.entity_decoder.layers.")) > 0
+  # Without the switch the prefix is the visual tokens alone.
+  _, plain_model = _model()
+  fused, _, entities = plain_model.features(batch)
+  visual, prefix, mask = plain_model.prefix(fused, batch["prompt_box"], entities)
+  assert mask is None and prefix is visual
+
+
 def test_sharded_matches_single_device():
   if jax.device_count() < 8:
     pytest.skip("needs the 8-device CPU mesh (tests/conftest.py)")

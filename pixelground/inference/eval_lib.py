@@ -116,9 +116,9 @@ def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int,
                             prefix_embeds=visual, vocab_limit=vocab_limit)
     return {"boxes": boxes, "scores": scores, "tokens": res.tokens.reshape(b, k, -1),
             "lengths": res.lengths.reshape(b, k)}
-  visual = model.visual_tokens(fused, batch["prompt_box"])
+  visual, prefix, prefix_mask = model.prefix(fused, batch["prompt_box"], entities)
   res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
-                          prefix_embeds=visual, vocab_limit=vocab_limit)
+                          prefix_embeds=prefix, prefix_mask=prefix_mask, vocab_limit=vocab_limit)
   out = {"tokens": res.tokens, "lengths": res.lengths}
   # Generated `[SEG]` tokens (B, L), padding after each sequence's end excluded.
   is_seg = (res.tokens == model.cfg.seg_token_id) & (jnp.arange(res.tokens.shape[1]) < res.lengths[:, None])

@@ -299,10 +299,10 @@ def _generated(model, batch, *, max_len: int, vocab_limit: int | None):
   """Greedy decoding over the entity-blended features → (tokens (1, L), lengths (1,), association
   logits (1, L, M) of every generated step: the host picks the `[SEG]`-predicting rows)."""
   fused, _, entities = model.features(batch)
-  visual = model.visual_tokens(fused, batch["prompt_box"])
+  _, prefix, prefix_mask = model.prefix(fused, batch["prompt_box"], entities)
   ids = batch["prompt_ids"]
   res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
-                          prefix_embeds=visual, vocab_limit=vocab_limit)
+                          prefix_embeds=prefix, prefix_mask=prefix_mask, vocab_limit=vocab_limit)
   emb, _ = model.entity_outputs(entities)
   steps = jnp.broadcast_to(jnp.arange(res.tokens.shape[1])[None], res.tokens.shape)
   nouns, ents = model.associate(res.hidden, steps, emb)

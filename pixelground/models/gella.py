@@ -73,6 +73,11 @@ class GellaConfig(ModelConfig):
   # area at the image grid and added to the fused map through a zero-initialised Linear (D → C), so the
   # visual tokens T5 reads know which kind of shape covers each cell (the panoptic names).
   shape_blend: bool = False
+  # entity_tokens (from-scratch aid, False = off as in the paper): each entity's embedding → Linear → one
+  # more T5 encoder token after the visual tokens (masked for empty slots), so the decoder reads which
+  # entities, and with shape_stem which kinds, the image holds when it writes the names (the fused
+  # map's few visual tokens blur them: a tiny T5 then writes the same names for every image).
+  entity_tokens: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -429,6 +434,9 @@ class Gella(nnx.Module):
     self.shape_out = (Projection((cfg.width,), (feature_dim,), ("embed",), ("channels",), init_std=0.0,
                                  use_bias=True, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                                  rngs=rngs) if cfg.shape_blend else None)
+    self.token_proj = (Projection((cfg.width,), (d_model,), ("mlp",), ("embed",), use_bias=True,
+                                  dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+                       if cfg.entity_tokens else None)
 
   def shape_codes(self, masks: jax.Array, valid: jax.Array) -> jax.Array:
     """masks (B, E, S, S) bool, valid (B, E) → (B, E, D) float32 shape codes (`shape_stem`): the

@@ -178,13 +178,15 @@ class EntityState(tp.NamedTuple):
   """GELLA's per-image state after ResoBlend: `blended` (B, g, g, D), `level0` the colormap's first Swin
   map (B, h, h, C0), the entity `masks` (B, E, S, S) bool and `valid` (B, E) they came from, and with
   `image_stem` the ImageNet-normalised image `pixels` (B, S, S, 3) (else None), with `shape_stem` the
-  entities' shape codes `shapes` (B, E, D) (else None)."""
+  entities' shape codes `shapes` (B, E, D) (else None), with `entity_tokens` the entity decoder's
+  output `decoded` = (Evc (B, E, D), mask logits (B, E, h, h)) (else None: decoded where used)."""
   blended: jax.Array
   level0: jax.Array
   masks: jax.Array
   valid: jax.Array
   pixels: jax.Array | None = None
   shapes: jax.Array | None = None
+  decoded: tuple[jax.Array, jax.Array] | None = None
 
 
 class MaskFeatures(tp.NamedTuple):
@@ -296,13 +298,29 @@ class PixelLLM(nnx.Module):
     fused = jnp.where(jnp.any(valid, axis=1)[:, None, None, None], blended_fused, fused)
     pixels = (_normalise(batch["image"], batch["image_mask"], IMAGENET_MEAN, IMAGENET_STD)
               if self.cfg.gella.image_stem else None)
-    return fused, sam, EntityState(blended, pyramid[0], masks, valid, pixels, shapes)
+    state = EntityState(blended, pyramid[0], masks, valid, pixels, shapes)
+    if self.cfg.gella.entity_tokens:
+      state = state._replace(decoded=self._decode_entities(state))
+    return fused, sam, state
+
+  def prefix(self, fused: jax.Array, prompt_box: jax.Array, entities: EntityState | None
+             ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """→ (visual tokens (B, Q + k², d), T5 prefix (B, P, d), its mask (B, P) or None = all): the
+    visual tokens, with GELLA's `entity_tokens` one token per entity slot after them (empty slots
+    masked out)."""
+    visual = self.visual_tokens(fused, prompt_box)
+    if entities is None or entities.decoded is None:
+      return visual, visual, None
+    tokens = self.gella.token_proj(entities.decoded[0]).astype(visual.dtype)
+    mask = jnp.concatenate([jnp.ones(visual.shape[:2], bool), entities.valid], axis=1)
+    return visual, jnp.concatenate([visual, tokens], axis=1), mask
 
   def _encode(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None):
     fused, sam, entities = self.features(batch, rng=rng)
-    visual = self.visual_tokens(fused, batch["prompt_box"])
-    prompt_ids = batch["prompt_ids"]
-    enc, mask = self.t5.encode(prompt_ids, prompt_ids != self.cfg.t5.pad_id, prefix_embeds=visual)
+    visual, prefix, prefix_mask = self.prefix(fused, batch["prompt_box"], entities)
+    ids = batch["prompt_ids"]
+    enc, mask = self.t5.encode(ids, ids != self.cfg.t5.pad_id, prefix_embeds=prefix,
+                               prefix_mask=prefix_mask)
     return enc, mask, sam, visual, fused, entities
 
   def encode(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None):
@@ -314,14 +332,17 @@ class PixelLLM(nnx.Module):
   def entity_outputs(self, entities: EntityState) -> tuple[jax.Array, jax.Array]:
     """→ (entity embeddings Evc (B, E, D), entity mask logits (B, E, S, S) float32, bilinear from the
     decoder's h×h grid)."""
-    pe = self.prompt_encoder.pe
-    emb, logits = self.gella.entity_decoder(
-        entities.level0, entities.blended, entities.masks, entities.valid,
-        pe.dense_pe(entities.level0.shape[1:3]), pe.dense_pe(entities.blended.shape[1:3]),
-        entities.pixels, entities.shapes)
+    emb, logits = entities.decoded or self._decode_entities(entities)
     b, e = logits.shape[:2]
     s = self.cfg.image_size
     return emb, jax.image.resize(logits, (b, e, s, s), "bilinear")
+
+  def _decode_entities(self, entities: EntityState) -> tuple[jax.Array, jax.Array]:
+    pe = self.prompt_encoder.pe
+    return self.gella.entity_decoder(
+        entities.level0, entities.blended, entities.masks, entities.valid,
+        pe.dense_pe(entities.level0.shape[1:3]), pe.dense_pe(entities.blended.shape[1:3]),
+        entities.pixels, entities.shapes)
 
   def associate(self, hidden: jax.Array, positions: jax.Array, entity_emb: jax.Array
                 ) -> tuple[jax.Array, jax.Array]:
