@@ -84,28 +84,6 @@ def _default_task(config) -> str | None:
   return max(names, key=lambda n: (config.tasks[n].weight, -names.index(n)))
 
 
-def abstract_batch(config, setup, batch_size: int, task: str | None) -> dict:
-  """ShapeDtypeStructs of one global batch of `task` (None: the full mixed-task schema), batch-sharded."""
-  import jax
-  from jax.sharding import NamedSharding
-
-  from pixelground.config import schema as schema_lib
-  from pixelground.data import tasks as task_lib
-  from pixelground.parallel import sharding
-
-  config = schema_lib.parse(config)
-  tcfg = config.task_config(train=True, task=task)
-  schema = task_lib.schema(tcfg) if task is None else task_lib.task_schema(tcfg, config.converter(task))
-  schema = dict(schema, task_id=((), "int32"))
-
-  def one(shape, dtype):
-    full = (batch_size,) + tuple(shape)
-    spec = sharding.batch_spec(len(full), setup.rules, setup.mesh)
-    return jax.ShapeDtypeStruct(full, dtype, sharding=NamedSharding(setup.mesh, spec))
-
-  return {k: one(shape, dtype) for k, (shape, dtype) in schema.items()}
-
-
 def analytic_flops(config, setup, batch_size: int, task: str | None) -> dict[str, tp.Any]:
   """Model FLOPs of one step (global batch), as the trainer counts them for MFU
   (`steps.StepFlops`), with the per-part split and the forward-only split (train=False), and
@@ -203,7 +181,7 @@ def compile_check(config, *, topology: str, batch_size: int | None = None,
 
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                        setup.abstract_state, setup.state_shardings)
-  batch = abstract_batch(config, setup, batch_size, task)
+  batch = datasets.abstract_batch(config, setup, batch_size, task)
   heads = datasets.heads_of(config, task)
   step = steps.make_train_step(setup, config.loss, accum_steps=accum, seed=config.seed)
   n = len(devices)

@@ -83,9 +83,33 @@ def _newest(ckpt) -> str:
   return f"step {good} ({ckpt.step_dir(good)})" if good is not None else "none"
 
 
-def _stop(message: str, ckpt, data_iter, writers, code: int = 0) -> None:
-  """Ends the run early: finishes the checkpoint in flight, closes the input workers and writers."""
+def _precompile(config, setup, train_step, state, guard, names, batch_size):
+  """Starts compiling every task's train step on `config.compile_workers` threads (single-task
+  batches only) → the thread pool, or None. The most weighted tasks go first."""
+  import concurrent.futures
+  if config.data.mixing != "batch" or config.compile_workers == 0:
+    return None
+  from pixelground.parallel import sharding
+  from pixelground.training import datasets
+  workers = config.compile_workers
+  if workers < 0:
+    workers = min(len(names), os.cpu_count() or 1, 8)
+  pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile")
+  context = lambda: sharding.use(setup.mesh, setup.rules)
+  abstract_state, abstract_guard = datasets.abstract(state), datasets.abstract(guard)
+  for task in sorted(names, key=lambda n: -config.tasks[n].weight):
+    train_step.precompile(pool, context, abstract_state, abstract_guard,
+                          datasets.abstract_batch(config, setup, batch_size, task),
+                          datasets.heads_of(config, task))
+  return pool
+
+
+def _stop(message: str, ckpt, data_iter, writers, code: int = 0, pool=None) -> None:
+  """Ends the run early: finishes the checkpoint in flight, closes the input workers and writers,
+  drops the compiles not started yet."""
   from pixelground.training import checkpointing
+  if pool is not None:
+    pool.shutdown(wait=False, cancel_futures=True)
   try:
     ckpt.close()
   except checkpointing.CheckpointSaveError as e:
@@ -181,6 +205,7 @@ def main(argv):
                                   "train_step")
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   guard = jax.device_put(steps.init_guard(), replicated)
+  compiler = _precompile(config, setup, train_step, state, guard, names, batch_size)
   watch = guard_lib.NonFiniteWatch(config.max_nonfinite_steps, echo=pid == 0)
   figure = config.visualize.enabled
   evaluator = eval_lib.Evaluator(config, setup, tokenizer,
@@ -216,8 +241,9 @@ def main(argv):
       window["data"] += time.perf_counter() - t0
       state, guard, metrics = train_step(state, guard, batch, datasets.heads_of(config, task))
       if train_step.last_compile_seconds is not None:
+        where = "in the background" if train_step.last_precompiled else "at its first batch"
         print(f"compiled the train step of [{task or 'mixed'}] in "
-              f"{train_step.last_compile_seconds:.1f} s", flush=True)
+              f"{train_step.last_compile_seconds:.1f} s ({where})", flush=True)
       step += 1
       run_steps += 1
       window["steps"] += 1
@@ -230,7 +256,7 @@ def main(argv):
           watch.flush()
       except guard_lib.NonFiniteStop as e:
         return _stop(f"Stopped at step {step}: {e} Newest checkpoint: {_newest(ckpt)}.", ckpt, data_iter,
-                     writers, code=1)
+                     writers, code=1, pool=compiler)
       if step % log_every == 0 or step == total:
         m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite"}
         dt = time.perf_counter() - window["t"]
@@ -259,7 +285,7 @@ def main(argv):
         try:
           ckpt.save(step, state, data_iter, force=True)
         except checkpointing.CheckpointSaveError as e:
-          return _stop(f"Error: {e}", ckpt, data_iter, writers, code=1)
+          return _stop(f"Error: {e}", ckpt, data_iter, writers, code=1, pool=compiler)
       if config.eval_every and step % config.eval_every == 0 and step < total and not stop:
         result = evaluator.run(state)
         writers.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
@@ -267,7 +293,7 @@ def main(argv):
                                               if not k.endswith("/count")), flush=True)
       if stop:
         return _stop(f"Stopped at step {step} ({'SIGTERM' if preempt.flag else '--stop_after'}); "
-                     f"checkpoint saved.", ckpt, data_iter, writers)
+                     f"checkpoint saved.", ckpt, data_iter, writers, pool=compiler)
     # The final checkpoint finishes writing in the background during the evaluation.
     result = evaluator.run(state)
     result.update(step=step, train_seconds=round(time.perf_counter() - t_start, 1),
@@ -285,7 +311,7 @@ def main(argv):
         result["figure"] = path
       else:
         logging.info("demo figure skipped: multi-process run")
-  _stop(json.dumps(result), ckpt, data_iter, writers)
+  _stop(json.dumps(result), ckpt, data_iter, writers, pool=compiler)
   sys.stdout.flush()
 
 

@@ -60,7 +60,8 @@ def test_abstract_batch_is_batch_sharded():
   config = _tiny_config()
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   setup = train_state.build_setup(config, mesh)
-  batch = cc.abstract_batch(config, setup, 16, None)
+  from pixelground.training import datasets
+  batch = datasets.abstract_batch(config, setup, 16, None)
   assert batch["image"].shape == (16, 64, 64, 3) and batch["task_id"].shape == (16,)
   assert batch["image"].sharding.spec[0] == "data"
 

@@ -136,3 +136,29 @@ def test_ahead_of_time_compiles_once_per_static_value_and_signature():
   assert float(f(a, b + 1, 2)[0]) == 10.0 and f.last_compile_seconds is None   # same program
   assert float(f(a, jnp.ones(5), 2)[0]) == 7.0 and f.last_compile_seconds is not None  # new shape
   assert float(f(a, b, 3)[0]) == 7.0 and len(f.programs) == 3                     # new static value
+
+
+def test_ahead_of_time_precompiles_in_the_background():
+  # Programs compiled on a thread pool from ShapeDtypeStructs (under a context) are the ones the first
+  # matching calls run; a signature nobody calls stays listed as unused.
+  import concurrent.futures
+  import contextlib
+  from pixelground.parallel import runtime
+  entered = []
+
+  @contextlib.contextmanager
+  def context():
+    entered.append(1)
+    yield
+
+  f = runtime.AheadOfTime(jax.jit(lambda x, n: x * n, static_argnums=1), "t")
+  spec = lambda n: jax.ShapeDtypeStruct((n,), jnp.float32, sharding=jnp.ones(1).sharding)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    f.precompile(pool, context, spec(3), 2)
+    f.precompile(pool, context, spec(5), 2)
+    f.precompile(pool, context, spec(3), 2)   # already pending: not compiled twice
+  assert len(entered) == 2 and sorted(f.unused()) == [2, 2]
+  assert float(f(jnp.ones(3), 2)[0]) == 2.0 and f.last_precompiled and f.last_compile_seconds > 0
+  assert f.unused() == [2] and len(f.programs) == 1
+  assert float(f(jnp.ones(4), 2)[0]) == 2.0 and not f.last_precompiled   # compiled at the call
+  assert float(f(jnp.ones(3), 2)[0]) == 2.0 and f.last_compile_seconds is None

@@ -26,6 +26,9 @@ def test_sigkill_resume_is_exact_and_sigterm_saves(env, tmp_path):
   out = _run(env, ref)
   last = json.loads(out.strip().splitlines()[-1])
   assert last["step"] == 40 and "ln/point_l1" in last and "ln/token_acc" in last
+  # Each task's step was compiled from its abstract batch before its first batch came.
+  compiled = [ln for ln in out.splitlines() if ln.startswith("compiled the train step")]
+  assert compiled and all(ln.endswith("(in the background)") for ln in compiled), compiled
   assert (ref / "tensorboard").is_dir() and (ref / "eval_40.json").is_file()
   losses = _losses(ref)
   assert sorted(losses) == list(range(1, 41))

@@ -21,6 +21,9 @@ is read by the trainer, the evaluator or the data code (tests/test_configs.py ch
     log_every, eval_every, checkpoint_every, checkpoint_keep, async_checkpoint   the loop's cadence
     max_nonfinite_steps     int      steps with a non-finite loss / gradient are not applied; this many
                                      in a row stop the run (docs/faults.md)
+    compile_workers         int      threads compiling the tasks' train steps side by side before their
+                                     first batches (single-task batches); -1: one per task up to the
+                                     CPU count (at most 8), 0: each at its task's first batch
     visualize.*             section  `VisualizeConfig` (the demo figure)
     mesh.{data,fsdp,tensor} ints     mesh axis sizes (-1: the rest of the devices)
     sharding_rules          pairs    logical axis → mesh axes (`pixelground.parallel.sharding`)
@@ -223,6 +226,7 @@ class Config:
   checkpoint_keep: int = 3
   async_checkpoint: bool = True
   max_nonfinite_steps: int = 5   # consecutive non-finite steps (skipped, not applied) before the run stops
+  compile_workers: int = -1      # background compile threads for the tasks' train steps (-1 auto, 0 off)
   visualize: VisualizeConfig = dataclasses.field(default_factory=VisualizeConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   sharding_rules: tuple[tuple[str, tp.Any], ...] = dataclasses.field(default_factory=_default_rules)
@@ -318,6 +322,8 @@ def _check(cfg: Config) -> None:
       raise ConfigError(f"config.{key}={getattr(cfg, key)}: must be ≥ 1.")
   if cfg.eval_every < 0:
     raise ConfigError(f"config.eval_every={cfg.eval_every}: must be ≥ 0 (0: at the end only).")
+  if cfg.compile_workers < -1:
+    raise ConfigError(f"config.compile_workers={cfg.compile_workers}: must be ≥ -1 (-1: auto, 0: off).")
   for n in cfg.eval.tasks:
     if n not in cfg.tasks:
       raise ConfigError(f"config.eval.tasks: unknown task '{n}' (config.tasks has {list(cfg.tasks)}).")

@@ -25,6 +25,7 @@ E entity slots. Masks are in model-input pixels (content top-left, zero padding)
 from __future__ import annotations
 
 import dataclasses
+import typing as tp
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,22 @@ def tiny_gella(image_size: int = 64) -> GellaConfig:
                              num_heads=(1, 2, 2, 4), window_size=4)
   return GellaConfig(colormap_size=2 * image_size, swin=swin, width=32, num_heads=2, mlp_dim=64,
                      decoder_depth=2, assoc_dim=32)
+
+
+class EntityState(tp.NamedTuple):
+  """GELLA's per-image state after ResoBlend: `blended` (B, g, g, D), `level0` the colormap's first Swin
+  map (B, h, h, C0), the entity `masks` (B, E, S, S) bool and `valid` (B, E) they came from, and with
+  `image_stem` the ImageNet-normalised image `pixels` (B, S, S, 3) (else None), with `shape_stem` the
+  entities' shape codes `shapes` (B, E, D) (else None), with `entity_tokens` the entity decoder's
+  output `decoded` = (Evc (B, E, D), mask logits (B, E, h, h)) (else None: decoded where used)."""
+  blended: jax.Array
+  level0: jax.Array
+  masks: jax.Array
+  valid: jax.Array
+  pixels: jax.Array | None = None
+  shapes: jax.Array | None = None
+  decoded: tuple[jax.Array, jax.Array] | None = None
+
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -174,19 +174,7 @@ class PixelLLMConfig(ModelConfig):
     return (self.sam.out_channels if self.sam else 0) + (self.eva.width if self.eva else 0)
 
 
-class EntityState(tp.NamedTuple):
-  """GELLA's per-image state after ResoBlend: `blended` (B, g, g, D), `level0` the colormap's first Swin
-  map (B, h, h, C0), the entity `masks` (B, E, S, S) bool and `valid` (B, E) they came from, and with
-  `image_stem` the ImageNet-normalised image `pixels` (B, S, S, 3) (else None), with `shape_stem` the
-  entities' shape codes `shapes` (B, E, D) (else None), with `entity_tokens` the entity decoder's
-  output `decoded` = (Evc (B, E, D), mask logits (B, E, h, h)) (else None: decoded where used)."""
-  blended: jax.Array
-  level0: jax.Array
-  masks: jax.Array
-  valid: jax.Array
-  pixels: jax.Array | None = None
-  shapes: jax.Array | None = None
-  decoded: tuple[jax.Array, jax.Array] | None = None
+EntityState = gella_lib.EntityState
 
 
 class MaskFeatures(tp.NamedTuple):

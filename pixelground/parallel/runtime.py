@@ -70,24 +70,57 @@ class AheadOfTime:
   compiles, then — with several processes — waits for every process before running. Gloo (the CPU
   stand-in for TPU hosts) gives up connecting after ~30 s, so a process that finished compiling a
   program long before another would otherwise time out inside the program's first collective.
-  `last_compile_seconds` is the compile time when the last call compiled (else None)."""
+
+  `precompile(pool, context, *args, static)` starts a compile on a thread pool from abstract
+  arguments (`jax.ShapeDtypeStruct`s with shardings, or arrays), under `context()` (e.g. the mesh and
+  rules the step is traced under): XLA releases the GIL while it compiles, so a multi-task run
+  compiles its tasks' programs side by side, and beside the first steps, instead of one at a time at
+  each task's first batch. The first call with a matching signature waits for that compile.
+  `last_compile_seconds` is the compile time when the last call compiled or first used a precompiled
+  program (else None); `last_precompiled` says which; `unused()` lists precompiled statics no call
+  has used (a signature the real batches do not have: a schema bug)."""
 
   def __init__(self, jitted, name: str):
     self.jitted, self.name = jitted, name
     self.programs: dict = {}
     self.last_compile_seconds: float | None = None
+    self.last_precompiled = False
+    self._pending: dict = {}
 
-  def __call__(self, *args):
+  @staticmethod
+  def _key(args) -> tuple:
     import jax
     *dynamic, static = args
     leaves, treedef = jax.tree.flatten(dynamic)
-    key = (static, treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+    return (static, treedef, tuple((tuple(x.shape), x.dtype, getattr(x, "sharding", None))
+                                   for x in leaves))
+
+  def _compile(self, args, context=None):
+    import contextlib
+    import time
+    *dynamic, static = args
+    t0 = time.perf_counter()
+    with context() if context is not None else contextlib.nullcontext():
+      program = self.jitted.lower(*dynamic, static).compile()
+    return program, time.perf_counter() - t0
+
+  def precompile(self, pool, context, *args) -> None:
+    key = self._key(args)
+    if key not in self.programs and key not in self._pending:
+      self._pending[key] = pool.submit(self._compile, args, context)
+
+  def unused(self) -> list:
+    return [key[0] for key in self._pending]
+
+  def __call__(self, *args):
+    key = self._key(args)
     program = self.programs.get(key)
-    self.last_compile_seconds = None
+    self.last_compile_seconds, self.last_precompiled = None, False
     if program is None:
-      import time
-      t0 = time.perf_counter()
-      program = self.programs[key] = self.jitted.lower(*dynamic, static).compile()
-      self.last_compile_seconds = time.perf_counter() - t0
+      future = self._pending.pop(key, None)
+      self.last_precompiled = future is not None
+      program, self.last_compile_seconds = (future.result() if future is not None
+                                            else self._compile(args))
+      self.programs[key] = program
       barrier(f"pixelground_{self.name}_{len(self.programs)}")
-    return program(*dynamic)
+    return program(*args[:-1])

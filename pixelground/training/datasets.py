@@ -95,6 +95,32 @@ def heads_of(config, task: str | None) -> tuple[str, ...] | None:
 CACHE_VERSION = 2
 
 
+def abstract_batch(config, setup, batch_size: int, task: str | None) -> dict:
+  """ShapeDtypeStructs of one global training batch of `task` (None: the full mixed-task schema),
+  batch-sharded over `setup.mesh` as `sharding.global_batch` places the real one."""
+  from jax.sharding import NamedSharding
+
+  from pixelground.parallel import sharding
+
+  config = schema.parse(config)
+  tcfg = config.task_config(train=True, task=task)
+  spec = task_lib.schema(tcfg) if task is None else task_lib.task_schema(tcfg, config.converter(task))
+  spec = dict(spec, task_id=((), "int32"))
+
+  def one(shape, dtype):
+    full = (batch_size,) + tuple(shape)
+    place = sharding.batch_spec(len(full), setup.rules, setup.mesh)
+    return jax.ShapeDtypeStruct(full, dtype, sharding=NamedSharding(setup.mesh, place))
+
+  return {k: one(shape, dtype) for k, (shape, dtype) in spec.items()}
+
+
+def abstract(tree) -> tp.Any:
+  """Arrays → `jax.ShapeDtypeStruct`s with their shapes, dtypes, weak types and shardings."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding,
+                                                     weak_type=getattr(x, "weak_type", False)), tree)
+
+
 def cache_dir() -> str:
   return os.path.expanduser(os.environ.get("PIXELGROUND_CACHE", "~/.cache/pixelground"))
 
