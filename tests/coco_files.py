@@ -58,7 +58,8 @@ def _bbox(mask: np.ndarray) -> list[float]:
   ys, xs = np.nonzero(mask)
   if not len(xs):
     return [0.0, 0.0, 0.0, 0.0]
-  return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+  x0, y0 = float(xs.min()), float(ys.min())
+  return [x0, y0, float(xs.max()) - x0 + 1, float(ys.max()) - y0 + 1]
 
 
 def instances(root) -> tuple[str, dict[int, np.ndarray]]:

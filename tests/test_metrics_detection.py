@@ -147,13 +147,14 @@ def evaluate_files(gt_path, results, iou_type, image_order=None, use_ids=True) -
     kw = {}
     if iou_type == "segm":
       img = coco.imgs[image_id]
-      kw = {"gt_masks": np.asarray([coco.annToMask(a) for a in anns], bool).reshape(
-                -1, img["height"], img["width"]),
-            "pred_masks": np.asarray([mask_utils.decode(d["segmentation"]) for d in dets], bool).reshape(
-                -1, img["height"], img["width"])}
+      hw = (img["height"], img["width"])
+      kw = {"gt_masks": np.asarray([coco.annToMask(a) for a in anns], bool).reshape(-1, *hw),
+            "pred_masks": np.asarray([mask_utils.decode(d["segmentation"]) for d in dets],
+                                     bool).reshape(-1, *hw)}
     ev.add([d.get("bbox", [0, 0, 0, 0]) for d in dets], [d["score"] for d in dets],
-           [d["category_id"] for d in dets], [a["bbox"] for a in anns], [a["category_id"] for a in anns],
-           [a["iscrowd"] for a in anns], image_id=image_id if use_ids else None, gt_areas=[a["area"] for a in anns], **kw)
+           [d["category_id"] for d in dets], [a["bbox"] for a in anns],
+           [a["category_id"] for a in anns], [a["iscrowd"] for a in anns],
+           image_id=image_id if use_ids else None, gt_areas=[a["area"] for a in anns], **kw)
   return ev.result()
 
 

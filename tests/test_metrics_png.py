@@ -95,8 +95,9 @@ def test_bilinear_resize_by_hand_and_against_torch():
   rng = np.random.default_rng(0)
   mask = (rng.random((427, 640)) < 0.3).astype(np.float32)
   for size in ((256, 256), (700, 900)):
-    want = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None], size=size, mode="bilinear",
-                                           align_corners=False, antialias=False)[0, 0].numpy()
+    want = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None], size=size,
+                                           mode="bilinear", align_corners=False,
+                                           antialias=False)[0, 0].numpy()
     np.testing.assert_allclose(png.resize_bilinear(mask, size), want, rtol=0, atol=1e-6)
 
 

@@ -141,6 +141,16 @@ def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int,
 # Host-side scoring: one record per example
 # ----------------------------------------------------------------------------------------------------
 
+def _image_id(ex: dict):
+  """The dataset's id of an example's image (COCO / VG int, Localized Narratives string), or None."""
+  v = ex.get("image/id", ex.get("id"))
+  if v is None:
+    return None
+  v = v if isinstance(v, (bytes, str)) else np.asarray(v).item()
+  v = v.decode() if isinstance(v, bytes) else v
+  return int(v) if isinstance(v, str) and v.isdigit() else v
+
+
 def _plain(mask) -> np.ndarray:
   m = np.asarray(mask)
   return (m[..., 0] if m.ndim == 3 else m).astype(bool)
@@ -218,10 +228,12 @@ class _Scorer:
                    trace=centre(pred).round(4).tolist())
       return rec
     if task == "caption":
-      return {"caption": self._words(out["tokens"][i], int(out["lengths"][i])),
+      return {"image_id": _image_id(ex),
+              "caption": self._words(out["tokens"][i], int(out["lengths"][i])),
               "references": [task_lib.as_text(c) for c in ex["captions"]]}
     if task == "region_caption":
-      return {"caption": self._words(out["tokens"][i], int(out["lengths"][i])),
+      return {"image_id": _image_id(ex),
+              "caption": self._words(out["tokens"][i], int(out["lengths"][i])),
               "box": np.asarray(ex["box_xyxy"], np.float32).reshape(4).round(2).tolist(),
               "references": [task_lib.as_text(s) for s in ex["sentences"]]}
     if task == "narrative_grounding":
@@ -232,7 +244,8 @@ class _Scorer:
       boxes = geom.inverse_boxes(np.asarray(out["boxes"][i], np.float32) * self.cfg.image_size)
       texts = [self._words(t, int(n)) for t, n in zip(out["tokens"][i], out["lengths"][i])]
       gt_boxes, gt_phrases = task_lib.dense_regions(ex, self.categories)
-      return {"boxes": boxes.round(2).tolist(), "scores": np.asarray(out["scores"][i]).round(4).tolist(),
+      return {"image_id": _image_id(ex), "boxes": boxes.round(2).tolist(),
+              "scores": np.asarray(out["scores"][i]).round(4).tolist(),
               "captions": texts, "gt_boxes": gt_boxes.round(2).tolist(), "gt_phrases": gt_phrases}
     raise ValueError(f"no scorer for task '{task}'")
 
@@ -370,7 +383,8 @@ def _png_record(ex: dict, row: dict, logits: np.ndarray, entity_map: np.ndarray 
     gt = np.isin(ids_map, flat[offsets[p]:offsets[p + 1]])
     ids = np.asarray(row["entity_ids"])[owned[j]] if j < noun_valid.sum() else np.zeros(0, int)
     chosen.append([int(x) for x in ids])
-    ious.append(float(M.png_iou(np.isin(pred_map, ids)[None], gt[None], round_trip_masks=round_trip)[0]))
+    pred = np.isin(pred_map, ids)[None]
+    ious.append(float(M.png_iou(pred, gt[None], round_trip_masks=round_trip)[0]))
   return {"caption": task_lib.as_text(ex["caption"]),
           "phrases": [task_lib.as_text(phrases["utterance"][p]) for p in nouns], "entities": chosen,
           "ious": ious, "things": [bool(phrases["isthing"][p]) for p in nouns],

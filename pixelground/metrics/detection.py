@@ -49,7 +49,8 @@ COCO_AREA_RANGES = {"all": (0.0, 1e10), "small": (0.0, 32.0 ** 2), "medium": (32
 SUMMARY = (("AP", "ap", None, "all", -1), ("AP50", "ap", 0.5, "all", -1),
            ("AP75", "ap", 0.75, "all", -1), ("APs", "ap", None, "small", -1),
            ("APm", "ap", None, "medium", -1), ("APl", "ap", None, "large", -1),
-           ("AR1", "ar", None, "all", 0), ("AR10", "ar", None, "all", 1), ("AR100", "ar", None, "all", 2),
+           ("AR1", "ar", None, "all", 0), ("AR10", "ar", None, "all", 1),
+           ("AR100", "ar", None, "all", 2),
            ("ARs", "ar", None, "small", -1), ("ARm", "ar", None, "medium", -1),
            ("ARl", "ar", None, "large", -1))
 
