@@ -109,3 +109,11 @@ def test_caption_results_load_in_pycocoevalcap_and_match(tmp_path, monkeypatch):
   for k, v in ours.items():
     assert v == pytest.approx(official.eval[k], abs=1e-12), k
   print("\nexported captions, COCOEvalCap:", {k: round(official.eval[k], 5) for k in ours})
+
+
+def test_image_id_of_examples():
+  assert export.image_id({"image/id": np.int64(139)}) == 139  # COCO (TFDS int64 scalar)
+  assert export.image_id({"id": np.asarray(7)}) == 7  # Visual Genome
+  assert export.image_id({"image/id": b"000123"}) == 123  # a numeric string
+  assert export.image_id({"image/id": b"0a1b2c3d4e5f6a7b"}) == "0a1b2c3d4e5f6a7b"  # Open Images
+  assert export.image_id({}) is None

@@ -57,7 +57,7 @@ from pixelground.config import schema
 from pixelground.data import pipeline
 from pixelground.data import tasks as task_lib
 from pixelground.data import transforms as T
-from pixelground.inference import decoding, eval_entities, nonfinite
+from pixelground.inference import decoding, eval_entities, export, nonfinite
 from pixelground.inference.predictor import mask_to_image
 from pixelground.inference import grounding
 from pixelground.models import gella as gella_lib
@@ -141,16 +141,6 @@ def _decode(model: P.PixelLLM, batch, task: str, max_len: int, dense_k: int,
 # Host-side scoring: one record per example
 # ----------------------------------------------------------------------------------------------------
 
-def _image_id(ex: dict):
-  """The dataset's id of an example's image (COCO / VG int, Localized Narratives string), or None."""
-  v = ex.get("image/id", ex.get("id"))
-  if v is None:
-    return None
-  v = v if isinstance(v, (bytes, str)) else np.asarray(v).item()
-  v = v.decode() if isinstance(v, bytes) else v
-  return int(v) if isinstance(v, str) and v.isdigit() else v
-
-
 def _plain(mask) -> np.ndarray:
   m = np.asarray(mask)
   return (m[..., 0] if m.ndim == 3 else m).astype(bool)
@@ -228,11 +218,11 @@ class _Scorer:
                    trace=centre(pred).round(4).tolist())
       return rec
     if task == "caption":
-      return {"image_id": _image_id(ex),
+      return {"image_id": export.image_id(ex),
               "caption": self._words(out["tokens"][i], int(out["lengths"][i])),
               "references": [task_lib.as_text(c) for c in ex["captions"]]}
     if task == "region_caption":
-      return {"image_id": _image_id(ex),
+      return {"image_id": export.image_id(ex),
               "caption": self._words(out["tokens"][i], int(out["lengths"][i])),
               "box": np.asarray(ex["box_xyxy"], np.float32).reshape(4).round(2).tolist(),
               "references": [task_lib.as_text(s) for s in ex["sentences"]]}
@@ -244,7 +234,7 @@ class _Scorer:
       boxes = geom.inverse_boxes(np.asarray(out["boxes"][i], np.float32) * self.cfg.image_size)
       texts = [self._words(t, int(n)) for t, n in zip(out["tokens"][i], out["lengths"][i])]
       gt_boxes, gt_phrases = task_lib.dense_regions(ex, self.categories)
-      return {"image_id": _image_id(ex), "boxes": boxes.round(2).tolist(),
+      return {"image_id": export.image_id(ex), "boxes": boxes.round(2).tolist(),
               "scores": np.asarray(out["scores"][i]).round(4).tolist(),
               "captions": texts, "gt_boxes": gt_boxes.round(2).tolist(), "gt_phrases": gt_phrases}
     raise ValueError(f"no scorer for task '{task}'")

@@ -32,8 +32,20 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 FORMATS = ("jsonl", "coco")
 CAPTION_TASKS = ("caption", "region_caption")
+
+
+def image_id(ex: Mapping):
+  """The dataset's id of an example's image (COCO / VG int, Localized Narratives string), or None."""
+  v = ex.get("image/id", ex.get("id"))
+  if v is None:
+    return None
+  v = v if isinstance(v, (bytes, str)) else np.asarray(v).item()
+  v = v.decode() if isinstance(v, bytes) else v
+  return int(v) if isinstance(v, str) and v.isdigit() else v
 
 
 def _ids(records: Sequence[Mapping]) -> list:
