@@ -1,7 +1,8 @@
 r"""Evaluates a checkpoint on every task of its config (the benchmarks' metrics; `pixelground.inference.eval_lib`).
 
     python -m pixelground.evaluate --config=configs/demo.py --checkpoint=workdir/demo \
-        [--tasks=referring,reason_seg] [--split=validation] [--workdir=OUT] [--max_examples=N]
+        [--tasks=referring,reason_seg] [--split=validation] [--workdir=OUT] [--max_examples=N] \
+        [--format=coco]
 
 `--checkpoint` is a training workdir, its checkpoints/ directory or one step directory (checkpoints/1200);
 the newest step is used unless a step is named. Decoding runs sharded over the mesh of `config.mesh`
@@ -11,8 +12,11 @@ checkpoint's workdir):
   eval_[<split>_]<step>.json             the metrics {"<task>/<metric>": value}
   predictions_[<split>_]<step>.jsonl     one line per example: {"task", "index", ...prediction, ground truth}
 
-and prints the metrics; the last line is the metrics as JSON. `--config.eval.*` overrides work as in
-training (batch_size, max_decode_len, dense_k, java_fallback).
+and prints the metrics; the last line is the metrics as JSON. Panoptic tasks also get their COCO
+panoptic results (PNG + JSON). `--format=coco` adds the official results formats of the other
+benchmarks (COCO detection results for dense captioning, COCO caption results, each with its ground
+truth in COCO format: `pixelground.inference.export`) for the official tools. `--config.eval.*`
+overrides work as in training (batch_size, max_decode_len, dense_k, java_fallback, png_round_trip).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: each ta
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: the checkpoint's workdir).")
 _MAX = flags.DEFINE_integer("max_examples", None, "At most this many examples per task (0 = all).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global eval batch (default config.eval.batch_size).")
+_FORMAT = flags.DEFINE_enum("format", "jsonl", ["jsonl", "coco"], "jsonl: metrics + predictions JSONL; "
+                            "coco: also the official results files (pixelground.inference.export).")
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
@@ -77,6 +83,10 @@ def main(argv):
     for k, v in metrics.items():
       print(f"  {k:32s} {v:.4f}" if isinstance(v, float) else f"  {k:32s} {v}")
     print(f"Wrote {out}/eval_{tag}.json and predictions_{tag}.jsonl", flush=True)
+    if _FORMAT.value == "coco":
+      from pixelground.inference import export
+      for path in export.write_coco(out, tag, evaluator.records, evaluator.conv):
+        print(f"Wrote {path}", flush=True)
     print(json.dumps({"step": step, **metrics}), flush=True)
 
 

@@ -44,6 +44,17 @@ def _cases():
   cases["b_edge"] = (24, 16, {"text": ["the corner"], "is_sentence": False, "shapes": [
       {"label": "target", "points": [[18, 10], [40, 30]], "shape_type": "rectangle"}]},
       _box_mask(16, 24, (18, 10, 23, 15)), np.zeros((16, 24), bool))
+  # Equal-area polygons (LISA paints np.argsort(areas)[::-1]: equal areas in reverse file order, so
+  # the first listed wins where they overlap): a 10 x 10 target listed before a 10 x 10 ignore square
+  # it overlaps (the overlap stays target), and a 7 x 7 ignore listed before a 7 x 7 target (the
+  # overlap stays ignore).
+  w, h = 30, 12
+  pair1 = (_box_mask(h, w, (0, 0, 9, 9)), _box_mask(h, w, (5, 0, 14, 9)))  # target, ignore
+  pair2 = (_box_mask(h, w, (16, 0, 22, 6)), _box_mask(h, w, (19, 3, 25, 9)))  # ignore, target
+  cases["c_equal_area"] = (w, h, {"text": ["q"], "is_sentence": False, "shapes": [
+      _rect(0, 0, 9, 9, "target"), _rect(5, 0, 14, 9, "ignore"),
+      _rect(16, 0, 22, 6, "ignore"), _rect(19, 3, 25, 9, "target")]},
+      pair1[0] | (pair2[1] & ~pair2[0]), (pair1[1] & ~pair1[0]) | pair2[0])
   return cases
 
 
@@ -105,7 +116,7 @@ DEFAULT = ("train", "val", "test")
 
 
 def _raw_dir(builder):
-  """<root>/raw for a builder built into <root>/data (data_dir = <root>/data/reasonseg/default/1.0.0)."""
+  """<root>/raw for a builder built into <root>/data (data_dir = <root>/data/reasonseg/default/1.1.0)."""
   return Path(builder.data_dir).parents[3] / "raw"
 
 
@@ -132,6 +143,9 @@ def test_masks_and_fields(clean):
   # pixel counts, by hand: 10x8 rectangle minus the 3x3 hole, 11x8 truncated rectangle, 4x4 square
   assert int(train["a_room"]["target_mask"].sum()) == 80 - 9 + 88 + 16
   assert int(train["a_room"]["ignore_mask"].sum()) == 9 + 40 * 10 - 16
+  # equal areas: the 5 x 10 overlap of pair 1 is target, the 4 x 4 overlap of pair 2 is ignore
+  assert int(train["c_equal_area"]["target_mask"].sum()) == 100 + 49 - 16
+  assert int(train["c_equal_area"]["ignore_mask"].sum()) == 100 - 50 + 49
 
   rotated = _read(clean, "validation")["rotated"]
   with Image.open(_raw_dir(clean) / "val" / "rotated.jpg") as im:
@@ -167,7 +181,7 @@ def test_grounded_shapes_config_and_missing_folder(tmp_path):
   _fixture(tmp_path / "raw", folders, bad=False)
   built = common.build(ReasonSeg, tmp_path / "data", tmp_path / "raw", config="grounded_shapes")
   assert {s: built.info.splits[s].num_examples for s in ("train", "validation", "test")} == {
-      "train": 2, "validation": 1, "test": 1}
+      "train": 3, "validation": 1, "test": 1}
   (tmp_path / "raw" / "reasonseg" / "test" / "t.json").unlink()
   (tmp_path / "raw" / "reasonseg" / "test" / "t.jpg").unlink()
   (tmp_path / "raw" / "reasonseg" / "test").rmdir()

@@ -38,7 +38,8 @@ def test_sigkill_resume_is_exact_and_sigterm_saves(env, tmp_path):
   assert np.mean(ln[-3:]) < 0.8 * np.mean(ln[:3]), ln
   # `pixelground.evaluate` on the final checkpoint reproduces the run's final evaluation exactly.
   ev = subprocess.run([sys.executable, "-m", "pixelground.evaluate", f"--config={CONFIG}",
-                       f"--checkpoint={ref}", f"--workdir={tmp_path / 'eval'}"], env=env, cwd=ROOT,
+                       f"--checkpoint={ref}", f"--workdir={tmp_path / 'eval'}", "--format=coco"],
+                      env=env, cwd=ROOT,
                       capture_output=True, text=True, timeout=600)
   assert ev.returncode == 0, ev.stderr[-3000:]
   again = json.loads(ev.stdout.strip().splitlines()[-1])

@@ -23,8 +23,12 @@ Rasterisation follows LISA's `get_mask_from_json`: shapes labelled "flag" are dr
 containing "ignore" (case-insensitive) marks an ignore region, any other label a target; vertices are
 truncated to integer pixels and each polygon is filled including its boundary pixels (PIL
 `ImageDraw.polygon` with fill and outline, as cv2 `fillPoly` + `polylines` do); polygons are painted
-largest first (area = its own rasterised pixel count; ties keep file order), so a smaller polygon
-overrides the larger one it lies in. The two masks are therefore disjoint: `ignore_mask` is LISA's 255
+in the order of `np.argsort(areas)[::-1]` (area = its own rasterised pixel count): largest first, so
+a smaller polygon overrides the larger one it lies in, and polygons of equal area in reverse file
+order, so the one earlier in the file wins where they overlap (a target and an ignore polygon of the
+same area: the first listed decides). LISA's `np.argsort` is numpy's default (unstable) sort, which
+keeps equal keys in order at the polygon counts ReasonSeg files hold; here the stable sort is used so
+that this holds for any count. The two masks are therefore disjoint: `ignore_mask` is LISA's 255
 label (excluded from scoring), `target_mask` its 1 label. `shape_type` "rectangle" (two opposite
 corners) is filled as the box; a record with any other shape type is skipped (`unsupported_shape`).
 
@@ -106,7 +110,7 @@ def _parse(anno: tp.Any) -> tuple[list[str], bool, list[tuple[int, list[tuple[fl
 def rasterise(polygons: list[tuple[int, list[tuple[float, float]]]], width: int, height: int
               ) -> np.ndarray:
   """uint8 (height, width) label map: 0 background, TARGET / IGNORE where the polygons (pixel vertices)
-  are, painted largest first (LISA's rule; see the module docstring)."""
+  are, painted largest first and equal areas in reverse file order (LISA's rule; module docstring)."""
   from PIL import Image, ImageDraw
 
   def draw(canvas, vertices, value):
@@ -122,7 +126,8 @@ def rasterise(polygons: list[tuple[int, list[tuple[float, float]]]], width: int,
     alone = Image.new("L", (width, height), 0)
     draw(alone, vertices, 1)
     areas.append(int(np.count_nonzero(np.asarray(alone))))
-  order = sorted(range(len(polygons)), key=lambda i: -areas[i])  # stable: ties keep file order
+  # LISA: np.argsort(area_list)[::-1] — ascending stable, reversed: equal areas in reverse file order.
+  order = np.argsort(np.asarray(areas, np.int64), kind="stable")[::-1].tolist()
   canvas = Image.new("L", (width, height), 0)
   for i in order:
     draw(canvas, polygons[i][1], polygons[i][0])
@@ -142,8 +147,10 @@ class ReasonSeg(common.Builder):
   """LISA's ReasonSeg: images, implicit (reasoning) queries and target / ignore masks."""
 
   name = "reasonseg"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Polygons of equal area are painted in reverse file order, as LISA's "
+                            "get_mask_from_json (the first listed wins); was file order."}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name="default", description="LISA's ReasonSeg release "
                               "(train 239 / val 200 / test 779 images)."),

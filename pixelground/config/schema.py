@@ -148,6 +148,8 @@ class EvalConfig:
   max_decode_len: int = 40       # generated tokens (captions, answers)
   dense_k: int = 10              # proposals per image (dense captioning)
   java_fallback: bool = False    # caption metrics without Java: no METEOR, Python tokenizer
+  # PNG: score phrase masks after the benchmark's 256 × 256 round trip (`metrics/png.py`)
+  png_round_trip: bool = False
   # GELLA tasks' entities: "oracle" (ground-truth segments) or "sam" (SAM's automatic masks of the
   # image, `inference/eval_entities.py`), from `sam_checkpoint` or the model's own SAM parts.
   entities: str = "oracle"

@@ -24,8 +24,9 @@ Per task (by converter, `config.tasks[name].converter`, default the task name):
   narrative_grounding  (PNG) teacher-forced on the given noun phrases, each followed by `[SEG]`; each
                   phrase owns the entities its association logit puts above 0 (else its best one); the
                   union of their segments on the ORIGINAL image against the phrase's segments: average
-                  recall overall / things / stuff / singular / plural, Acc@0.5 (phrases that did not fit
-                  the target count as IoU 0, `truncated` says how many)
+                  recall overall / things / stuff / singular / plural, Acc@0.5 (IoU > 0.5), the PNG
+                  benchmark's definitions (`config.eval.png_round_trip`: its 256 × 256 mask round
+                  trip); phrases that did not fit the target count as IoU 0 (`truncated` says how many)
   panoptic        greedy decoding of "name [SEG]" per entity from the category list; each entity takes
                   the category of its best-associated named `[SEG]` (stuff entities of a category
                   merged); PQ / SQ / RQ overall / things / stuff against the COCO panoptic ground truth
@@ -56,7 +57,7 @@ from pixelground.config import schema
 from pixelground.data import pipeline
 from pixelground.data import tasks as task_lib
 from pixelground.data import transforms as T
-from pixelground.inference import decoding, eval_entities, nonfinite
+from pixelground.inference import decoding, eval_entities, export, nonfinite
 from pixelground.inference.predictor import mask_to_image
 from pixelground.inference import grounding
 from pixelground.models import gella as gella_lib
@@ -148,8 +149,10 @@ def _plain(mask) -> np.ndarray:
 class _Scorer:
   """Turns one task's device outputs + the source examples into per-example records."""
 
-  def __init__(self, task: str, tokenizer, cfg: P.PixelLLMConfig, categories=None):
+  def __init__(self, task: str, tokenizer, cfg: P.PixelLLMConfig, categories=None,
+               png_round_trip: bool = False):
     self.task, self.tok, self.cfg, self.categories = task, tokenizer, cfg, categories
+    self.png_round_trip = png_round_trip
 
   def _words(self, tokens: np.ndarray, length: int) -> str:
     toks = [int(t) for t in tokens[:length]]
@@ -215,21 +218,24 @@ class _Scorer:
                    trace=centre(pred).round(4).tolist())
       return rec
     if task == "caption":
-      return {"caption": self._words(out["tokens"][i], int(out["lengths"][i])),
+      return {"image_id": export.image_id(ex),
+              "caption": self._words(out["tokens"][i], int(out["lengths"][i])),
               "references": [task_lib.as_text(c) for c in ex["captions"]]}
     if task == "region_caption":
-      return {"caption": self._words(out["tokens"][i], int(out["lengths"][i])),
+      return {"image_id": export.image_id(ex),
+              "caption": self._words(out["tokens"][i], int(out["lengths"][i])),
               "box": np.asarray(ex["box_xyxy"], np.float32).reshape(4).round(2).tolist(),
               "references": [task_lib.as_text(s) for s in ex["sentences"]]}
     if task == "narrative_grounding":
-      return _png_record(ex, row, out["assoc_logits"][i], entity_map)
+      return _png_record(ex, row, out["assoc_logits"][i], entity_map, self.png_round_trip)
     if task == "panoptic":
       return self._panoptic_record(ex, row, out, i, entity_map)
     if task == "dense_caption":
       boxes = geom.inverse_boxes(np.asarray(out["boxes"][i], np.float32) * self.cfg.image_size)
       texts = [self._words(t, int(n)) for t, n in zip(out["tokens"][i], out["lengths"][i])]
       gt_boxes, gt_phrases = task_lib.dense_regions(ex, self.categories)
-      return {"boxes": boxes.round(2).tolist(), "scores": np.asarray(out["scores"][i]).round(4).tolist(),
+      return {"image_id": export.image_id(ex), "boxes": boxes.round(2).tolist(),
+              "scores": np.asarray(out["scores"][i]).round(4).tolist(),
               "captions": texts, "gt_boxes": gt_boxes.round(2).tolist(), "gt_phrases": gt_phrases}
     raise ValueError(f"no scorer for task '{task}'")
 
@@ -347,9 +353,11 @@ def summarize(task: str, records: list[dict], *, java_fallback: bool = False,
   raise ValueError(f"no summary for task '{task}'")
 
 
-def _png_record(ex: dict, row: dict, logits: np.ndarray, entity_map: np.ndarray | None = None) -> dict:
+def _png_record(ex: dict, row: dict, logits: np.ndarray, entity_map: np.ndarray | None = None,
+                round_trip: bool = False) -> dict:
   """One PNG example: every groundable phrase's IoU (ORIGINAL image) with its flags; a phrase's mask
-  is the union of its entities' segments (or of the automatic entities of `entity_map`)."""
+  is the union of its entities' segments (or of the automatic entities of `entity_map`); with
+  `round_trip` after the benchmark's 256 × 256 mask round trip (`pixelground.metrics.png`)."""
   from tfds_builders.coco_panoptic import segment_ids
 
   ids_map = segment_ids(np.asarray(ex["panoptic"]))
@@ -365,7 +373,8 @@ def _png_record(ex: dict, row: dict, logits: np.ndarray, entity_map: np.ndarray 
     gt = np.isin(ids_map, flat[offsets[p]:offsets[p + 1]])
     ids = np.asarray(row["entity_ids"])[owned[j]] if j < noun_valid.sum() else np.zeros(0, int)
     chosen.append([int(x) for x in ids])
-    ious.append(float(M.soft_iou(np.isin(pred_map, ids)[None], gt[None])[0]))
+    pred = np.isin(pred_map, ids)[None]
+    ious.append(float(M.png_iou(pred, gt[None], round_trip_masks=round_trip)[0]))
   return {"caption": task_lib.as_text(ex["caption"]),
           "phrases": [task_lib.as_text(phrases["utterance"][p]) for p in nouns], "entities": chosen,
           "ious": ious, "things": [bool(phrases["isthing"][p]) for p in nouns],
@@ -474,8 +483,8 @@ class Evaluator:
 
     self._forward = runtime.AheadOfTime(jax.jit(forward, static_argnums=3, out_shardings=rep), "forward")
     self._decode = runtime.AheadOfTime(jax.jit(decode, static_argnums=3, out_shardings=rep), "decode")
-    self.scorers = {n: _Scorer(self.conv[n], tokenizer, cfg, self._categories(self.tasks[n]))
-                    for n in self.names}
+    self.scorers = {n: _Scorer(self.conv[n], tokenizer, cfg, self._categories(self.tasks[n]),
+                               self.opts.png_round_trip) for n in self.names}
     self.auto = (eval_entities.AutoEntities(self.opts.sam_checkpoint, cfg.image_size)
                  if self.opts.entities == "sam" and any(self.conv[n] in eval_entities.TASKS
                                                         for n in self.names) else None)

@@ -4,6 +4,12 @@ Boxes are float arrays with the coordinates on the last axis. `xyxy` = [x0, y0, 
 `xywh` = [x, y, width, height] (COCO's `bbox`). Any consistent unit works (pixels or normalised); the
 IoU is unit-free. Corners may come in either order (x1 < x0 is allowed and sorted first), matching
 `pixelground.training.metrics.box_iou`: PixelLLM's two predicted points are unordered.
+
+Reproduces (`refer_accuracy`): the RefCOCO box accuracy of the refer / MAttNet evaluation scripts
+(lichengunc/MAttNet, tools/eval_*.py: a hit when IoU(pred, gt) ≥ 0.5), which PixelLLM reports as
+P@0.5. Deviations: IoU of continuous boxes (the refer toolkit's `computeIoU` adds 1 pixel to widths
+and heights of its integer boxes; on pixel boxes of COCO size this moves an IoU by < 1 %); PixelLLM's
+own evaluator (google-research/scenic, projects/pixel_llm) was not compared line by line.
 """
 
 from __future__ import annotations

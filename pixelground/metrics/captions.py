@@ -1,6 +1,7 @@
 """Caption metrics — BLEU-1..4, METEOR, ROUGE-L, CIDEr — through the COCO caption evaluation package.
 
-The numbers are pycocoevalcap's own (`pip install pycocoevalcap`): its PTB tokenizer (Stanford CoreNLP,
+Reproduces: salaniz/pycocoevalcap (the pip package of tylin/coco-caption), eval.py `COCOEvalCap.
+evaluate`, by calling it: the numbers are pycocoevalcap's own (`pip install pycocoevalcap`): its PTB tokenizer (Stanford CoreNLP,
 lower-cased, punctuation removed) and its Bleu(4) / Meteor / Rouge / Cider scorers, called exactly as
 its `COCOEvalCap.evaluate` does. SPICE is not computed (it downloads Stanford models on first use).
 

@@ -17,6 +17,18 @@ Protocol (the DenseCap evaluator's, which GRiT and PixelLLM report):
    thresholds of the AP with the METEOR condition dropped.
 
 All values are fractions (papers print ×100). Boxes are xyxy, any consistent unit.
+
+Official code: jcjohnson/densecap, eval/eval_utils.lua `DenseCaptioningEvaluator` (Lua/Torch, not
+installable; GRiT reports this protocol). KNOWN DEVIATIONS, not yet fixed (docs/metrics.md):
+- its mAP averages 25 APs, IoU {.3, ..., .7} × METEOR {.05, ..., .25} with METEOR > t (strict), and
+  its detection AP is the METEOR-free one; here mAP averages 30 APs with METEOR ≥ t including t = 0
+  (rows equal to the detection AP), which raises mAP towards det_map;
+- its AP averages the interpolated precision over the 100 recall levels of Lua's `for t=0,1,0.01`
+  (0, 0.01, ..., 0.99 accumulated in floating point: 1 is never reached), here 101 levels 0 ... 1;
+- its IoU adds 1 pixel to widths and heights, assigns a prediction to the first box of highest
+  IoU > 0, and a prediction overlapping nothing marks the last box as taken (Torch's index -1);
+  here continuous IoU and no such side effect; its box merge (box_utils.merge_boxes) was not
+  compared with `merge_gt_boxes`.
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ Inputs, shape (H, W) per example (or (..., H, W) for a batch), at the resolution
   target  bool or {0, 1}; a float target is binarised at > 0.5 (as `pixelground.training.losses.mask_iou`).
   ignore  optional bool, True where a pixel is not scored (ReasonSeg "ignore" polygons, padding): such
           pixels count in neither the intersection nor the union.
+
+Reproduces: dvlab-research/LISA, train_ds.py `validate` with utils/utils.py `intersectionAndUnionGPU`
+(ignore_index 255 = ReasonSeg's ignore label; the foreground class's counts): gIoU = mean of
+intersection / (union + 1e-5) with 1 added where the union is 0, cIoU = Σ intersection /
+(Σ union + 1e-10), over every scored mask. Deviation: float64 counts and ratios without LISA's
+1e-5 / 1e-10 guards (LISA divides float32 counts: a per-example IoU differs by < 1e-6 relative).
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ positive unless more than half of its pixels are ground-truth void or a crowd re
 Statistics add up over images per category; then, per category with TP + FP + FN > 0:
   PQ = Σ_TP IoU / (TP + ½FP + ½FN),  SQ = Σ_TP IoU / TP (0 when TP = 0),  RQ = TP / (TP + ½FP + ½FN)
 and PQ / SQ / RQ are the plain means over those categories: all, things (isthing = 1), stuff.
+
+Reproduces: cocodataset/panopticapi, panopticapi/evaluation.py `pq_compute_single_core` and
+`PQStat.pq_average` (not installable from PyPI; its definitions are ported and tested on hand cases
+and the real COCO panoptic sample). Deviation: images come as arrays (`add`), not as PNG files, and
+an unknown category or a segment id missing from the map raises here as panopticapi's checks do.
 """
 
 from __future__ import annotations

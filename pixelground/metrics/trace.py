@@ -11,6 +11,12 @@ image size first.
   per_word_ndtw   nDTW of each word's trace segment
   lbm_distance    Local Bipartite Matching distance (Meng et al., CVPR 2021, "Connecting What to Say
                   With Where to Look by Modeling Human Attention Traces", arXiv 2105.05964)
+
+Reproduces: `token_point_l1` is PixelLLM's trace L1 (google-research/scenic, projects/pixel_llm; the
+in-training `trace_l1`); nDTW follows the definition of Ilharco et al. (google-research/
+google-research, r4r/ndtw — the formula, ported from the paper, not compared with that file); LBM
+follows the paper's definition (the authors' code was not available to compare). Deviations: these
+three are defined in the code docs here, as SPEC section 6 asks, and have no installable reference.
 """
 
 from __future__ import annotations
