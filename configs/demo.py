@@ -89,14 +89,14 @@ def get_config(arg=None):
     # / size; each noun is the mean of its phrase's decoder states; each entity's outline at one scale
     # (a 16×16 crop) gives a shape code joining its query, its embedding and, painted, the fused map.
     c.model.tiny["gella"] = {"image_stem": 16, "mask_stem": 16, "noun_pool": True, "shape_stem": 16,
-                             "shape_blend": True, "entity_tokens": True}
+                             "shape_blend": True, "entity_tokens": True, "colormap_size": image_size}
     # The panoptic prompt keeps the category list's order in training too (one fixed target order).
     c.data.shuffle_categories = False
     c.tasks.png = base.task("panoptic_narrative_grounding/grounded_shapes",
-                            converter="narrative_grounding", weight=2.5, max_seg=6, max_target_len=48)
-    c.tasks.panoptic = base.task("coco_panoptic/grounded_shapes", weight=2.5, max_seg=6,
+                            converter="narrative_grounding", weight=1.5, max_seg=6, max_target_len=48)
+    c.tasks.panoptic = base.task("coco_panoptic/grounded_shapes", weight=1.5, max_seg=6,
                                  max_prompt_len=32, max_target_len=24)
     c.data.max_entities = 6
-    c.optimizer.total_steps = 2250
+    c.optimizer.total_steps = 1950
     c.eval.tasks = tuple(c.eval.tasks) + ("png", "panoptic")
   return c

@@ -83,11 +83,11 @@ def _newest(ckpt) -> str:
   return f"step {good} ({ckpt.step_dir(good)})" if good is not None else "none"
 
 
-def _precompile(config, setup, train_step, state, guard, names, batch_size):
-  """Starts compiling every task's train step on `config.compile_workers` threads (single-task
-  batches only) → the thread pool, or None. The most weighted tasks go first."""
+def _precompile(config, setup, train_step, evaluator, state, guard, names, batch_size):
+  """Starts compiling every task's train step (single-task batches; the most weighted tasks first),
+  then the evaluation programs, on `config.compile_workers` threads → the thread pool, or None."""
   import concurrent.futures
-  if config.data.mixing != "batch" or config.compile_workers == 0:
+  if config.compile_workers == 0:
     return None
   from pixelground.parallel import sharding
   from pixelground.training import datasets
@@ -97,10 +97,12 @@ def _precompile(config, setup, train_step, state, guard, names, batch_size):
   pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile")
   context = lambda: sharding.use(setup.mesh, setup.rules)
   abstract_state, abstract_guard = datasets.abstract(state), datasets.abstract(guard)
-  for task in sorted(names, key=lambda n: -config.tasks[n].weight):
+  for task in (sorted(names, key=lambda n: -config.tasks[n].weight) if config.data.mixing == "batch"
+               else [None]):
     train_step.precompile(pool, context, abstract_state, abstract_guard,
                           datasets.abstract_batch(config, setup, batch_size, task),
                           datasets.heads_of(config, task))
+  evaluator.precompile(pool, state)
   return pool
 
 
@@ -205,11 +207,11 @@ def main(argv):
                                   "train_step")
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   guard = jax.device_put(steps.init_guard(), replicated)
-  compiler = _precompile(config, setup, train_step, state, guard, names, batch_size)
   watch = guard_lib.NonFiniteWatch(config.max_nonfinite_steps, echo=pid == 0)
   figure = config.visualize.enabled
   evaluator = eval_lib.Evaluator(config, setup, tokenizer,
                                  keep_examples=config.visualize.num_images if figure else 0)
+  compiler = _precompile(config, setup, train_step, evaluator, state, guard, names, batch_size)
   writers = metric_writers.create_writers(workdir, enabled=True)
   preempt = _Preemption()
   total = config.optimizer.total_steps
@@ -296,6 +298,9 @@ def main(argv):
                      f"checkpoint saved.", ckpt, data_iter, writers, pool=compiler)
     # The final checkpoint finishes writing in the background during the evaluation.
     result = evaluator.run(state)
+    if evaluator.unused_programs():
+      logging.warning("precompiled evaluation programs never used (their abstract batches differ "
+                      "from the real ones): %s", evaluator.unused_programs())
     result.update(step=step, train_seconds=round(time.perf_counter() - t_start, 1),
                   trainable_params=int(n_train), params=int(n_all))
     writers.write_scalars(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})

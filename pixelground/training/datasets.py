@@ -91,8 +91,20 @@ def heads_of(config, task: str | None) -> tuple[str, ...] | None:
   return None if task is None else tuple(P.TASK_HEADS.get(schema.parse(config).converter(task), ()))
 
 
-# Bumped whenever the set of datasets the grounded-shapes build writes changes (2: + image_text).
+# Bumped whenever the set of datasets the grounded-shapes build writes changes (2: + image_text); a
+# builder's own VERSION bump changes the cache key by itself (`_builder_versions`).
 CACHE_VERSION = 2
+
+
+def _builder_versions() -> str:
+  """8 hex digits of the grounded-shapes builders' VERSIONs: a builder whose output changed (its
+  VERSION bumped) gets a fresh cache instead of a stale one without its new version."""
+  import hashlib
+  from tfds_builders import build_grounded_shapes
+  modules = build_grounded_shapes.BUILDERS + (("image_text", "ImageText"),)
+  text = ";".join(f"{m}={getattr(importlib.import_module(f'tfds_builders.{m}'), c).VERSION}"
+                  for m, c in modules)
+  return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def abstract_batch(config, setup, batch_size: int, task: str | None) -> dict:
@@ -127,7 +139,8 @@ def cache_dir() -> str:
 
 def _grounded_shapes_root(gs) -> str:
   """The cache directory of one `config.data.grounded_shapes` setting (keyed by its numbers)."""
-  key = f"grounded_shapes-v{CACHE_VERSION}-{gs.num_train}-{gs.num_validation}-{gs.seed}-{gs.size}"
+  key = (f"grounded_shapes-v{CACHE_VERSION}-{_builder_versions()}-{gs.num_train}-{gs.num_validation}-"
+         f"{gs.seed}-{gs.size}")
   if (gs.max_shapes, gs.scale) != (5, 1.0):
     key += f"-n{gs.max_shapes}-x{gs.scale:g}"
   if gs.colours != 8:
