@@ -297,3 +297,16 @@ def test_real_builders_build_grounded_shapes(tmp_path):
         segs = ex["phrase_segment_ids"][ex["phrase_offsets"][p]:ex["phrase_offsets"][p + 1]]
         assert int(masks[p].sum()) == int(np.isin(ids, segs).sum())
   assert common.skipped_counts(png) == {"train": {}, "validation": {}, "test": {}}
+
+
+def test_cache_key_follows_the_builder_versions(monkeypatch):
+  # A builder whose output changes bumps its VERSION; the trainer's cache must then be rebuilt, not
+  # reused without that version in it.
+  from pixelground.config import schema
+  from pixelground.training import datasets
+  from tfds_builders import reasonseg
+  config = schema.parse(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
+  before = datasets.data_dir(config)
+  monkeypatch.setattr(reasonseg.ReasonSeg, "VERSION", "9.9.9")
+  after = datasets.data_dir(config)
+  assert before != after and os.path.dirname(before) != os.path.dirname(after)
