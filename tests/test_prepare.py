@@ -172,3 +172,35 @@ def test_direct_runner_worker_processes(tmp_path):
                       "--beam_options=--direct_num_workers=2 --direct_running_mode=multi_processing"))
   assert out["examples"] == {"train": len(expected)} and out["skipped"] == {"train": skips}
   _check(_read_all(ImageText(data_dir=str(tmp_path / "mp"), config="parquet")), expected)
+
+
+def _documented_commands() -> list[str]:
+  """Every `python -m tfds_builders.prepare` command in the README's shell blocks and the webli
+  config's header, with line continuations joined."""
+  readme = open(os.path.join(REPO, "tfds_builders", "README.md"), encoding="utf-8").read()
+  blocks = [b.split("```", 1)[0] for b in readme.split("```sh\n")[1:]]
+  blocks.append(open(os.path.join(REPO, "configs", "webli_pretrain_t5xl.py"), encoding="utf-8").read())
+  commands = []
+  for block in blocks:
+    text = block.replace("\\\n", " ")
+    commands += [line.split("python -m tfds_builders.prepare", 1)[1] for line in text.splitlines()
+                 if "python -m tfds_builders.prepare " in line and not line.lstrip().startswith("#")]
+  return commands
+
+
+def test_documented_commands_are_valid():
+  """The documented commands parse, and their Beam options are options Beam knows and its validator
+  accepts for that runner (Dataflow's project / region / temp_location included); nothing runs."""
+  import shlex
+  commands = _documented_commands()
+  assert len(commands) >= 6, commands
+  runners = set()
+  for command in commands:
+    args = prepare.parse_args(shlex.split(command))
+    builder_cls, config = prepare.builder_class(args)
+    assert (args.builder, config) == ("image_text", "webdataset")
+    _, options, runner = prepare._beam_setup(args, builder_cls)
+    runners.add(runner)
+    if runner in ("DataflowRunner", "FlinkRunner", "SparkRunner"):
+      assert options.get_all_options()["setup_file"] == "./setup.py", command
+  assert runners == {"in-process", "DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner"}
