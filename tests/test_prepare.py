@@ -89,6 +89,10 @@ def test_direct_runner_build_equals_in_process_build(tmp_path, config):
   again = _summary(_cli(*common, f"--data_dir={tmp_path / 'beam'}"))
   assert again["reused"] is True and again["skipped"] == {"train": skips}
   assert again["examples"] == beam["examples"] and again["files"] == 2
+  # --overwrite rebuilds it (here into 3 files instead of 2).
+  redo = _summary(_cli(*common[:-1], "--num_shards=3", f"--data_dir={tmp_path / 'beam'}", "--overwrite"))
+  assert (redo["reused"], redo["files"], redo["skipped"]) == (False, 3, {"train": skips})
+  assert len(list((tmp_path / "beam").glob("image_text/*/*/*.array_record-*"))) == 3
 
 
 @pytest.mark.parametrize("args, flag", [
