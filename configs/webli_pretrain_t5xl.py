@@ -15,8 +15,18 @@ files of its own (`config.data.shard_by="file"`). Analytic FLOPs: 8.51 PFLOP per
 0.337 s per step at 50 % MFU and 190 examples/s per 4-chip host; the input pipeline converts 256
 examples/s per core here (640×480 JPEGs; `bench/input_pipeline.py --task web`).
 
-Data (prepared once, on a Beam runner for billions of pairs — see tfds_builders/README.md), then on
-every TPU VM host:
+Data: prepared once from webdataset tar shards (e.g. img2dataset's output) on a Beam runner — every
+host then reads whole array_record files of its own, so write many (here 16,384 = 256 per host; the
+Dataflow, Flink and Spark variants, the file count and the reading side: tfds_builders/README.md,
+"Preparing at scale"; not run here, no cloud):
+
+    python -m tfds_builders.prepare --builder=image_text --config=webdataset \
+        --manual_dir=gs://bucket/raw/webli --data_dir=gs://bucket/tfds --num_shards=16384 \
+        --beam_runner=DataflowRunner --beam_options="--project=my-project --region=us-central1 \
+          --temp_location=gs://bucket/beam/tmp --setup_file=./setup.py \
+          --requirements_file=/tmp/beam_requirements.txt --max_num_workers=512"
+
+then, on every TPU VM host:
 
     python -m pixelground.train --config=configs/webli_pretrain_t5xl.py --workdir=gs://bucket/webli \
         --config.weights.sam=/w/sam_vit_h_4b8939.pth --config.weights.eva=/w/eva02_L.safetensors \

@@ -133,6 +133,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   CITATION: str = ""
   HOMEPAGE: str = ""
   SUPERVISED_KEYS = None
+  SUPPORTS_BEAM = False  # True: `build(..., beam_runner=...)` prepares it on Apache Beam
 
   def __init__(self, *args, **kwargs):
     kwargs.setdefault("file_format", "array_record")
@@ -206,10 +207,13 @@ def skipped_counts(builder: tfds.core.DatasetBuilder) -> dict[str, dict[str, int
 
 def build(builder_cls: type[tfds.core.DatasetBuilder], data_dir: str | os.PathLike,
           manual_dir: str | os.PathLike | None = None, *, config: str | None = None,
-          beam_runner: tp.Any = None, num_shards: int | None = None, **builder_kwargs
-          ) -> tfds.core.DatasetBuilder:
+          beam_runner: tp.Any = None, beam_options: tp.Any = None, num_shards: int | None = None,
+          overwrite: bool = False, **builder_kwargs) -> tfds.core.DatasetBuilder:
   """Builds `builder_cls` (optionally a named config) into `data_dir`; returns the prepared builder.
   `num_shards`: the number of array_record files per split (default: TFDS picks by size).
+  `beam_runner` / `beam_options`: a Beam runner (instance or name) and `PipelineOptions`, for builders
+  that run on Apache Beam (`SUPPORTS_BEAM`; the CLI is `python -m tfds_builders.prepare`).
+  `overwrite`: rebuild a dataset already prepared in `data_dir` (by default it is reused as it is).
 
   Read it back with `builder.as_data_source(split=...)` (random access, for Grain).
   """
@@ -217,11 +221,15 @@ def build(builder_cls: type[tfds.core.DatasetBuilder], data_dir: str | os.PathLi
   if config is not None:
     kwargs["config"] = config
   builder = builder_cls(**kwargs)
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   dl_config = tfds.download.DownloadConfig(
       manual_dir=None if manual_dir is None else str(manual_dir), beam_runner=beam_runner,
-      num_shards=num_shards)
+      beam_options=beam_options, num_shards=num_shards, download_mode=mode)
   builder.download_and_prepare(download_config=dl_config,
                                download_dir=os.path.join(str(data_dir), "downloads"))
+  if overwrite:  # a builder made before the rebuild read the old dataset_info: read the new one
+    builder = builder_cls(**kwargs)
   return builder
 
 

@@ -303,6 +303,7 @@ class ImageText(common.Builder):
   """Image-text pairs from webdataset tar shards or parquet tables; in-process or on Apache Beam."""
 
   VERSION = tfds.core.Version("1.0.0")
+  SUPPORTS_BEAM = True
   RELEASE_NOTES = {"1.0.0": "First release."}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name="webdataset", description="webdataset *.tar shards (KEY.jpg + "
@@ -345,8 +346,8 @@ Put the shards at the top of manual_dir (nothing is downloaded):
     webdataset).
   parquet config: *.parquet tables with columns image (bytes, or struct with a 'bytes' field), text,
     and optional language (string), score (float).
-For billions of pairs build on Apache Beam: common.build(ImageText, data_dir, manual_dir,
-config=..., beam_runner=...) or pass beam_options in a DownloadConfig."""
+For billions of pairs build on Apache Beam: python -m tfds_builders.prepare --builder=image_text
+--config=... --beam_runner=... --beam_options="..." (tfds_builders/README.md, "Preparing at scale")."""
 
   def __init__(self, *, use_beam: bool | None = None, **kwargs):
     """`use_beam`: True / False force the Beam / in-process path; None (default) uses Beam exactly when

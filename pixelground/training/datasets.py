@@ -16,20 +16,11 @@ import numpy as np
 from pixelground.config import schema
 from pixelground.data import pipeline, tasks as task_lib
 from pixelground.models import pixelllm as P
+from tfds_builders import prepare
 
-# TFDS builder of each dataset name used in `config.tasks[*].dataset` ("name/config").
-DATASETS = {
-    "localized_narratives": ("tfds_builders.localized_narratives", "LocalizedNarratives"),
-    "coco_captions": ("tfds_builders.coco_captions", "CocoCaptions"),
-    "coco_panoptic": ("tfds_builders.coco_panoptic", "CocoPanoptic"),
-    "panoptic_narrative_grounding": ("tfds_builders.panoptic_narrative_grounding",
-                                     "PanopticNarrativeGrounding"),
-    "refcoco": ("tfds_builders.refcoco", "RefCoco"),
-    "reasonseg": ("tfds_builders.reasonseg", "ReasonSeg"),
-    "vg_densecap": ("tfds_builders.vg_densecap", "VgDensecap"),
-    "image_text": ("tfds_builders.image_text", "ImageText"),
-}
-
+# TFDS builder of each dataset name used in `config.tasks[*].dataset` ("name/config"): the builders
+# `python -m tfds_builders.prepare --builder=NAME` prepares.
+DATASETS = prepare.BUILDERS
 
 
 def open_builder(dataset: str, data_dir: str, where: str):
