@@ -310,8 +310,9 @@ def main(argv):
       path = os.path.join(workdir, "demo.png")
       if nproc == 1:
         from pixelground.inference import visualize
-        visualize.demo_figure(config, train_state.make_model(setup, state), tokenizer, path,
-                              kept=evaluator.kept)
+        with jax.transfer_guard("allow"):  # the figure's Predictor puts its own inputs on device
+          visualize.demo_figure(config, train_state.make_model(setup, state), tokenizer, path,
+                                kept=evaluator.kept)
         print(f"Wrote {path}", flush=True)
         result["figure"] = path
       else:
