@@ -156,7 +156,8 @@ def _merge_groups(iou: np.ndarray, thresh: float) -> list[np.ndarray]:
 
 
 def _float32_mean(x: np.ndarray) -> np.ndarray:
-  # Torch's mean of a float tensor: double accumulator, float32 sum, float32 division.
+  # torch.mean of a float tensor (TH: sum in a double accumulator, stored as float32, divided in
+  # float32). Exact for the few integer-pixel boxes of a group; other TH versions differ by 1 ulp.
   return (x.sum(axis=0).astype(np.float32) / np.float32(len(x))).astype(np.float64)
 
 
