@@ -89,8 +89,7 @@ def get_config(arg=None):
     # / size; each noun is the mean of its phrase's decoder states; each entity's outline at one scale
     # (a 16×16 crop) gives a shape code joining its query, its embedding and, painted, the fused map.
     c.model.tiny["gella"] = {"image_stem": 16, "mask_stem": 16, "noun_pool": True, "shape_stem": 16,
-                             "shape_blend": True, "entity_tokens": True, "colormap_size": image_size,
-                             "detach_image": True}
+                             "shape_blend": True, "entity_tokens": True, "colormap_size": image_size}
     # The panoptic prompt keeps the category list's order in training too (one fixed target order).
     c.data.shuffle_categories = False
     c.tasks.png = base.task("panoptic_narrative_grounding/grounded_shapes",

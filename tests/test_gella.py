@@ -231,11 +231,9 @@ def test_gradients_reach_both_branches():
 
 def test_entity_tokens_join_the_encoder():
   # `entity_tokens`: one T5 prefix token per entity slot after the visual tokens, masked where the slot
-  # is empty; the caption loss alone then trains the entity decoder through them. With `detach_image`
-  # it leaves the image encoders alone.
+  # is empty; the caption loss alone then trains the entity decoder through them.
   base = P.tiny_config(vocab_size=VOCAB, seg_token_id=SEG, gella=True)
-  cfg = dataclasses.replace(base, gella=dataclasses.replace(base.gella, entity_tokens=True,
-                                                             detach_image=True))
+  cfg = dataclasses.replace(base, gella=dataclasses.replace(base.gella, entity_tokens=True))
   model = P.PixelLLM(cfg, rngs=nnx.Rngs(0))
   batch = _batch(np.random.default_rng(0), e=6)
   batch["entity_valid"] = batch["entity_valid"].at[1, 4:].set(False)
@@ -255,9 +253,6 @@ def test_entity_tokens_join_the_encoder():
   flat = {".".join(map(str, k)): float(jnp.sum(jnp.abs(v[...]))) for k, v in nnx.to_flat_state(g)}
   assert sum(v for k, v in flat.items() if k.startswith("gella.token_proj.")) > 0
   assert sum(v for k, v in flat.items() if k.startswith("gella.entity_decoder.layers.")) > 0
-  # `detach_image`: a GELLA batch trains the extractor and T5 but not the image encoders.
-  assert sum(v for k, v in flat.items() if k.startswith("extractor.")) > 0
-  assert sum(v for k, v in flat.items() if k.startswith(("eva.", "sam_encoder."))) == 0
   # Without the switch the prefix is the visual tokens alone.
   _, plain_model = _model()
   fused, _, entities = plain_model.features(batch)

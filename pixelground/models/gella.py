@@ -79,11 +79,6 @@ class GellaConfig(ModelConfig):
   # entities, and with shape_stem which kinds, the image holds when it writes the names (the fused
   # map's few visual tokens blur them: a tiny T5 then writes the same names for every image).
   entity_tokens: bool = False
-  # detach_image (from-scratch aid, False = off): GELLA's batches read the image features without
-  # training the image encoders (stop-gradient), as the paper's frozen encoders; with every tower
-  # trained from scratch (the CPU demo) GELLA's losses otherwise pull on the SAM / EVA features the
-  # mask decoder and the location head are still learning to read.
-  detach_image: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
 

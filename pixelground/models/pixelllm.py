@@ -274,8 +274,6 @@ class PixelLLM(nnx.Module):
     fused, sam = self.image_features(batch["image"], batch["image_mask"], rng=rng)
     if self.gella is None or "entity_masks" not in batch:
       return fused, sam, None
-    if self.cfg.gella.detach_image:
-      fused = jax.lax.stop_gradient(fused)
     masks = batch["entity_masks"]
     valid = batch.get("entity_valid", jnp.any(masks, axis=(2, 3)))
     key = jax.random.fold_in(rng, 7) if rng is not None else jax.random.key(0)
