@@ -148,3 +148,23 @@ def results(gt: dict, masks: dict[int, np.ndarray], rng: np.random.Generator) ->
     segms.append({"image_id": image_id, "category_id": cat, "segmentation": compressed_rle(m),
                   "score": score})
   return boxes, segms
+
+
+def caption_eval(monkeypatch):
+  """pycocoevalcap's `eval` module with SPICE stubbed out (it downloads Stanford models on first
+  use; pixelground does not report it); skips the test without pycocoevalcap or Java."""
+  pytest.importorskip("pycocoevalcap")
+  from pixelground import metrics as M
+  if not M.captions.java_available():
+    pytest.skip("needs `java` on PATH (PTB tokenizer, METEOR)")
+  import pycocoevalcap.eval as cap_eval
+
+  class NoSpice:
+    def method(self):
+      return "SPICE"
+
+    def compute_score(self, gts, res):
+      return 0.0, [{"All": {"f": 0.0}}] * len(gts)
+
+  monkeypatch.setattr(cap_eval, "Spice", NoSpice)
+  return cap_eval

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+import coco_files
 from pixelground import metrics as M
 from pixelground.inference import export
 
@@ -145,19 +146,7 @@ def panoptic_ground_truth(config_path, cache) -> dict:
 
 @pytest.mark.slow
 def test_evaluate_coco_files_give_the_metrics(cli_env, tmp_path, monkeypatch):
-  pytest.importorskip("pycocoevalcap")
-  if not M.captions.java_available():
-    pytest.skip("needs `java` on PATH (PTB tokenizer, METEOR)")
-  import pycocoevalcap.eval as cap_eval
-
-  class NoSpice:  # SPICE downloads Stanford models on first use; pixelground does not report it
-    def method(self):
-      return "SPICE"
-
-    def compute_score(self, gts, res):
-      return 0.0, [{"All": {"f": 0.0}}] * len(gts)
-
-  monkeypatch.setattr(cap_eval, "Spice", NoSpice)
+  coco_files.caption_eval(monkeypatch)  # skips without Java; SPICE stubbed for the check below
   run, out = str(tmp_path / "run"), str(tmp_path / "eval")
   _run(cli_env, "pixelground.train", f"--config={CONFIG}", f"--workdir={run}", timeout=1800)
   stdout = _run(cli_env, "pixelground.evaluate", f"--config={CONFIG}", f"--checkpoint={run}",

@@ -73,20 +73,8 @@ def test_ids_fall_back_to_record_index():
 
 
 def test_caption_results_load_in_pycocoevalcap_and_match(tmp_path, monkeypatch):
-  pytest.importorskip("pycocoevalcap")
-  if not M.captions.java_available():
-    pytest.skip("needs `java` on PATH (PTB tokenizer, METEOR)")
-  import pycocoevalcap.eval as cap_eval
+  cap_eval = coco_files.caption_eval(monkeypatch)
   from pycocotools.coco import COCO
-
-  class NoSpice:  # SPICE downloads Stanford models on first use; pixelground does not report it
-    def method(self):
-      return "SPICE"
-
-    def compute_score(self, gts, res):
-      return 0.0, [{"All": {"f": 0.0}}] * len(gts)
-
-  monkeypatch.setattr(cap_eval, "Spice", NoSpice)
   records = [
       {"index": 0, "image_id": 139, "caption": "a woman cutting a cake with a knife",
        "references": ["A woman wearing a net on her head cutting a cake.",
