@@ -20,13 +20,11 @@ panoptic segmentation over the ground-truth segments; demo.png gains a grounded-
 
     python -m pixelground.train --config=configs/demo.py:gella --workdir=workdir/demo_gella
 
-Not re-measured since its from-scratch aids changed (2026-12-07, session 12: `noun_pool`,
-`mask_stem`, `shape_stem`, `shape_blend`, fixed panoptic category order — docs/gella.md). Before them
-(2,250 steps, ~16 min alone) seeds 0 / 1 gave PNG AR 0.672 / 0.688, PQ 0.230 / 0.221, and the referring
-targets dropped (Acc@0.5 0.70, `[SEG]` gIoU 0.43). With them, a 400-step run of the GELLA tasks alone
-gives PNG AR 0.894 / 0.800 and PQ 0.602 / 0.553 (seeds 0 / 1): the association now tells the shapes
-apart, but the decoder still writes the same thing names in every image. That is why it is not the
-default yet.
+Its targets are not met yet (docs/gella.md, session 13): with `entity_tokens` a 400-step GELLA-only
+run reaches PNG AR 0.89, PQ 0.87, but in this mixed run (1,950 steps, seed 0, ~12 min) PNG AR 0.714,
+PQ 0.385, and the SAM-decoder masks never become good (referring mask gIoU 0.23, `[SEG]` gIoU 0.29);
+with 3,000 steps the referring targets are met but `[SEG]` gIoU 0.26 and PQ 0.19. That is why it is
+not the default yet.
 """
 
 from pixelground.config import base, recipes
