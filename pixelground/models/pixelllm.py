@@ -326,11 +326,9 @@ class PixelLLM(nnx.Module):
     return emb, jax.image.resize(logits, (b, e, s, s), "bilinear")
 
   def _decode_entities(self, entities: EntityState) -> tuple[jax.Array, jax.Array]:
-    pe = self.prompt_encoder.pe
-    return self.gella.entity_decoder(
-        entities.level0, entities.blended, entities.masks, entities.valid,
-        pe.dense_pe(entities.level0.shape[1:3]), pe.dense_pe(entities.blended.shape[1:3]),
-        entities.pixels, entities.shapes)
+    e, pe = entities, self.prompt_encoder.pe.dense_pe
+    return self.gella.entity_decoder(e.level0, e.blended, e.masks, e.valid, pe(e.level0.shape[1:3]),
+                                     pe(e.blended.shape[1:3]), e.pixels, e.shapes)
 
   def associate(self, hidden: jax.Array, positions: jax.Array, entity_emb: jax.Array
                 ) -> tuple[jax.Array, jax.Array]:
