@@ -83,7 +83,7 @@ def test_four_processes_equal_one_and_resume_after_kill9(env, tmp_path):
 
   # kill -9 of all four processes after the step-10 checkpoint, the same commands again.
   procs = trainer_cli.processes(env, killed, 4, *ARGS, config=CONFIG)
-  trainer_cli.kill_when(procs, lambda: _batches_exist(killed) and max(_batches(killed, 0)) >= 14)
+  trainer_cli.kill_when(procs, lambda: _batches_exist(killed) and max(_batches(killed, 0), default=0) >= 14)
   killed_at = max(_batches(killed, 0))
   outs = trainer_cli.finish(trainer_cli.processes(env, killed, 4, *ARGS, config=CONFIG))
   resumed = [ln for ln in outs[0].splitlines() if ln.startswith("Resumed from the checkpoint")]
