@@ -293,9 +293,8 @@ class PixelLLM(nnx.Module):
 
   def prefix(self, fused: jax.Array, prompt_box: jax.Array, entities: EntityState | None
              ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """→ (visual tokens (B, Q + k², d), T5 prefix (B, P, d), its mask (B, P) or None = all): the
-    visual tokens, with GELLA's `entity_tokens` one token per entity slot after them (empty slots
-    masked out)."""
+    """→ (visual tokens (B, Q + k², d), T5 prefix (B, P, d), its mask (B, P) or None = all): the visual
+    tokens, with GELLA's `entity_tokens` one token per entity slot after them (empty ones masked)."""
     visual = self.visual_tokens(fused, prompt_box)
     if entities is None or entities.decoded is None:
       return visual, visual, None
