@@ -79,6 +79,10 @@ class GellaConfig(ModelConfig):
   # entities, and with shape_stem which kinds, the image holds when it writes the names (the fused
   # map's few visual tokens blur them: a tiny T5 then writes the same names for every image).
   entity_tokens: bool = False
+  # detach_sam (from-scratch aid, False = off): GELLA batches read SAM's features in the fused map
+  # through a stop-gradient (the paper's SAM is frozen); EVA02 still trains for them. Trained from
+  # scratch, the entity tasks otherwise pull SAM's features away from what its mask decoder needs.
+  detach_sam: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
 

@@ -276,6 +276,11 @@ class PixelLLM(nnx.Module):
       return fused, sam, None
     masks = batch["entity_masks"]
     valid = batch.get("entity_valid", jnp.any(masks, axis=(2, 3)))
+    rows = jnp.any(valid, axis=1)[:, None, None, None]  # the rows GELLA handles
+    if self.cfg.gella.detach_sam and sam is not None:  # SAM's channels come first in the fused map
+      c = sam.emb.shape[-1]
+      fused = fused.at[..., :c].set(jnp.where(rows, jax.lax.stop_gradient(fused[..., :c]),
+                                              fused[..., :c]))
     key = jax.random.fold_in(rng, 7) if rng is not None else jax.random.key(0)
     pyramid = self.gella.encode_colormap(masks, valid, key)
     pe = self.gella.blend_pe(self.prompt_encoder.pe.dense_pe(fused.shape[1:3]))
@@ -283,7 +288,7 @@ class PixelLLM(nnx.Module):
     shapes = self.gella.shape_codes(masks, valid) if self.cfg.gella.shape_stem else None
     if self.cfg.gella.shape_blend:
       blended_fused = self.gella.blend_shapes(blended_fused, shapes, masks)
-    fused = jnp.where(jnp.any(valid, axis=1)[:, None, None, None], blended_fused, fused)
+    fused = jnp.where(rows, blended_fused, fused)
     pixels = (_normalise(batch["image"], batch["image_mask"], IMAGENET_MEAN, IMAGENET_STD)
               if self.cfg.gella.image_stem else None)
     state = EntityState(blended, pyramid[0], masks, valid, pixels, shapes)
