@@ -121,9 +121,43 @@ def prepare(pred, images: tp.Sequence[np.ndarray], prompts: tp.Sequence[str],
 # Compiled programs (one per distinct static argument set and input shape)
 # ----------------------------------------------------------------------------------------------------
 
-@functools.partial(nnx.jit, static_argnames=("max_len", "num_beams", "no_repeat_previous", "vocab_limit"))
-def generate(model, batch, *, max_len: int, num_beams: int, no_repeat_previous: bool,
-             vocab_limit: int | None = None):
+class Programs:
+  """The compiled inference programs of one model: `jax.jit` functions of its weights, its module
+  graph split once here. (`nnx.jit` walks the module graph on every call — ~50 ms for the demo model,
+  paid once per chunk by a streamed answer.) The weights are those of the model when this was built;
+  `Predictor.programs` rebuilds it for another model. Each attribute is a jitted function whose cache
+  (`_cache_size()`) holds one executable per input shape and static arguments."""
+
+  def __init__(self, model):
+    self.model = model
+    self.graphdef, state = nnx.split(model)
+    self.leaves, self.treedef = jax.tree.flatten(state)
+    static = ("max_len", "num_beams", "no_repeat_previous", "vocab_limit")
+    self.generate = self._jit(_generate, static)
+    self.dense = self._jit(_dense, ("k", "max_len", "vocab_limit"))
+    self.refer = self._jit(_refer, ())
+    self.seg_masks = self._jit(_seg_masks, ())
+    self.start = self._jit(_start, ("max_len",))
+    self.advance = self._jit(_advance, ("chunk", "vocab_limit"), donate=("dstate",))
+
+  def _jit(self, fn, static, donate=()):
+    graphdef, treedef = self.graphdef, self.treedef
+
+    def merged(leaves, *args, **kwargs):
+      return fn(nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), *args, **kwargs)
+
+    jitted = jax.jit(merged, static_argnames=static, donate_argnames=donate)
+    call = functools.wraps(fn)(lambda *args, **kwargs: jitted(self.leaves, *args, **kwargs))
+    call._cache_size = jitted._cache_size  # compiled executables so far
+    return call
+
+  def cache_sizes(self) -> dict[str, int]:
+    return {k: getattr(self, k)._cache_size() for k in
+            ("generate", "dense", "refer", "seg_masks", "start", "advance")}
+
+
+def _generate(model, batch, *, max_len: int, num_beams: int, no_repeat_previous: bool,
+              vocab_limit: int | None = None):
   """Visual tokens → cached greedy/beam decode → per-token points (model-input pixels)."""
   fused, sam = model.image_features(batch["image"], batch["image_mask"])
   visual = model.visual_tokens(fused, batch["prompt_box"])
@@ -135,8 +169,7 @@ def generate(model, batch, *, max_len: int, num_beams: int, no_repeat_previous: 
   return res, model.points(res.hidden, batch["image_mask"], visual), (sam, visual)
 
 
-@functools.partial(nnx.jit, static_argnames=("k", "max_len", "vocab_limit"))
-def dense(model, batch, *, k: int, max_len: int, vocab_limit: int | None = None):
+def _dense(model, batch, *, k: int, max_len: int, vocab_limit: int | None = None):
   """Proposals (top-k heatmap peaks) → one caption per proposal, decoded as a batch of B·k."""
   from pixelground.models.heads import proposals as prop_lib
 
@@ -151,8 +184,7 @@ def dense(model, batch, *, k: int, max_len: int, vocab_limit: int | None = None)
   return boxes, scores, res.tokens.reshape(b, kk, -1), res.lengths.reshape(b, kk)
 
 
-@nnx.jit
-def refer(model, batch):
+def _refer(model, batch):
   """Teacher-forced referring: (box (B, 4) model-input pixels at the EOS, log-likelihood (B,), mask
   logits (B, S, S) and IoU (B,) with a refseg model, else None)."""
   out = model(batch, heads=pixelllm.TASK_HEADS["referring"])
@@ -163,13 +195,34 @@ def refer(model, batch):
   return box, score, out.get("ref_logits"), out.get("ref_iou")
 
 
-@nnx.jit
-def seg_masks(model, hidden, positions, sam, visual, image_mask):
+def _seg_masks(model, hidden, positions, sam, visual, image_mask):
   """LISA masks of decoded sequences: hidden (B, L, d), positions (B, K) → logits (B, K, S, S), IoU."""
   return model.decoded_seg_masks(hidden, positions, sam, visual, image_mask)
 
 
-def row_masks(model, hidden, positions: list[list[int]], sam, visual, image_mask,
+def _start(model, batch, *, max_len: int):
+  """Encodes the batch → (greedy decode state at position 0, SAM features, visual tokens)."""
+  fused, sam = model.image_features(batch["image"], batch["image_mask"])
+  visual = model.visual_tokens(fused, batch["prompt_box"])
+  ids = batch["prompt_ids"]
+  t5, cfg = model.t5, model.t5.cfg
+  enc, mask = t5.encode(ids, ids != cfg.pad_id, prefix_embeds=visual)
+  state = decoding.greedy_init(t5.init_decode(enc, mask, max_len), batch_size=ids.shape[0],
+                               max_len=max_len, hidden_dim=cfg.d_model, start_id=cfg.decoder_start_id,
+                               pad_id=cfg.pad_id, hidden_dtype=cfg.compute_dtype)
+  return state, sam, visual
+
+
+def _advance(model, dstate, *, chunk: int, vocab_limit: int | None):
+  """Up to `chunk` more greedy positions of the decode state (stops early when every row is done);
+  the state is donated (updated in place)."""
+  cfg = model.t5.cfg
+  step = decoding.limit_vocab(model.t5.decode_step, vocab_limit, cfg.vocab_size)
+  return decoding.greedy_steps(step, dstate, until=dstate["i"] + chunk, eos_id=cfg.eos_id,
+                               pad_id=cfg.pad_id)
+
+
+def row_masks(programs: Programs, hidden, positions: list[list[int]], sam, visual, image_mask,
               batch: Batch) -> list[tuple[np.ndarray, np.ndarray]]:
   """Masks of the given `[SEG]`-predicting positions of each real row, in calls of MASK_SLOTS per row
   (one compiled shape) → per row (masks (K, H, W) bool of its original image, IoU (K,))."""
@@ -179,7 +232,7 @@ def row_masks(model, hidden, positions: list[list[int]], sam, visual, image_mask
     pos = np.zeros((rows, MASK_SLOTS), np.int32)
     for r, p in enumerate(positions):
       pos[r, : len(p[g: g + MASK_SLOTS])] = p[g: g + MASK_SLOTS]
-    logits, iou = seg_masks(model, hidden, jnp.asarray(pos), sam, visual, image_mask)
+    logits, iou = programs.seg_masks(hidden, jnp.asarray(pos), sam, visual, image_mask)
     logits, iou = np.asarray(logits), np.asarray(iou)
     for r, p in enumerate(positions):
       k = len(p[g: g + MASK_SLOTS])

@@ -318,10 +318,11 @@ def _generate(predictor, batch, max_len: int) -> tuple[list[str], list[int], np.
   """→ (phrase texts, `[SEG]` positions, their association logits (K, M)); sets `generated`."""
   tokens, lengths, logits = _generated(predictor.model, batch, max_len=max_len,
                                        vocab_limit=predictor.tok.num_ids)
-  toks = [int(t) for t in np.asarray(tokens[0, : int(lengths[0])])]
+  tokens, lengths, logits = np.asarray(tokens), np.asarray(lengths), np.asarray(logits)  # host slicing:
+  toks = [int(t) for t in tokens[0, : int(lengths[0])]]  # no eager program per answer length
   predictor.generated = predictor.tok.decode(toks)
   texts, pos = split_generated(predictor.tok, toks, _seg_id(predictor))
-  return texts, pos, np.asarray(logits[0])[np.asarray(pos, np.int64)]
+  return texts, pos, logits[0][np.asarray(pos, np.int64)]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -124,6 +124,7 @@ class Predictor:
     self.sam_checkpoint = sam_checkpoint
     self._sam_parts = None
     self._generators: dict[str, tp.Any] = {}
+    self._programs = None
     self.size = model.cfg.image_size
     self.max_prompt_len = max_prompt_len
     self.max_entities = max_entities
@@ -161,6 +162,13 @@ class Predictor:
     return pred
 
   # -- shared ------------------------------------------------------------------------------------------
+  @property
+  def programs(self) -> batching.Programs:
+    """The compiled programs of `self.model` (built at first use, again if the model is replaced)."""
+    if self._programs is None or self._programs.model is not self.model:
+      self._programs = batching.Programs(self.model)
+    return self._programs
+
   def _inputs(self, image: np.ndarray, prompt: str, box: np.ndarray | None,
               max_prompt_len: int | None = None):
     """→ (the model batch of one image + prompt padded to `max_prompt_len` tokens (default
@@ -206,7 +214,7 @@ class Predictor:
                for b, im in zip(_check_list(boxes, len(images), "boxes"), images)]
     out = []
     for sl, b in self._batches(images, prompts, boxes):
-      res, points, _ = batching.generate(self.model, b.arrays, max_len=max_len, num_beams=num_beams,
+      res, points, _ = self.programs.generate(b.arrays, max_len=max_len, num_beams=num_beams,
                                          no_repeat_previous=no_repeat_previous,
                                          vocab_limit=self.tok.num_ids)
       tokens, lengths, scores = (np.asarray(x) for x in (res.tokens, res.lengths, res.scores))
@@ -247,7 +255,7 @@ class Predictor:
       target = batching.pad_rows(target[: b.n], target.shape[0])
       arrays = b.arrays | {"target_ids": jnp.asarray(target), "target_mask": jnp.asarray(target != 0)}
       box, score, logits, iou = (None if x is None else np.asarray(x)
-                                 for x in batching.refer(self.model, arrays))
+                                 for x in self.programs.refer(arrays))
       for r in range(b.n):
         res = ReferringResult(text=self.tok.decode(ids[r][:-1]), box=self._to_image(box[r], b.geoms[r])[0],
                               score=float(score[r]), truncated=b.truncated[r])
@@ -273,8 +281,8 @@ class Predictor:
     images, prompts = self._check(images, task_lib.REGION_CAPTION, "prompt")
     out = []
     for sl, b in self._batches(images, prompts):
-      boxes, scores, tokens, lengths = (np.asarray(x) for x in batching.dense(
-          self.model, b.arrays, k=k, max_len=max_len, vocab_limit=self.tok.num_ids))
+      boxes, scores, tokens, lengths = (np.asarray(x) for x in self.programs.dense(
+          b.arrays, k=k, max_len=max_len, vocab_limit=self.tok.num_ids))
       for r in range(b.n):
         rb = self._to_image(boxes[r] * self.size, b.geoms[r])
         out.append([DenseCaption(box=rb[i], score=float(scores[r, i]), text=batching.text_of(
@@ -294,13 +302,13 @@ class Predictor:
     images, questions = self._check(images, questions, "question")
     out = []
     for sl, b in self._batches(images, questions, max_prompt_len=max_prompt_len):
-      res, _, (sam, visual) = batching.generate(self.model, b.arrays, max_len=max_len, num_beams=1,
+      res, _, (sam, visual) = self.programs.generate(b.arrays, max_len=max_len, num_beams=1,
                                                 no_repeat_previous=False, vocab_limit=self.tok.num_ids)
       tokens, lengths = np.asarray(res.tokens), np.asarray(res.lengths)
       ids = [[int(t) for t in tokens[r, : lengths[r]]] for r in range(b.n)]
       seg = self.model.cfg.seg_token_id
       positions = [[t for t, tok in enumerate(i) if tok == seg] for i in ids]
-      masks = batching.row_masks(self.model, res.hidden, positions, sam, visual,
+      masks = batching.row_masks(self.programs, res.hidden, positions, sam, visual,
                                  b.arrays["image_mask"], b)
       out += [Segmentation(batching.text_of(self.tok, i)[0], m, s, truncated=t)
               for i, (m, s), t in zip(ids, masks, b.truncated)]
@@ -382,7 +390,7 @@ class Predictor:
 
 
 mask_to_image = batching.mask_to_image  # (K, S, S) logits → (K, H, W) bool of the original image
-_masks = batching.seg_masks
+_masks = nnx.jit(batching._seg_masks)  # (model, hidden, positions, sam, visual, image_mask)
 
 
 def teacher_forced_points(model, batch: dict[str, tp.Any]) -> np.ndarray:

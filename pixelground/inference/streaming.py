@@ -2,9 +2,9 @@
 as the chunk that generated it returns — before the answer ends.
 
 The greedy decode is the one `decoding.greedy` runs in one `while_loop`, split at chunk boundaries:
-`start` encodes the batch and returns the decode state (KV cache, tokens, decoder states, done flags)
-on the device; `advance` runs up to `chunk` more positions of the same loop body (its state donated:
-updated in place). Between chunks the host reads the new tokens, decodes the text so far and asks the
+`Programs.start` encodes the batch and returns the decode state (KV cache, tokens, decoder states, done
+flags) on the device; `Programs.advance` runs up to `chunk` more positions of the same loop body (its
+state donated: updated in place). Between chunks the host reads the new tokens, decodes the text so far and asks the
 mask program (`batching.row_masks`) for the masks of the new `[SEG]`s of every row. Two programs per
 (batch bucket, prompt bucket) whatever the chunk or answer length, plus one mask program per batch
 bucket — and greedy tokens equal the one-shot decode's.
@@ -16,15 +16,13 @@ bucket — and greedy tokens equal the one-shot decode's.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 import typing as tp
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from pixelground.inference import batching, decoding
+from pixelground.inference import batching
 
 
 @dataclasses.dataclass
@@ -41,33 +39,10 @@ class RowState:
 
 @dataclasses.dataclass
 class StreamUpdate:
-  rows: list[RowState]   # one per example of the call
+  rows: list[RowState]   # one per example of the call: a snapshot, not changed by later chunks
   step: int              # decoder positions run so far
   seconds: float         # since the call started
   new_masks: bool        # this update added at least one mask
-
-
-@functools.partial(nnx.jit, static_argnames=("max_len",))
-def start(model, batch, *, max_len: int):
-  """Encodes the batch → (greedy decode state at position 0, SAM features, visual tokens)."""
-  fused, sam = model.image_features(batch["image"], batch["image_mask"])
-  visual = model.visual_tokens(fused, batch["prompt_box"])
-  ids = batch["prompt_ids"]
-  t5, cfg = model.t5, model.t5.cfg
-  enc, mask = t5.encode(ids, ids != cfg.pad_id, prefix_embeds=visual)
-  state = decoding.greedy_init(t5.init_decode(enc, mask, max_len), batch_size=ids.shape[0],
-                               max_len=max_len, hidden_dim=cfg.d_model, start_id=cfg.decoder_start_id,
-                               pad_id=cfg.pad_id, hidden_dtype=cfg.compute_dtype)
-  return state, sam, visual
-
-
-@functools.partial(nnx.jit, static_argnames=("chunk", "vocab_limit"), donate_argnames=("state",))
-def advance(model, state, *, chunk: int, vocab_limit: int | None):
-  """Up to `chunk` more greedy positions of `state` (stops early when every row is done)."""
-  cfg = model.t5.cfg
-  step = decoding.limit_vocab(model.t5.decode_step, vocab_limit, cfg.vocab_size)
-  return decoding.greedy_steps(step, state, until=state["i"] + chunk, eos_id=cfg.eos_id,
-                               pad_id=cfg.pad_id)
 
 
 def segment_stream(pred, images: tp.Sequence[np.ndarray], questions: tp.Sequence[str], *,
@@ -82,12 +57,12 @@ def segment_stream(pred, images: tp.Sequence[np.ndarray], questions: tp.Sequence
   buckets = buckets or pred.buckets
   batch = batching.prepare(pred, images, questions, None,
                            max_prompt_len=max_prompt_len or pred.max_prompt_len, buckets=buckets)
-  model, tok, seg_id = pred.model, pred.tok, pred.model.cfg.seg_token_id
-  state, sam, visual = start(model, batch.arrays, max_len=max_len)
+  programs, tok, seg_id = pred.programs, pred.tok, pred.model.cfg.seg_token_id
+  state, sam, visual = programs.start(batch.arrays, max_len=max_len)
   rows = [RowState(masks=np.zeros((0,) + tuple(hw), bool), mask_scores=np.zeros(0, np.float32),
                    truncated=t) for hw, t in zip(batch.sizes, batch.truncated)]
   while True:
-    state = advance(model, state, chunk=chunk, vocab_limit=tok.num_ids)
+    state = programs.advance(state, chunk=chunk, vocab_limit=tok.num_ids)
     step = int(state["i"])
     tokens, lengths = np.asarray(state["tokens"]), np.asarray(state["lengths"])
     new_pos = []
@@ -98,13 +73,15 @@ def segment_stream(pred, images: tp.Sequence[np.ndarray], questions: tp.Sequence
       row.text = batching.text_of(tok, ids)[0]
       row.done = bool(ids and ids[-1] == tok.eos_id) or step >= max_len
     if any(new_pos):
-      masks = batching.row_masks(model, state["hidden"], new_pos, sam, visual,
+      masks = batching.row_masks(programs, state["hidden"], new_pos, sam, visual,
                                  batch.arrays["image_mask"], batch)
       for row, (m, s) in zip(rows, masks):
         row.masks = np.concatenate([row.masks, m])
         row.mask_scores = np.concatenate([row.mask_scores, s])
     done = all(r.done for r in rows)
-    yield StreamUpdate(rows, step, time.perf_counter() - t0, any(new_pos))
+    snapshot = [dataclasses.replace(r, tokens=list(r.tokens), seg_steps=list(r.seg_steps)) for r in rows]
+    yield StreamUpdate(snapshot, step, time.perf_counter() - t0, any(new_pos))  # later chunks don't
+    # change what was yielded: masks arrays are replaced, never written in place
     if done:
       return
 
@@ -119,7 +96,10 @@ def warm_up(pred, *, max_len: int, chunk: int, max_prompt_len: int,
     for n in batching.prompt_lens(buckets, max_prompt_len):
       batch = batching.prepare(pred, [image] * b, [[1] * n] * b, None, max_prompt_len=max_prompt_len,
                                buckets=buckets)
-      state, sam, visual = start(pred.model, batch.arrays, max_len=max_len)
-      state = advance(pred.model, state, chunk=chunk, vocab_limit=pred.tok.num_ids)
-      pos = jnp.zeros((b, batching.MASK_SLOTS), jnp.int32)
-      batching.seg_masks(pred.model, state["hidden"], pos, sam, visual, batch.arrays["image_mask"])
+      programs = pred.programs
+      state, sam, visual = programs.start(batch.arrays, max_len=max_len)
+      for _ in range(2):  # the first chunk's state comes from `start`, the later ones' from `advance`:
+        # equal shapes, but differently spelled shardings (P() vs P(None)) — two cache entries
+        state = programs.advance(state, chunk=chunk, vocab_limit=pred.tok.num_ids)
+        pos = jnp.zeros((b, batching.MASK_SLOTS), jnp.int32)
+        programs.seg_masks(state["hidden"], pos, sam, visual, batch.arrays["image_mask"])
