@@ -93,15 +93,22 @@ def header(checkpoint: str, step: int, engine) -> str:
 
 def start(checkpoint: str, *, config: str | None = None, sam: str | None = None,
           categories: str | None = None, options=None, examples=(), host: str = "127.0.0.1",
-          port: int = 7860, warm_up: bool = True, say=print, block: bool = True):
+          port: int = 7860, warm_up: bool = True, say=print, block: bool = True,
+          log_dir: str | None = None):
   """Loads the checkpoint, warms up and launches the app → (Gradio Blocks, engine, URL). With
-  `block=False` (tests, benchmarks) the server runs in this process's threads."""
+  `block=False` (tests, benchmarks) the server runs in this process's threads. `log_dir`: library logs
+  go to log_dir/serve.INFO."""
+  import logging
+
+  from pixelground.parallel import runtime
   from pixelground.inference.predictor import Predictor
   from pixelground.serving import app as app_lib
   from pixelground.serving import engine as engine_lib
   from pixelground.training import checkpointing
 
   engine_lib.compiles()  # start counting
+  if log_dir:
+    runtime.log_to_workdir(log_dir, "serve")
   t = time.perf_counter()
   pred = Predictor.from_checkpoint(checkpoint, config, sam_checkpoint=sam)
   _, step = checkpointing.find_checkpoint(checkpoint)
@@ -125,15 +132,17 @@ def start(checkpoint: str, *, config: str | None = None, sam: str | None = None,
                        header=header(checkpoint, step, engine))
   demo.queue(default_concurrency_limit=None, max_size=256)
   allowed = sorted({os.path.dirname(os.path.abspath(e)) for e in examples})
+  logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests
   demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True,
               quiet=True, prevent_thread_lock=not block, allowed_paths=allowed, css=app_lib.CSS,
               enable_monitoring=False)
+  if log_dir:  # uvicorn's logging set-up closed the log file's handler: open it again
+    runtime.log_to_workdir(log_dir, "serve")
   return demo, engine, f"http://{host}:{port}/"
 
 
 def main(argv):
   del argv
-  from pixelground.parallel import runtime
   from pixelground.serving import engine as engine_lib
 
   if not _CHECKPOINT.value:
@@ -141,7 +150,6 @@ def main(argv):
     return 2
   log_dir = flags.FLAGS.log_dir or tempfile.mkdtemp(prefix="pixelground_serve_")  # absl's flag
   os.makedirs(log_dir, exist_ok=True)
-  runtime.log_to_workdir(log_dir, "serve")
   try:
     sizes = tuple(sorted({int(b) for b in _BATCH_SIZES.value}))
     options = engine_lib.ServeOptions(batch_sizes=sizes, max_wait_s=_MAX_WAIT_MS.value / 1e3,
@@ -152,7 +160,7 @@ def main(argv):
     _, _, url = start(_CHECKPOINT.value, config=_CONFIG.value, sam=_SAM.value,
                       categories=_CATEGORIES.value, options=options, examples=examples,
                       host=_HOST.value, port=_PORT.value, warm_up=_WARM_UP.value,
-                      say=lambda m: print(m, flush=True), block=False)
+                      say=lambda m: print(m, flush=True), block=False, log_dir=log_dir)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

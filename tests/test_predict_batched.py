@@ -14,27 +14,10 @@ import pytest
 from pixelground.data import transforms as T
 from pixelground.inference import batching
 from pixelground.inference.predictor import Predictor
-from pixelground.models import t5 as t5_lib
+from forced import force_tokens  # tests/forced.py
 from workdirs import random_workdir  # tests/workdirs.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def force_tokens(monkeypatch, forced: dict[int, int]):
-  """Patches T5.decode_step so that decoder position i generates token forced[i] (a large logit
-  bonus) and every forced token is generated nowhere else. Only programs traced after the patch see it
-  (use a fresh Predictor: its programs trace anew)."""
-  original = t5_lib.T5.decode_step
-
-  def step(self, cache, tokens, index):
-    logits, hidden, cache = original(self, cache, tokens, index)
-    bonus = jnp.zeros(logits.shape[-1], logits.dtype)
-    for tok in set(forced.values()):
-      here = jnp.any(jnp.asarray([index == i for i, t in forced.items() if t == tok]))
-      bonus = bonus.at[tok].add(jnp.where(here, 1e4, -1e4))
-    return logits + bonus[None], hidden, cache
-
-  monkeypatch.setattr(t5_lib.T5, "decode_step", step)
 
 
 @pytest.fixture(scope="module")

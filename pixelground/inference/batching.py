@@ -112,7 +112,8 @@ def prepare(pred, images: tp.Sequence[np.ndarray], prompts: tp.Sequence[str],
     kept = ids[r][:plen]
     out["prompt_ids"][r, : len(kept)] = kept
     geoms.append(geom)
-  arrays = {k: jnp.asarray(pad_rows(v, rows)) for k, v in out.items()}
+  # device_put, not jnp.asarray: that one runs a small compiled program per new shape and dtype
+  arrays = {k: jax.device_put(pad_rows(v, rows)) for k, v in out.items()}
   return Batch(arrays, geoms, [im.shape[:2] for im in images], [len(i) > plen for i in ids],
                [i[:plen] for i in ids])
 
@@ -232,7 +233,7 @@ def row_masks(programs: Programs, hidden, positions: list[list[int]], sam, visua
     pos = np.zeros((rows, MASK_SLOTS), np.int32)
     for r, p in enumerate(positions):
       pos[r, : len(p[g: g + MASK_SLOTS])] = p[g: g + MASK_SLOTS]
-    logits, iou = programs.seg_masks(hidden, jnp.asarray(pos), sam, visual, image_mask)
+    logits, iou = programs.seg_masks(hidden, jax.device_put(pos), sam, visual, image_mask)
     logits, iou = np.asarray(logits), np.asarray(iou)
     for r, p in enumerate(positions):
       k = len(p[g: g + MASK_SLOTS])

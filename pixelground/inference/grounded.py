@@ -36,6 +36,7 @@ import re
 import typing as tp
 from collections.abc import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -68,8 +69,8 @@ class Entities:
   valid: np.ndarray
 
   def batch(self) -> dict[str, jnp.ndarray]:
-    return {"entity_masks": jnp.asarray(self.model_masks[None]),
-            "entity_valid": jnp.asarray(self.valid[None])}
+    return {"entity_masks": jax.device_put(self.model_masks[None]),
+            "entity_valid": jax.device_put(self.valid[None])}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,8 +349,8 @@ def ground(predictor, image, caption: str, entities=None, *, phrases: Sequence[s
     target[0, : len(ids)] = ids
     positions = np.zeros((1, _bucket(len(pos), 4)), np.int32)
     positions[0, : len(pos)] = pos
-    batch |= {"target_ids": jnp.asarray(target), "target_mask": jnp.asarray(target != 0),
-              "seg_positions": jnp.asarray(positions)}
+    batch |= {"target_ids": jax.device_put(target), "target_mask": jax.device_put(target != 0),
+              "seg_positions": jax.device_put(positions)}
     logits = np.asarray(_teacher_forced(predictor.model, batch))[0, : len(pos)]
     texts = given
   else:

@@ -38,7 +38,6 @@ import os
 import typing as tp
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -253,7 +252,7 @@ class Predictor:
       for r, i in enumerate(ids):
         target[r, : len(i)] = i
       target = batching.pad_rows(target[: b.n], target.shape[0])
-      arrays = b.arrays | {"target_ids": jnp.asarray(target), "target_mask": jnp.asarray(target != 0)}
+      arrays = b.arrays | {"target_ids": jax.device_put(target), "target_mask": jax.device_put(target != 0)}
       box, score, logits, iou = (None if x is None else np.asarray(x)
                                  for x in self.programs.refer(arrays))
       for r in range(b.n):

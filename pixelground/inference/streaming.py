@@ -19,7 +19,7 @@ import dataclasses
 import time
 import typing as tp
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from pixelground.inference import batching
@@ -101,5 +101,5 @@ def warm_up(pred, *, max_len: int, chunk: int, max_prompt_len: int,
       for _ in range(2):  # the first chunk's state comes from `start`, the later ones' from `advance`:
         # equal shapes, but differently spelled shardings (P() vs P(None)) — two cache entries
         state = programs.advance(state, chunk=chunk, vocab_limit=pred.tok.num_ids)
-        pos = jnp.zeros((b, batching.MASK_SLOTS), jnp.int32)
+        pos = jax.device_put(np.zeros((b, batching.MASK_SLOTS), np.int32))  # as `row_masks` does
         programs.seg_masks(state["hidden"], pos, sam, visual, batch.arrays["image_mask"])

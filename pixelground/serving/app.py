@@ -35,9 +35,21 @@ CSS = """
 #words { font-size: 1.1em; line-height: 1.6; }
 #timing { color: #555; font-size: 0.9em; }
 """
-LABELS = {"caption": "Caption", "refer": "Refer", "chat": "Chat (LISA)", "region": "Region",
-          "dense": "Dense captions", "ground": "Ground (GELLA)", "panoptic": "Panoptic (GELLA)",
-          "masks": "Automatic masks"}
+LABELS = {"caption": "Caption", "refer": "Refer", "chat": "Chat", "region": "Region",
+          "dense": "Dense", "ground": "Ground", "panoptic": "Panoptic", "masks": "Masks"}
+HINTS = {"caption": "A caption with a location for every word: its trace, word by word in colour.",
+         "refer": "The box (and mask) of what an expression refers to.",
+         "chat": "LISA: ask about the image; every `[SEG]` in the answer is a mask, shown as soon as "
+                 "it is generated. The conversation is part of the prompt; a new image starts a new "
+                 "one.",
+         "region": "A caption of one region: click a point or two corners, or type a box.",
+         "dense": "The proposal head's best regions, each captioned.",
+         "ground": "GELLA: each noun phrase of a caption grounded to entities (from the id map, else "
+                   "SAM's automatic masks).",
+         "panoptic": "GELLA: every entity (id map of the Ground tab, else SAM's automatic masks) gets "
+                     "a category.",
+         "masks": "SAM's automatic mask generator: a grid of point prompts, filtered and "
+                  "de-duplicated."}
 
 
 def _path(payload) -> str | None:
@@ -78,7 +90,7 @@ class App:
     return (None, "", "", render.message_html(list(notes), msg)) + (None,) * (n_outputs - 4)
 
   def _done(self, pic, words: str, timing, t_draw: float, notes, extra: str = "") -> tuple:
-    return (pic, words, render.timing_html(timing, time.perf_counter() - t_draw, self.new_compiles(),
+    return (pic, f'<div class="pg-words">{words}</div>', render.timing_html(timing, time.perf_counter() - t_draw, self.new_compiles(),
                                            extra), render.message_html(notes))
 
   # -- tasks ---------------------------------------------------------------------------------------------
@@ -292,11 +304,12 @@ def build(engine: engine_lib.Engine, *, title: str = "pixelground", examples: tp
         with gr.Tabs():
           for task in engine_lib.TASKS:
             with gr.Tab(LABELS[task], id=task, elem_id=f"tab-{task}"):
+              gr.Markdown(HINTS[task])
               if avail[task] is not None:
                 gr.Markdown(f"*Not available for this checkpoint:* {avail[task]}",
                             elem_id=f"{task}-unavailable")
               fields[task] = _task_fields(task)
-              buttons[task] = gr.Button(LABELS[task].split(" (")[0], variant="primary",
+              buttons[task] = gr.Button(f"Run {LABELS[task].lower()}", variant="primary",
                                         elem_id=f"{task}-run", interactive=avail[task] is None)
       with gr.Column(scale=1):
         picture = gr.Image(label="Result", interactive=False, elem_id="picture", format="png",
@@ -329,13 +342,9 @@ def build(engine: engine_lib.Engine, *, title: str = "pixelground", examples: tp
 
 
 def _task_fields(task: str) -> dict:
-  if task == "caption":
-    gr.Markdown("A caption with a location for every word: its trace, word by word in colour.")
-  elif task == "refer":
+  if task == "refer":
     return {"text": gr.Textbox(label="Expression", placeholder="the red circle", elem_id="refer-text")}
   elif task == "chat":
-    gr.Markdown("Ask about the image; every `[SEG]` in the answer is a mask, shown as it is generated. "
-                "The conversation is part of the prompt; a new image starts a new one.")
     bot = gr.Chatbot(elem_id="chat", height=220, label="Conversation", sanitize_html=False)
     text = gr.Textbox(label="Question", placeholder="Which shape has the most corners?",
                       elem_id="chat-text")
@@ -347,8 +356,6 @@ def _task_fields(task: str) -> dict:
     box = gr.Textbox(label="Region: x0,y0,x1,y1 (or a point x,y), pixels of the image",
                      elem_id="region-box")
     return {"picker": picker, "box": box}
-  elif task == "dense":
-    gr.Markdown("The proposal head's best regions, each captioned.")
   elif task == "ground":
     text = gr.Textbox(label="Caption to ground", placeholder="A man walks a dog on the grass.",
                       elem_id="ground-text")
@@ -357,9 +364,4 @@ def _task_fields(task: str) -> dict:
     ents = gr.File(label="Entity id map PNG (optional; used by Panoptic too: COCO panoptic RGB ids or "
                    "single-channel ids, 0 = void)", file_types=[".png"], elem_id="entities")
     return {"text": text, "phrases": phrases, "entities": ents}
-  elif task == "panoptic":
-    gr.Markdown("Every entity gets a category; entities from the id map of the Ground tab, else SAM's "
-                "automatic masks.")
-  elif task == "masks":
-    gr.Markdown("SAM's automatic mask generator: a grid of point prompts, filtered and de-duplicated.")
   return {}

@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import logging
 import os
-import threading
 import time
 import typing as tp
 
@@ -67,13 +66,12 @@ class Timing:
 # Compilation counter
 # ----------------------------------------------------------------------------------------------------
 
-_COMPILES = [0]
-_LISTENING = threading.Lock()
+_COMPILED: list[str] = []  # the function name of every XLA compilation, in order
 
 
-def _on_event(event: str, duration: float, **_) -> None:
+def _on_event(event: str, duration: float, **kwargs) -> None:
   if event == "/jax/core/compile/backend_compile_duration":
-    _COMPILES[0] += 1
+    _COMPILED.append(str(kwargs.get("fun_name", "?")))
 
 
 @functools.cache
@@ -85,7 +83,12 @@ def _listen() -> None:
 def compiles() -> int:
   """XLA backend compilations in this process since the first call (JAX's compile events)."""
   _listen()
-  return _COMPILES[0]
+  return len(_COMPILED)
+
+
+def compiled_since(n: int) -> list[str]:
+  """The names of the functions compiled after the first `n` compilations."""
+  return _COMPILED[n:]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,6 +223,8 @@ class Engine:
     image = np.full((p.size, p.size, 3), 127, np.uint8)
     p.programs  # noqa: B018 — built once, before the threads share it
     jobs = []
+    if self.available["ground"] is None:  # the longest job first (nnx.jit: one thread)
+      jobs.append(("GELLA ground / panoptic", self._warm_up_gella))
     for b in p.buckets.batch_sizes:
       jobs.append((f"caption + region, batch {b}", functools.partial(
           p.caption_batch, [image] * b, max_len=self.max_len)))
@@ -233,8 +238,6 @@ class Engine:
             streaming.warm_up, p, max_len=self.chat_max_len, chunk=self.options.chunk,
             max_prompt_len=self.options.chat_prompt_len,
             buckets=batching.Buckets((b,), self.chat_buckets.prompt_lens))))
-    if self.available["ground"] is None:
-      jobs.append(("GELLA ground / panoptic", self._warm_up_gella))  # nnx.jit: one thread
 
     def run(job):
       t = time.perf_counter()
