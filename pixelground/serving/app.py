@@ -155,20 +155,24 @@ class App:
       if kept < len(history):
         notes.append(f"the {len(history) - kept} oldest turn(s) did not fit the "
                      f"{self.engine.options.chat_prompt_len}-token prompt and were left out")
-      first_mask, shown, pic, row, timing = None, -1, None, None, None
+      first_mask, shown, row, timing = None, -1, None, None
       for row, timing in self.engine.chat(image, prompt):
         t = time.perf_counter()
         if first_mask is None and len(row.masks):
           first_mask = (timing.total_s, row.seg_steps[0] + 1)
-        if len(row.masks) != shown:  # redraw only when a mask arrived
+        pic = gr.skip()  # unchanged pictures are not sent again
+        if len(row.masks) != shown or row.done:  # a mask arrived, or the final picture
           shown = len(row.masks)
           _, pic = pictures.draw(image, "segment", Segmentation(row.text, row.masks, row.mask_scores),
-                                question)
+                                 question)
         extra = (f"first mask after {first_mask[0]:.2f} s (token {first_mask[1]})" if first_mask
-                 else "no mask yet") + f" · {len(row.tokens)} tokens" + ("" if row.done else " · generating…")
+                 else "no mask yet") + f" · {len(row.tokens)} tokens" + ("" if row.done else
+                                                                         " · generating…")
         answer = render.answer_html(row.text)
         out = self._done(pic, answer, timing, t, notes + (["the question was cut to the prompt length"]
                                                           if row.truncated else []), extra)
+        if row.done:
+          break
         turn = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         yield (msgs + turn,) + out + (history, gr.skip())
       history = history + [(question, row.text)]
@@ -312,7 +316,7 @@ def build(engine: engine_lib.Engine, *, title: str = "pixelground", examples: tp
               buttons[task] = gr.Button(f"Run {LABELS[task].lower()}", variant="primary",
                                         elem_id=f"{task}-run", interactive=avail[task] is None)
       with gr.Column(scale=1):
-        picture = gr.Image(label="Result", interactive=False, elem_id="picture", format="png",
+        picture = gr.Image(label="Result", interactive=False, elem_id="picture", format="jpeg",
                            height=420)
         words = gr.HTML(elem_id="words")
         timing = gr.HTML(elem_id="timing")
