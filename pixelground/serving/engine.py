@@ -316,22 +316,35 @@ class Engine:
     return question, 0
 
   # -- handlers (the batcher's worker) ---------------------------------------------------------------
-  def _captions(self, reqs: list[Request]) -> None:
-    images, prompts, boxes = zip(*(r.payload for r in reqs))
-    for r, c in zip(reqs, self.pred.caption_batch(list(images), list(prompts), list(boxes),
-                                                  max_len=self.max_len)):
-      r.finish(c)
-
-  def _refer(self, reqs: list[Request]) -> None:
-    images, texts = zip(*(r.payload for r in reqs))
-    for r, out in zip(reqs, self.pred.referring_batch(list(images), list(texts), max_len=self.max_len)):
+  @staticmethod
+  def _batched(reqs: list[Request], run: tp.Callable[[list], list]) -> None:
+    """`run` over the payloads in one call; if that fails with several requests, each runs alone so
+    that a bad one fails only itself (inputs are checked before they are queued: this is a backstop)."""
+    try:
+      outs = run([r.payload for r in reqs])
+    except ValueError:
+      if len(reqs) == 1:
+        raise
+      for r in reqs:
+        try:
+          r.finish(run([r.payload])[0])
+        except ValueError as e:
+          r.fail(e)
+      return
+    for r, out in zip(reqs, outs):
       r.finish(out)
 
+  def _captions(self, reqs: list[Request]) -> None:
+    self._batched(reqs, lambda ps: self.pred.caption_batch(
+        [p[0] for p in ps], [p[1] for p in ps], [p[2] for p in ps], max_len=self.max_len))
+
+  def _refer(self, reqs: list[Request]) -> None:
+    self._batched(reqs, lambda ps: self.pred.referring_batch(
+        [p[0] for p in ps], [p[1] for p in ps], max_len=self.max_len))
+
   def _dense(self, reqs: list[Request]) -> None:
-    out = self.pred.dense_captions_batch([r.payload for r in reqs], k=self.options.dense_k,
-                                         max_len=self.max_len)
-    for r, d in zip(reqs, out):
-      r.finish(d)
+    self._batched(reqs, lambda ps: self.pred.dense_captions_batch(ps, k=self.options.dense_k,
+                                                                   max_len=self.max_len))
 
   def _chat(self, reqs: list[Request]) -> None:
     images, prompts = zip(*(r.payload for r in reqs))
