@@ -126,7 +126,7 @@ def main() -> None:
     print(json.dumps(_round(args.client, args.photos.split(","), args.requests, bool(args.together))))
     return
 
-  from pixelground import serve
+  from pixelground.serving import launch
   from pixelground.serving import engine as engine_lib
 
   checkpoint = args.checkpoint
@@ -134,10 +134,10 @@ def main() -> None:
     from workdirs import random_workdir
     checkpoint = random_workdir(os.path.join(ROOT, "configs", "demo.py"), tempfile.mkdtemp(), 1)
   photos = (sorted(os.path.join(PHOTOS, p) for p in os.listdir(PHOTOS)) if os.path.isdir(PHOTOS)
-            else serve.example_images([], tempfile.mkdtemp()))
+            else launch.example_images([], tempfile.mkdtemp()))
   options = engine_lib.ServeOptions(batch_sizes=(1, 2, 4, 8), max_wait_s=0.02)
   t = time.perf_counter()
-  demo, engine, url = serve.start(checkpoint, options=options, port=_free_port(), block=False,
+  demo, engine, url = launch.start(checkpoint, options=options, port=_free_port(), block=False,
                                   say=lambda m: print(m, flush=True))
   print(f"server up in {time.perf_counter() - t:.1f} s: {url}")
   image = engine_lib.read_image(photos[0], max_side=options.max_side, max_pixels=options.max_pixels)[0]

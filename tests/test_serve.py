@@ -49,7 +49,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
   pytest.importorskip("gradio")
-  from pixelground import serve
+  from pixelground.serving import launch
   from pixelground.serving import engine as engine_lib
 
   mp = pytest.MonkeyPatch()
@@ -60,7 +60,7 @@ def server(tmp_path_factory):
   options = engine_lib.ServeOptions(batch_sizes=(4,), max_wait_s=0.05, chunk=2, chat_prompt_len=32,
                                     max_len=24)
   t = time.perf_counter()
-  demo, engine, url = serve.start(str(wd), options=options, examples=_photos(), port=_free_port(),
+  demo, engine, url = launch.start(str(wd), options=options, examples=_photos(), port=_free_port(),
                                   categories=os.path.join(SAMPLE, "panoptic_coco_categories.json"),
                                   block=False, say=print)
   print(f"server up in {time.perf_counter() - t:.1f} s")
@@ -281,3 +281,33 @@ def test_twenty_concurrent_requests_all_answered_no_compilation(server):
                     "batches": [(b.task, b.size) for b in batches]}))
   assert sum(b.size for b in batches) == 20 and max(b.size for b in batches) > 1
   assert engine_lib.compiled_since(engine.compiles_after_warm_up) == []
+
+
+def test_cli_starts_and_serves(cli_env, tmp_path):
+  """`python -m pixelground.serve` as a user runs it (without the warm-up, to keep it short): it prints
+  the URL, serves the page and writes its library log to --log_dir; a missing --checkpoint exits 2."""
+  import subprocess
+  import sys
+  import urllib.request
+  wd = random_workdir(os.path.join(ROOT, "configs", "demo.py"), tmp_path, 1)
+  port = _free_port()
+  proc = subprocess.Popen([sys.executable, "-m", "pixelground.serve", f"--checkpoint={wd}",
+                           f"--port={port}", "--nowarm_up", f"--log_dir={tmp_path / 'logs'}"],
+                          cwd=ROOT, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    lines = []
+    for line in proc.stdout:
+      lines.append(line)
+      if "serving on" in line or len(lines) > 200:
+        break
+    assert f"serving on http://127.0.0.1:{port}/" in lines[-1], "".join(lines)
+    assert "ground: not available" in "".join(lines)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
+      assert r.status == 200 and b"pixelground" in r.read()
+    assert os.path.exists(tmp_path / "logs" / "serve.INFO")
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+  out = subprocess.run([sys.executable, "-m", "pixelground.serve"], cwd=ROOT, env=cli_env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and "--checkpoint is required" in out.stderr

@@ -4,10 +4,10 @@ as the chunk that generated it returns — before the answer ends.
 The greedy decode is the one `decoding.greedy` runs in one `while_loop`, split at chunk boundaries:
 `Programs.start` encodes the batch and returns the decode state (KV cache, tokens, decoder states, done
 flags) on the device; `Programs.advance` runs up to `chunk` more positions of the same loop body (its
-state donated: updated in place). Between chunks the host reads the new tokens, decodes the text so far and asks the
-mask program (`batching.row_masks`) for the masks of the new `[SEG]`s of every row. Two programs per
-(batch bucket, prompt bucket) whatever the chunk or answer length, plus one mask program per batch
-bucket — and greedy tokens equal the one-shot decode's.
+state donated: updated in place). Between chunks the host reads the new tokens, decodes the text so
+far and asks the mask program (`batching.row_masks`) for the masks of the new `[SEG]`s of every row.
+Two programs per (batch bucket, prompt bucket) whatever the chunk or answer length, plus one mask
+program per batch bucket — and greedy tokens equal the one-shot decode's.
 
     for update in segment_stream(predictor, images, questions, chunk=4):
       update.rows[r].text, .masks (K, H, W), .mask_scores (K,), .done; update.step, update.seconds

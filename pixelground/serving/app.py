@@ -90,8 +90,8 @@ class App:
     return (None, "", "", render.message_html(list(notes), msg)) + (None,) * (n_outputs - 4)
 
   def _done(self, pic, words: str, timing, t_draw: float, notes, extra: str = "") -> tuple:
-    return (pic, f'<div class="pg-words">{words}</div>', render.timing_html(timing, time.perf_counter() - t_draw, self.new_compiles(),
-                                           extra), render.message_html(notes))
+    timing = render.timing_html(timing, time.perf_counter() - t_draw, self.new_compiles(), extra)
+    return pic, f'<div class="pg-words">{words}</div>', timing, render.message_html(notes)
 
   # -- tasks ---------------------------------------------------------------------------------------------
   def caption(self, payload):

@@ -348,9 +348,9 @@ class Engine:
 
   def _chat(self, reqs: list[Request]) -> None:
     images, prompts = zip(*(r.payload for r in reqs))
-    stream = streaming.segment_stream(self.pred, list(images), list(prompts), max_len=self.chat_max_len,
-                                      chunk=self.options.chunk, max_prompt_len=self.options.chat_prompt_len,
-                                      buckets=self.chat_buckets)
+    stream = streaming.segment_stream(
+        self.pred, list(images), list(prompts), max_len=self.chat_max_len, chunk=self.options.chunk,
+        max_prompt_len=self.options.chat_prompt_len, buckets=self.chat_buckets)
     for update in stream:
       for r, row in zip(reqs, update.rows):
         (r.finish if row.done else r.emit)(row)
