@@ -22,10 +22,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory):
+  """The demo model, its decoder forced to write `[SEG]` at positions 1 and 6 and EOS at 10 (random
+  weights seldom write `[SEG]`), one batch bucket (4) so that each program compiles once."""
   wd = random_workdir(os.path.join(ROOT, "configs", "demo.py"), tmp_path_factory.mktemp("run"), 3)
   pred = Predictor.from_checkpoint(str(wd))
-  pred.buckets = batching.Buckets((4,), (pred.max_prompt_len,))  # one compiled shape per program
-  return pred
+  mp = pytest.MonkeyPatch()
+  force_tokens(mp, {1: pred.model.cfg.seg_token_id, 6: pred.model.cfg.seg_token_id, 10: pred.tok.eos_id})
+  pred.buckets = batching.Buckets((4,), (pred.max_prompt_len,))
+  yield pred
+  mp.undo()
 
 
 def _images():
@@ -86,14 +91,11 @@ def test_batch_equals_single_examples(predictor):
     p.caption_batch(images, boxes=[None, None, [0, 0, 100, 100]])
 
 
-def test_stream_masks_before_the_answer_ends(predictor, monkeypatch):
+def test_stream_masks_before_the_answer_ends(predictor):
   """With `[SEG]` forced at positions 1 and 6 and EOS at 10: the stream's masks arrive in the chunks
   that generated them, while the answer is still being written; its text, masks and scores equal
   `segment_batch`'s (the one-shot decode)."""
-  seg, eos = predictor.model.cfg.seg_token_id, predictor.tok.eos_id
-  force_tokens(monkeypatch, {1: seg, 6: seg, 10: eos})
-  p = Predictor(predictor.model, predictor.tok, max_prompt_len=predictor.max_prompt_len)
-  p.buckets = predictor.buckets
+  p = predictor
   images, questions = _images()[:2], ["which shape has the most corners?", "where is it"]
   updates = list(p.segment_stream(images, questions, max_len=16, chunk=3))
   assert [u.step for u in updates] == [3, 6, 9, 11]
@@ -112,24 +114,21 @@ def test_stream_masks_before_the_answer_ends(predictor, monkeypatch):
 
 
 def test_no_compilation_after_warm_up(predictor):
-  """After one call per program, requests with new image sizes, prompts and batch sizes (≤ the bucket)
-  reuse the compiled programs: no XLA compilation at all."""
+  """After one call per program (the tests above made them), requests with new image sizes, prompts and
+  batch sizes (≤ the bucket) reuse the compiled programs: no XLA compilation at all."""
   from pixelground.inference import streaming
+  from pixelground.serving import engine as engine_lib
   p = predictor
   image = np.zeros((64, 64, 3), np.uint8)
   p.caption_batch([image], max_len=12)
   p.referring_batch([image], ["a"], max_len=12)
-  streaming.warm_up(p, max_len=12, chunk=4, max_prompt_len=p.max_prompt_len)
-  compiled = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, secs, **kw: compiled.append(event) if event.endswith("backend_compile_duration")
-      else None)
-  sizes = p.programs.cache_sizes()
+  streaming.warm_up(p, max_len=16, chunk=3, max_prompt_len=p.max_prompt_len)
+  sizes, before = p.programs.cache_sizes(), engine_lib.compiles()
   rng = np.random.default_rng(5)
   for n, hw in [(1, (123, 457)), (3, (640, 480)), (2, (33, 35)), (4, (1000, 200))]:
     images = [rng.integers(0, 255, hw + (3,), dtype=np.uint8) for _ in range(n)]
     p.caption_batch(images, boxes=[[1, 1, 20, 30]] * n, max_len=12)
     p.referring_batch(images, ["the red one"] * n, max_len=12)
-    list(p.segment_stream(images, ["is there a shape " * (n * 2)] * n, max_len=12, chunk=4))
+    list(p.segment_stream(images, ["is there a shape " * (n * 2)] * n, max_len=16, chunk=3))
   assert p.programs.cache_sizes() == sizes
-  assert compiled == []
+  assert engine_lib.compiled_since(before) == []
