@@ -1,4 +1,4 @@
-"""Per-task inference for PixelLLM / LISA on single images, with cached greedy or beam decoding.
+"""Per-task inference for PixelLLM / LISA (one image or a batch), cached greedy or beam decoding.
 
 Every function takes the ORIGINAL image (H, W, 3) uint8 (any PIL-convertible mode is converted) and
 returns coordinates in that image's pixels (xyxy boxes, x/y points, pixel centres at +0.5): the image
@@ -133,6 +133,7 @@ class Predictor:
     self.truncated = False  # the last call's prompt was longer than max_prompt_len tokens
     self.last_prompt_len = max_prompt_len  # the last call's prompt length (tasks may have their own)
     self.generated = None   # GELLA: the last ground/panoptic call's generated text (None: teacher-forced)
+    # Padded shapes of the batched calls (a server sets its own: `serving.engine`).
     self.buckets = batching.Buckets(prompt_lens=tuple(p for p in batching.Buckets().prompt_lens
                                                       if p < max_prompt_len) + (max_prompt_len,))
 
