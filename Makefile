@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d" " -f
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo serve test test-all bench clean
 
 $(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pixelground.train --config=configs/demo.py --workdir=$(WORKDIR)
 
+# The web demo on the demo checkpoint (trains it first when WORKDIR has no finished checkpoint);
+# SERVE_ARGS passes more flags, e.g. SERVE_ARGS="--port=8080 --host=0.0.0.0".
+SERVE_ARGS ?=
+serve: $(STAMP)
+	@$(PY) -c "from pixelground.training import checkpointing as c; c.find_checkpoint('$(WORKDIR)')" \
+		2>/dev/null || $(MAKE) demo
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pixelground.serve --checkpoint=$(WORKDIR) $(SERVE_ARGS)
+
 # Default test run: everything except @pytest.mark.slow. `make test-all` (or pytest --runslow) runs all.
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
@@ -39,6 +47,7 @@ bench: $(STAMP)
 	$(PY) bench/vision.py
 	$(PY) bench/input_pipeline.py
 	$(PY) bench/amg.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

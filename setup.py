@@ -33,6 +33,8 @@ INSTALL_REQUIRES = [
     "scipy>=1.11",
     # The trainer's TensorBoard event files (pixelground.training.writers), without TensorFlow.
     "tensorboardX>=2.6,<3",
+    # The web demo (python -m pixelground.serve).
+    "gradio>=6.31,<7",
 ]
 
 EXTRAS_REQUIRE = {
@@ -56,6 +58,10 @@ EXTRAS_REQUIRE = {
         "nbclient>=0.10",
         "nbformat>=5.10",
         "ipykernel>=6.29",
+        # tests/test_serve.py drives the web demo in Debian's chromium (no browser download) and
+        # over loopback HTTP.
+        "playwright>=1.50",
+        "gradio_client>=2.7",
     ],
 }
 

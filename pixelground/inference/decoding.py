@@ -8,7 +8,8 @@ where `index` is the decoder position being fed (0 = the start token). `hidden` 
 (after the final norm) that produced `logits`; results keep it for every generated position, so
 `hidden[:, t]` is the state that predicted `tokens[:, t]` (what PixelLLM's location head reads).
 
-* `greedy`: argmax, optional "never repeat the previous token" (GRiT-style), stops per row at EOS.
+* `greedy`: argmax, optional "never repeat the previous token" (GRiT-style), stops per row at EOS;
+  `greedy_init` + `greedy_steps` run the same loop a chunk of positions at a time (streaming).
 * `beam_search`: Hugging Face `generate(num_beams=K)` semantics (top-2K candidates, finished
   hypotheses scored sum_logprob / n_generated**length_penalty, the default early-stopping heuristic,
   finalisation at max length), so tokens match transformers' beam search at the same settings.
@@ -34,14 +35,30 @@ class DecodeResult(tp.NamedTuple):
   lengths: jax.Array  # (B,) int32 generated tokens including EOS
 
 
-def greedy(step_fn: StepFn, cache: tp.Any, *, batch_size: int, max_len: int, hidden_dim: int,
-           eos_id: int, start_id: int = 0, pad_id: int = 0, no_repeat_previous: bool = False,
-           hidden_dtype=jnp.float32) -> DecodeResult:
-  """Greedy decoding of up to `max_len` tokens for `batch_size` rows."""
+def greedy_init(cache: tp.Any, *, batch_size: int, max_len: int, hidden_dim: int, start_id: int = 0,
+                pad_id: int = 0, hidden_dtype=jnp.float32) -> dict[str, tp.Any]:
+  """The state of a greedy decode before its first step (`greedy_steps` advances it): "i" () the next
+  position, "cache", "last" (B,) the last token fed, "tokens" (B, L), "hidden" (B, L, D), "scores" (B,),
+  "lengths" (B,), "done" (B,) bool."""
   b = batch_size
+  return {
+      "i": jnp.int32(0), "cache": cache, "last": jnp.full((b,), start_id, jnp.int32),
+      "tokens": jnp.full((b, max_len), pad_id, jnp.int32),
+      "hidden": jnp.zeros((b, max_len, hidden_dim), hidden_dtype),
+      "scores": jnp.zeros((b,), jnp.float32), "lengths": jnp.zeros((b,), jnp.int32),
+      "done": jnp.zeros((b,), bool),
+  }
+
+
+def greedy_steps(step_fn: StepFn, state: dict[str, tp.Any], *, until: jax.Array | int, eos_id: int,
+                 pad_id: int = 0, no_repeat_previous: bool = False) -> dict[str, tp.Any]:
+  """Greedy steps from `state` (`greedy_init`) while position < `until` (≤ the buffers' length) and
+  some row is not done: the whole decode (`until` = max_len) or a chunk of it (streaming)."""
+  max_len = state["tokens"].shape[1]
+  until = jnp.minimum(until, max_len)
 
   def cond(s):
-    return (s["i"] < max_len) & ~jnp.all(s["done"])
+    return (s["i"] < until) & ~jnp.all(s["done"])
 
   def body(s):
     i = s["i"]
@@ -57,20 +74,23 @@ def greedy(step_fn: StepFn, cache: tp.Any, *, batch_size: int, max_len: int, hid
     return {
         "i": i + 1, "cache": cache, "last": tok,
         "tokens": s["tokens"].at[:, i].set(tok),
-        "hidden": s["hidden"].at[:, i].set(jnp.where(live[:, None], hidden, 0).astype(hidden_dtype)),
+        "hidden": s["hidden"].at[:, i].set(jnp.where(live[:, None], hidden, 0).astype(s["hidden"].dtype)),
         "scores": s["scores"] + jnp.where(live, gained, 0.0),
         "lengths": s["lengths"] + live.astype(jnp.int32),
         "done": s["done"] | (tok == eos_id),
     }
 
-  init = {
-      "i": jnp.int32(0), "cache": cache, "last": jnp.full((b,), start_id, jnp.int32),
-      "tokens": jnp.full((b, max_len), pad_id, jnp.int32),
-      "hidden": jnp.zeros((b, max_len, hidden_dim), hidden_dtype),
-      "scores": jnp.zeros((b,), jnp.float32), "lengths": jnp.zeros((b,), jnp.int32),
-      "done": jnp.zeros((b,), bool),
-  }
-  s = jax.lax.while_loop(cond, body, init)
+  return jax.lax.while_loop(cond, body, state)
+
+
+def greedy(step_fn: StepFn, cache: tp.Any, *, batch_size: int, max_len: int, hidden_dim: int,
+           eos_id: int, start_id: int = 0, pad_id: int = 0, no_repeat_previous: bool = False,
+           hidden_dtype=jnp.float32) -> DecodeResult:
+  """Greedy decoding of up to `max_len` tokens for `batch_size` rows."""
+  s = greedy_init(cache, batch_size=batch_size, max_len=max_len, hidden_dim=hidden_dim,
+                  start_id=start_id, pad_id=pad_id, hidden_dtype=hidden_dtype)
+  s = greedy_steps(step_fn, s, until=max_len, eos_id=eos_id, pad_id=pad_id,
+                   no_repeat_previous=no_repeat_previous)
   return DecodeResult(s["tokens"], s["scores"], s["hidden"], s["lengths"])
 
 
@@ -180,6 +200,19 @@ def recompute_step_fn(model) -> StepFn:
   return step
 
 
+def limit_vocab(step: StepFn, vocab_limit: int | None, vocab_size: int) -> StepFn:
+  """`step` whose logits at ids ≥ `vocab_limit` are the dtype's minimum (never generated)."""
+  if vocab_limit is None or vocab_limit >= vocab_size:
+    return step
+
+  def limited(cache, tokens, index):
+    logits, hidden, cache = step(cache, tokens, index)
+    keep = jnp.arange(logits.shape[-1]) < vocab_limit
+    return jnp.where(keep, logits, jnp.finfo(logits.dtype).min), hidden, cache
+
+  return limited
+
+
 def generate(model, input_ids: jax.Array | None, attention_mask: jax.Array | None = None, *,
              max_len: int, num_beams: int = 1, length_penalty: float = 1.0,
              no_repeat_previous: bool = False, early_stopping: bool = False, use_cache: bool = True,
@@ -207,13 +240,7 @@ def generate(model, input_ids: jax.Array | None, attention_mask: jax.Array | Non
     cache = {"tokens": jnp.full((b * num_beams, max_len), cfg.pad_id, jnp.int32), "inputs": inputs}
     step = recompute_step_fn(model)
     reorder = lambda c, rows: {**c, "tokens": jnp.take(c["tokens"], rows, axis=0)}
-  if vocab_limit is not None and vocab_limit < cfg.vocab_size:
-    unmasked = step
-
-    def step(cache, tokens, index):
-      logits, hidden, cache = unmasked(cache, tokens, index)
-      keep = jnp.arange(logits.shape[-1]) < vocab_limit
-      return jnp.where(keep, logits, jnp.finfo(logits.dtype).min), hidden, cache
+  step = limit_vocab(step, vocab_limit, cfg.vocab_size)
   if num_beams > 1:
     return beam_search(step, cache, reorder, batch_size=b, num_beams=num_beams,
                        length_penalty=length_penalty, early_stopping=early_stopping, **common)

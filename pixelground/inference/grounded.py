@@ -36,6 +36,7 @@ import re
 import typing as tp
 from collections.abc import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -68,8 +69,8 @@ class Entities:
   valid: np.ndarray
 
   def batch(self) -> dict[str, jnp.ndarray]:
-    return {"entity_masks": jnp.asarray(self.model_masks[None]),
-            "entity_valid": jnp.asarray(self.valid[None])}
+    return {"entity_masks": jax.device_put(self.model_masks[None]),
+            "entity_valid": jax.device_put(self.valid[None])}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,10 +319,11 @@ def _generate(predictor, batch, max_len: int) -> tuple[list[str], list[int], np.
   """→ (phrase texts, `[SEG]` positions, their association logits (K, M)); sets `generated`."""
   tokens, lengths, logits = _generated(predictor.model, batch, max_len=max_len,
                                        vocab_limit=predictor.tok.num_ids)
-  toks = [int(t) for t in np.asarray(tokens[0, : int(lengths[0])])]
+  tokens, lengths, logits = np.asarray(tokens), np.asarray(lengths), np.asarray(logits)  # host slicing:
+  toks = [int(t) for t in tokens[0, : int(lengths[0])]]  # no eager program per answer length
   predictor.generated = predictor.tok.decode(toks)
   texts, pos = split_generated(predictor.tok, toks, _seg_id(predictor))
-  return texts, pos, np.asarray(logits[0])[np.asarray(pos, np.int64)]
+  return texts, pos, logits[0][np.asarray(pos, np.int64)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -347,8 +349,8 @@ def ground(predictor, image, caption: str, entities=None, *, phrases: Sequence[s
     target[0, : len(ids)] = ids
     positions = np.zeros((1, _bucket(len(pos), 4)), np.int32)
     positions[0, : len(pos)] = pos
-    batch |= {"target_ids": jnp.asarray(target), "target_mask": jnp.asarray(target != 0),
-              "seg_positions": jnp.asarray(positions)}
+    batch |= {"target_ids": jax.device_put(target), "target_mask": jax.device_put(target != 0),
+              "seg_positions": jax.device_put(positions)}
     logits = np.asarray(_teacher_forced(predictor.model, batch))[0, : len(pos)]
     texts = given
   else:

@@ -1,4 +1,4 @@
-"""Per-task inference for PixelLLM / LISA on single images, with cached greedy or beam decoding.
+"""Per-task inference for PixelLLM / LISA (one image or a batch), cached greedy or beam decoding.
 
 Every function takes the ORIGINAL image (H, W, 3) uint8 (any PIL-convertible mode is converted) and
 returns coordinates in that image's pixels (xyxy boxes, x/y points, pixel centres at +0.5): the image
@@ -20,6 +20,13 @@ is resized so its long side is the model input size and padded (the evaluation g
     auto_masks        SAM's automatic mask generator (`pixelground.inference.auto_masks`): records
                       with segmentation, area, bbox (xywh), predicted_iou, stability_score, ...
 
+Batched: `caption_batch`, `region_caption_batch`, `referring_batch`, `segment_batch`,
+`dense_captions_batch` take lists (images, texts, boxes) and run them in compiled calls padded to shape
+buckets (`Predictor.buckets`, `pixelground.inference.batching`), so new requests reuse the compiled
+programs; `segment_stream` yields a LISA answer chunk by chunk with each `[SEG]`'s mask as soon as it is
+generated (`pixelground.inference.streaming`). The single-image methods call the batched ones with a
+list of one.
+
 Bad calls raise ValueError naming the problem: an image that is not (H, W, 3) / (H, W), an empty text,
 a box that is not xyxy inside the image.
 """
@@ -27,19 +34,16 @@ a box that is not xyxy inside the image.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import typing as tp
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from pixelground.data import tasks as task_lib
 from pixelground.data import transforms as T
-from pixelground.inference import decoding
-from pixelground.models import pixelllm
+from pixelground.inference import batching
 
 
 @dataclasses.dataclass
@@ -49,6 +53,7 @@ class Caption:
   points: np.ndarray   # (N, 2, 2) float32: per token two (x, y) corners, original-image pixels
   boxes: np.ndarray    # (N, 4) float32 xyxy: min/max of each token's two points
   score: float
+  truncated: bool = False  # the prompt was cut to the prompt length
 
 
 @dataclasses.dataclass
@@ -58,6 +63,7 @@ class ReferringResult:
   score: float
   mask: np.ndarray | None = None  # (H, W) bool with a refseg model (SAM prompted by the box)
   mask_score: float | None = None
+  truncated: bool = False  # the prompt ("where is …") was cut to the prompt length
 
 
 @dataclasses.dataclass
@@ -72,6 +78,7 @@ class Segmentation:
   text: str
   masks: np.ndarray        # (K, H, W) bool
   mask_scores: np.ndarray  # (K,) float32
+  truncated: bool = False  # the question was cut to the prompt length
 
 
 def _check_image(image) -> np.ndarray:
@@ -97,45 +104,11 @@ def _check_box(box, height: int, width: int) -> np.ndarray:
   return b
 
 
-@functools.partial(nnx.jit, static_argnames=("max_len", "num_beams", "no_repeat_previous", "vocab_limit"))
-def _generate(model, batch, *, max_len: int, num_beams: int, no_repeat_previous: bool,
-              vocab_limit: int | None = None):
-  """Visual tokens → cached greedy/beam decode → per-token points (model-input pixels)."""
-  fused, sam = model.image_features(batch["image"], batch["image_mask"])
-  visual = model.visual_tokens(fused, batch["prompt_box"])
-  ids = batch["prompt_ids"]
-  res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
-                          num_beams=num_beams, length_penalty=0.6 if num_beams > 1 else 1.0,
-                          no_repeat_previous=no_repeat_previous, prefix_embeds=visual,
-                          vocab_limit=vocab_limit)
-  return res, model.points(res.hidden, batch["image_mask"], visual), (sam, visual)
-
-
-@functools.partial(nnx.jit, static_argnames=("k", "max_len", "vocab_limit"))
-def _dense(model, batch, *, k: int, max_len: int, vocab_limit: int | None = None):
-  """Proposals (top-k heatmap peaks) → one caption per proposal, decoded as a batch of k."""
-  from pixelground.models.heads import proposals as prop_lib
-
-  fused, _ = model.image_features(batch["image"], batch["image_mask"])
-  heat, ltrb = model.proposal_head(fused)
-  boxes, scores = prop_lib.top_proposals(heat, ltrb, k)  # (1, k, 4) normalised, (1, k)
-  visual = model.visual_tokens(jnp.repeat(fused, k, axis=0), boxes[0])
-  ids = jnp.repeat(batch["prompt_ids"], k, axis=0)
-  res = decoding.generate(model.t5, ids, ids != model.cfg.t5.pad_id, max_len=max_len,
-                          prefix_embeds=visual, vocab_limit=vocab_limit)
-  return boxes[0], scores[0], res.tokens, res.lengths
-
-
-@nnx.jit
-def _refer(model, batch):
-  """Teacher-forced referring: (box (B, 4) model-input pixels at the EOS, log-likelihood (B,), mask
-  logits (B, S, S) and IoU (B,) with a refseg model, else None)."""
-  out = model(batch, heads=pixelllm.TASK_HEADS["referring"])
-  box = pixelllm.referring_box(out, batch)
-  logp = jax.nn.log_softmax(out["logits"], -1)
-  logp = jnp.take_along_axis(logp, batch["target_ids"][..., None], -1)[..., 0]
-  score = jnp.sum(jnp.where(batch["target_mask"], logp, 0.0), axis=-1)
-  return box, score, out.get("ref_logits"), out.get("ref_iou")
+def _check_list(values, n: int, what: str) -> list:
+  values = list(values)
+  if len(values) != n:
+    raise ValueError(f"{what}: {len(values)} given for {n} images; give one per image")
+  return values
 
 
 class Predictor:
@@ -150,6 +123,7 @@ class Predictor:
     self.sam_checkpoint = sam_checkpoint
     self._sam_parts = None
     self._generators: dict[str, tp.Any] = {}
+    self._programs = None
     self.size = model.cfg.image_size
     self.max_prompt_len = max_prompt_len
     self.max_entities = max_entities
@@ -159,6 +133,9 @@ class Predictor:
     self.truncated = False  # the last call's prompt was longer than max_prompt_len tokens
     self.last_prompt_len = max_prompt_len  # the last call's prompt length (tasks may have their own)
     self.generated = None   # GELLA: the last ground/panoptic call's generated text (None: teacher-forced)
+    # Padded shapes of the batched calls (a server sets its own: `serving.engine`).
+    self.buckets = batching.Buckets(prompt_lens=tuple(p for p in batching.Buckets().prompt_lens
+                                                      if p < max_prompt_len) + (max_prompt_len,))
 
   @classmethod
   def from_checkpoint(cls, path: str, config=None, *, mesh=None, sam_checkpoint: str | None = None
@@ -185,113 +162,175 @@ class Predictor:
     return pred
 
   # -- shared ------------------------------------------------------------------------------------------
+  @property
+  def programs(self) -> batching.Programs:
+    """The compiled programs of `self.model` (built at first use, again if the model is replaced)."""
+    if self._programs is None or self._programs.model is not self.model:
+      self._programs = batching.Programs(self.model)
+    return self._programs
+
   def _inputs(self, image: np.ndarray, prompt: str, box: np.ndarray | None,
               max_prompt_len: int | None = None):
-    """→ (the model batch of one image + prompt, its geometry); the prompt is cut to `max_prompt_len`
-    tokens (default `self.max_prompt_len`), `self.truncated` says whether it was."""
+    """→ (the model batch of one image + prompt padded to `max_prompt_len` tokens (default
+    `self.max_prompt_len`; `self.truncated` says whether it was cut), its geometry). GELLA's path."""
     max_prompt_len = max_prompt_len or self.max_prompt_len
-    geom = T.resize_pad(image.shape[0], image.shape[1], self.size)
-    out, valid = T.apply_image(image, geom)
-    vh, vw = geom.valid
-    if box is None:
-      prompt_box = np.asarray([0, 0, vw / self.size, vh / self.size], np.float32)
-    else:
-      prompt_box = (geom.boxes(box[None])[0] / self.size).astype(np.float32)
-    ids = self.tok.encode(prompt)
-    self.truncated = len(ids) > max_prompt_len
-    self.last_prompt_len = max_prompt_len
-    ids = ids[:max_prompt_len]
-    prompt_ids = np.zeros(max_prompt_len, np.int32)
-    prompt_ids[: len(ids)] = ids
-    batch = {"image": out[None], "image_mask": valid[None], "prompt_box": prompt_box[None],
-             "prompt_ids": prompt_ids[None]}
-    return {k: jnp.asarray(v) for k, v in batch.items()}, geom
+    b = batching.prepare(self, [image], [prompt], [box], max_prompt_len=max_prompt_len,
+                         buckets=batching.Buckets((1,), (max_prompt_len,)))
+    self.truncated, self.last_prompt_len = b.truncated[0], max_prompt_len
+    return b.arrays, b.geoms[0]
 
-  def _decode(self, batch, max_len, num_beams, no_repeat_previous=False):
-    res, points, extras = _generate(self.model, batch, max_len=max_len, num_beams=num_beams,
-                                    no_repeat_previous=no_repeat_previous, vocab_limit=self.tok.num_ids)
-    n = int(res.lengths[0])
-    tokens = [int(t) for t in np.asarray(res.tokens[0, :n])]
-    return tokens, np.asarray(points[0, :n]), res, extras
+  def _batches(self, images, prompts, boxes=None, max_prompt_len: int | None = None):
+    """Checked inputs → (chunk rows, `batching.Batch`) pairs; sets `truncated` (any row cut)."""
+    max_prompt_len = max_prompt_len or self.max_prompt_len
+    out = []
+    for sl in batching.chunks(len(images), self.buckets):
+      out.append((sl, batching.prepare(self, images[sl], prompts[sl], None if boxes is None else
+                                       boxes[sl], max_prompt_len=max_prompt_len, buckets=self.buckets)))
+    self.truncated = any(t for _, b in out for t in b.truncated)
+    self.last_prompt_len = max_prompt_len
+    return out
+
+  def _check(self, images, texts, what: str) -> tuple[list[np.ndarray], list[str]]:
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+      images = list(images)
+    images = [_check_image(im) for im in images]
+    if not images:
+      raise ValueError("no images: give a list of at least one image")
+    texts = _check_list([texts] * len(images) if isinstance(texts, str) else texts, len(images), what)
+    return images, [_check_text(t, what) for t in texts]
 
   def _to_image(self, boxes: np.ndarray, geom: T.Geometry) -> np.ndarray:
     return geom.inverse_boxes(np.asarray(boxes, np.float32).reshape(-1, 4)).astype(np.float32)
 
-  # -- tasks -----------------------------------------------------------------------------------------
+  # -- tasks (batched; the single-image methods call them with a list of one) -------------------------
+  def caption_batch(self, images, prompts: str | tp.Sequence[str] = task_lib.LN_TEMPLATES[0],
+                    boxes=None, *, max_len: int = 128, num_beams: int = 1,
+                    no_repeat_previous: bool = False) -> list[Caption]:
+    """Captions (with per-token locations) of each image, or of its box (xyxy image pixels; None
+    entries: the whole image); one prompt for all or one per image."""
+    images, prompts = self._check(images, prompts, "prompt")
+    if boxes is not None:
+      boxes = [None if b is None else _check_box(b, *im.shape[:2])
+               for b, im in zip(_check_list(boxes, len(images), "boxes"), images)]
+    out = []
+    for sl, b in self._batches(images, prompts, boxes):
+      res, points, _ = self.programs.generate(b.arrays, max_len=max_len, num_beams=num_beams,
+                                         no_repeat_previous=no_repeat_previous,
+                                         vocab_limit=self.tok.num_ids)
+      tokens, lengths, scores = (np.asarray(x) for x in (res.tokens, res.lengths, res.scores))
+      points = np.asarray(points)
+      for r in range(b.n):
+        text, body = batching.text_of(self.tok, [int(t) for t in tokens[r, : lengths[r]]])
+        boxes_r = self._to_image(points[r, : len(body)], b.geoms[r])  # each token's 2 points
+        out.append(Caption(text=text, pieces=[self.tok.id_to_piece(t) for t in body],
+                           points=boxes_r.reshape(-1, 2, 2), boxes=boxes_r, score=float(scores[r]),
+                           truncated=b.truncated[r]))
+    return out
+
   def caption(self, image, *, prompt: str = task_lib.LN_TEMPLATES[0], box=None, max_len: int = 128,
               num_beams: int = 1, no_repeat_previous: bool = False) -> Caption:
     """Caption (with per-token locations) of the whole image, or of `box` (xyxy, image pixels)."""
-    image = _check_image(image)
-    _check_text(prompt, "prompt")
-    box = None if box is None else _check_box(box, *image.shape[:2])
-    batch, geom = self._inputs(image, prompt, box)
-    tokens, points, res, _ = self._decode(batch, max_len, num_beams, no_repeat_previous)
-    body = tokens[:-1] if tokens and tokens[-1] == self.tok.eos_id else tokens
-    boxes = self._to_image(points[: len(body)], geom)  # each token's 2 points, as a box
-    return Caption(text=self.tok.decode(body), pieces=[self.tok.id_to_piece(t) for t in body],
-                   points=boxes.reshape(-1, 2, 2), boxes=boxes, score=float(res.scores[0]))
+    return self.caption_batch([image], [prompt], [box], max_len=max_len, num_beams=num_beams,
+                              no_repeat_previous=no_repeat_previous)[0]
+
+  def region_caption_batch(self, images, boxes, *, max_len: int = 40, num_beams: int = 1) -> list[str]:
+    """Location-conditioned captions ("an object of") of one box (xyxy, image pixels) per image."""
+    return [c.text for c in self.caption_batch(images, task_lib.REGION_CAPTION, boxes, max_len=max_len,
+                                               num_beams=num_beams)]
 
   def region_caption(self, image, box, *, max_len: int = 40, num_beams: int = 1) -> str:
     """Location-conditioned caption ("an object of") for `box` (xyxy, image pixels)."""
-    return self.caption(image, prompt=task_lib.REGION_CAPTION, box=box, max_len=max_len,
-                        num_beams=num_beams).text
+    return self.region_caption_batch([image], [box], max_len=max_len, num_beams=num_beams)[0]
+
+  def referring_batch(self, images, expressions: tp.Sequence[str], *, max_len: int = 40
+                      ) -> list[ReferringResult]:
+    """`referring` of one expression per image, batched."""
+    images, expressions = self._check(images, expressions, "expression")
+    out = []
+    for sl, b in self._batches(images, [f"where is {e}" for e in expressions]):
+      target = np.zeros((b.arrays["image"].shape[0], max_len), np.int32)
+      ids = [self.tok.encode(e)[: max_len - 1] + [self.tok.eos_id] for e in expressions[sl]]
+      for r, i in enumerate(ids):
+        target[r, : len(i)] = i
+      target = batching.pad_rows(target[: b.n], target.shape[0])
+      arrays = b.arrays | {"target_ids": jax.device_put(target), "target_mask": jax.device_put(target != 0)}
+      box, score, logits, iou = (None if x is None else np.asarray(x)
+                                 for x in self.programs.refer(arrays))
+      for r in range(b.n):
+        res = ReferringResult(text=self.tok.decode(ids[r][:-1]), box=self._to_image(box[r], b.geoms[r])[0],
+                              score=float(score[r]), truncated=b.truncated[r])
+        if logits is not None:
+          res.mask = batching.mask_to_image(logits[r: r + 1], b.geoms[r], b.sizes[r])[0]
+          res.mask_score = float(iou[r])
+        out.append(res)
+    return out
 
   def referring(self, image, expression: str, *, max_len: int = 40) -> ReferringResult:
     """Referring localisation as trained and evaluated (SPEC 1.7): the expression is the prompt
     ("where is …") and the teacher-forced target; the box is the location head's output at the
     position that predicts its EOS. `text` is the expression as scored (cut to `max_len` − 1 tokens),
     `score` its log-likelihood under the model. With a refseg model also the box-prompted mask."""
-    image = _check_image(image)
-    _check_text(expression, "expression")
-    batch, geom = self._inputs(image, f"where is {expression}", None)
-    ids = self.tok.encode(expression)[: max_len - 1] + [self.tok.eos_id]
-    target = np.zeros((1, max_len), np.int32)
-    target[0, : len(ids)] = ids
-    batch |= {"target_ids": jnp.asarray(target), "target_mask": jnp.asarray(target != 0)}
-    box, score, logits, iou = _refer(self.model, batch)
-    result = ReferringResult(text=self.tok.decode(ids[:-1]), box=self._to_image(np.asarray(box), geom)[0],
-                             score=float(score[0]))
-    if logits is not None:
-      result.mask = mask_to_image(np.asarray(logits)[:1], geom, image.shape[:2])[0]
-      result.mask_score = float(iou[0])
-    return result
+    return self.referring_batch([image], [expression], max_len=max_len)[0]
 
-  def dense_captions(self, image, *, k: int = 10, max_len: int = 40) -> list[DenseCaption]:
-    """Dense captioning: the proposal head's top-k boxes, each captioned ("an object of")."""
+  def dense_captions_batch(self, images, *, k: int = 10, max_len: int = 40) -> list[list[DenseCaption]]:
+    """`dense_captions` of each image, batched (B images → one decode of B·k regions)."""
     if not self.model.cfg.proposals:
       raise ValueError("dense_captions() needs a model built with proposals=True")
     if k < 1:
       raise ValueError(f"k must be ≥ 1, got {k}")
-    image = _check_image(image)
-    batch, geom = self._inputs(image, task_lib.REGION_CAPTION, None)
-    boxes, scores, tokens, lengths = _dense(self.model, batch, k=k, max_len=max_len,
-                                            vocab_limit=self.tok.num_ids)
-    boxes = self._to_image(np.asarray(boxes) * self.size, geom)
+    images, prompts = self._check(images, task_lib.REGION_CAPTION, "prompt")
     out = []
-    for i in range(boxes.shape[0]):
-      toks = [int(t) for t in np.asarray(tokens[i, : int(lengths[i])])]
-      body = toks[:-1] if toks and toks[-1] == self.tok.eos_id else toks
-      out.append(DenseCaption(box=boxes[i], score=float(scores[i]), text=self.tok.decode(body)))
+    for sl, b in self._batches(images, prompts):
+      boxes, scores, tokens, lengths = (np.asarray(x) for x in self.programs.dense(
+          b.arrays, k=k, max_len=max_len, vocab_limit=self.tok.num_ids))
+      for r in range(b.n):
+        rb = self._to_image(boxes[r] * self.size, b.geoms[r])
+        out.append([DenseCaption(box=rb[i], score=float(scores[r, i]), text=batching.text_of(
+            self.tok, [int(t) for t in tokens[r, i, : lengths[r, i]]])[0]) for i in range(rb.shape[0])])
+    return out
+
+  def dense_captions(self, image, *, k: int = 10, max_len: int = 40) -> list[DenseCaption]:
+    """Dense captioning: the proposal head's top-k boxes, each captioned ("an object of")."""
+    return self.dense_captions_batch([image], k=k, max_len=max_len)[0]
+
+  def segment_batch(self, images, questions: tp.Sequence[str], *, max_len: int = 40,
+                    max_prompt_len: int | None = None) -> list[Segmentation]:
+    """`segment` of one question per image, batched; `max_prompt_len` (default the model's) bounds
+    the question's tokens (a chat history needs more)."""
+    if not self.model.cfg.lisa:
+      raise ValueError("segment() needs a model built with lisa=True")
+    images, questions = self._check(images, questions, "question")
+    out = []
+    for sl, b in self._batches(images, questions, max_prompt_len=max_prompt_len):
+      res, _, (sam, visual) = self.programs.generate(b.arrays, max_len=max_len, num_beams=1,
+                                                no_repeat_previous=False, vocab_limit=self.tok.num_ids)
+      tokens, lengths = np.asarray(res.tokens), np.asarray(res.lengths)
+      ids = [[int(t) for t in tokens[r, : lengths[r]]] for r in range(b.n)]
+      seg = self.model.cfg.seg_token_id
+      positions = [[t for t, tok in enumerate(i) if tok == seg] for i in ids]
+      masks = batching.row_masks(self.programs, res.hidden, positions, sam, visual,
+                                 b.arrays["image_mask"], b)
+      out += [Segmentation(batching.text_of(self.tok, i)[0], m, s, truncated=t)
+              for i, (m, s), t in zip(ids, masks, b.truncated)]
     return out
 
   def segment(self, image, question: str, *, max_len: int = 40) -> Segmentation:
     """LISA: answer `question`; one mask per `[SEG]` in the answer (original image resolution)."""
+    return self.segment_batch([image], [question], max_len=max_len)[0]
+
+  def segment_stream(self, images, questions: tp.Sequence[str], *, max_len: int = 40, chunk: int = 4,
+                     max_prompt_len: int | None = None):
+    """`segment_batch` streamed: yields a `streaming.StreamUpdate` (each row's text and masks so far)
+    after every `chunk` decoder positions; a `[SEG]`'s mask comes with the chunk that generated it."""
+    from pixelground.inference import streaming
     if not self.model.cfg.lisa:
-      raise ValueError("segment() needs a model built with lisa=True")
-    image = _check_image(image)
-    _check_text(question, "question")
-    batch, geom = self._inputs(image, question, None)
-    tokens, _, res, (sam, visual) = self._decode(batch, max_len, 1)
-    seg_id = self.model.cfg.seg_token_id
-    positions = [t for t, tok in enumerate(tokens) if tok == seg_id]
-    h, w = image.shape[:2]
-    body = tokens[:-1] if tokens and tokens[-1] == self.tok.eos_id else tokens
-    if not positions:
-      return Segmentation(self.tok.decode(body), np.zeros((0, h, w), bool), np.zeros(0, np.float32))
-    logits, iou = _masks(self.model, res.hidden, jnp.asarray([positions], jnp.int32), sam, visual,
-                         batch["image_mask"])
-    masks = mask_to_image(np.asarray(logits[0]), geom, (h, w))
-    return Segmentation(self.tok.decode(body), masks, np.asarray(iou[0]))
+      raise ValueError("segment_stream() needs a model built with lisa=True")
+    images, questions = self._check(images, questions, "question")
+    if len(images) > self.buckets.batch_sizes[-1]:
+      raise ValueError(f"segment_stream: {len(images)} images; at most {self.buckets.batch_sizes[-1]} "
+                       f"(the largest batch bucket) per call")
+    return streaming.segment_stream(self, images, questions, max_len=max_len, chunk=chunk,
+                                    max_prompt_len=max_prompt_len)
 
   # -- class-agnostic masks (pixelground.inference.auto_masks) ---------------------------------------
   def auto_masks(self, image, **options) -> list:
@@ -350,16 +389,8 @@ class Predictor:
     return self.categories
 
 
-def mask_to_image(logits: np.ndarray, geom: T.Geometry, hw: tuple[int, int]) -> np.ndarray:
-  """(K, S, S) model-input mask logits → (K, H, W) bool masks of the original image."""
-  vh, vw = geom.valid
-  crop = jnp.asarray(logits[:, :vh, :vw], jnp.float32)  # drop the padding
-  return np.asarray(jax.image.resize(crop, (crop.shape[0],) + tuple(hw), "bilinear")) > 0
-
-
-@nnx.jit
-def _masks(model, hidden, positions, sam, visual, image_mask):
-  return model.decoded_seg_masks(hidden, positions, sam, visual, image_mask)
+mask_to_image = batching.mask_to_image  # (K, S, S) logits → (K, H, W) bool of the original image
+_masks = nnx.jit(batching._seg_masks)  # (model, hidden, positions, sam, visual, image_mask)
 
 
 def teacher_forced_points(model, batch: dict[str, tp.Any]) -> np.ndarray:
