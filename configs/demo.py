@@ -24,8 +24,8 @@ panoptic segmentation over the ground-truth segments; demo.png gains a grounded-
 
 Its targets are not met yet (docs/gella.md, session 14). Seed 0 (1,950 steps, with `detach_sam` and
 the location losses at × 0.15 as here): trace L1 0.090, caption 0.819, referring Acc@0.5 0.805, mask
-gIoU 0.556, `[SEG]` gIoU 0.491, PNG AR 0.740, PQ 0.283 (the panoptic names collapse to one list in
-some runs: PQ 0.19–0.52 across session 13–14 variants). That is why it is not the default yet.
+gIoU 0.556, `[SEG]` gIoU 0.491, PNG AR 0.740, PQ 0.283 (the panoptic names collapse to one list);
+seed 1: 0.097, 0.813, 0.740, 0.590, 0.495, PNG AR 0.808, PQ 0.598. Not the default yet.
 """
 
 from pixelground.config import base, recipes
