@@ -221,16 +221,6 @@ def test_gradients_reach_both_branches():
   assert norm("gella.association.noun_fc.") > 0 and norm("gella.association.entity_fc.") > 0
   assert norm("gella.entity_decoder.") > 0 and norm("gella.resoblend.") > 0
   assert norm("sam_encoder.") > 0
-  # `detach_sam`: the same forward pass, but SAM's encoder gets nothing from GELLA's losses.
-  dcfg = dataclasses.replace(cfg, gella=dataclasses.replace(cfg.gella, detach_sam=True))
-  detached = P.PixelLLM(dcfg, rngs=nnx.Rngs(0))
-  loss_fn = lambda m: _loss(m, batch, jax.random.key(0))[0]
-  value, dgrads = nnx.jit(nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param)))(detached)
-  np.testing.assert_allclose(float(value), float(nnx.jit(loss_fn)(model)), rtol=1e-6)
-  dflat = {".".join(map(str, k)): float(jnp.sum(jnp.abs(v[...])))
-           for k, v in nnx.to_flat_state(dgrads)}
-  assert sum(v for k, v in dflat.items() if k.startswith("sam_encoder.")) == 0
-  assert sum(v for k, v in dflat.items() if k.startswith("eva.")) > 0
   # The association term alone reaches T5 (its `[SEG]` states) and the entity decoder.
   def assoc_only(m):
     out = m(batch, heads=("gella",), train=True)
@@ -238,6 +228,21 @@ def test_gradients_reach_both_branches():
                              batch["seg_valid"], batch["entity_valid"])
   g2 = nnx.jit(nnx.grad(assoc_only, argnums=nnx.DiffState(0, nnx.LoRAParam)))(model)
   assert sum(float(jnp.sum(jnp.abs(v[...]))) for _, v in nnx.to_flat_state(g2)) > 0
+
+
+@pytest.mark.slow
+def test_detach_sam_keeps_gella_out_of_sam():
+  # `detach_sam`: the same forward pass, but SAM's encoder gets nothing from GELLA's losses.
+  cfg, model = _model()
+  batch = _batch(np.random.default_rng(0))
+  dcfg = dataclasses.replace(cfg, gella=dataclasses.replace(cfg.gella, detach_sam=True))
+  detached = P.PixelLLM(dcfg, rngs=nnx.Rngs(0))
+  loss_fn = lambda m: _loss(m, batch, jax.random.key(0))[0]
+  value, grads = nnx.jit(nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param)))(detached)
+  np.testing.assert_allclose(float(value), float(nnx.jit(loss_fn)(model)), rtol=1e-6)
+  flat = {".".join(map(str, k)): float(jnp.sum(jnp.abs(v[...]))) for k, v in nnx.to_flat_state(grads)}
+  assert sum(v for k, v in flat.items() if k.startswith("sam_encoder.")) == 0
+  assert sum(v for k, v in flat.items() if k.startswith("eva.")) > 0
 
 
 def test_entity_tokens_join_the_encoder():
