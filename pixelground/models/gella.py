@@ -109,6 +109,14 @@ class GellaConfig(ModelConfig):
     return -(-self.colormap_size // self.swin.patch_size)
 
 
+def detach_leading(x: jax.Array, channels: int, rows: jax.Array) -> jax.Array:
+  """x (B, g, g, C) with its first `channels` channels behind a stop-gradient where `rows`
+  (B, 1, 1, 1) bool is True (`GellaConfig.detach_sam`: SAM's part of the fused map on GELLA rows)."""
+  head = x[..., :channels]
+  head = jnp.where(rows, jax.lax.stop_gradient(head), head)
+  return jnp.concatenate([head, x[..., channels:]], axis=-1)
+
+
 def tiny_gella(image_size: int = 64) -> GellaConfig:
   """A CPU-sized GELLA (tests, demo, `:runlocal`): the same structure, every width tiny."""
   swin = swin_lib.SwinConfig(image_size=2 * image_size, embed_dim=16, depths=(1, 1, 1, 1),

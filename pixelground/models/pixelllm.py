@@ -268,19 +268,16 @@ class PixelLLM(nnx.Module):
     """`image_features`, then with GELLA the entity colormap blended in: → (fused (B, g, g, C),
     `MaskFeatures` or None, `EntityState` or None). Entities are `entity_masks` (B, E, S, S) /
     `entity_valid` (B, E) of the batch; a batch without them (other tasks) or a row without a valid
-    entity keeps the plain image features, so those tasks see the same input in training and at
-    inference. Colours are drawn from `rng` (training) or a fixed key (evaluation: the same colours
-    for the same entity slots every run)."""
+    entity keeps the plain image features (as at inference). Colours come from `rng` (training) or a
+    fixed key (evaluation: the same colours for the same entity slots every run)."""
     fused, sam = self.image_features(batch["image"], batch["image_mask"], rng=rng)
     if self.gella is None or "entity_masks" not in batch:
       return fused, sam, None
     masks = batch["entity_masks"]
     valid = batch.get("entity_valid", jnp.any(masks, axis=(2, 3)))
     rows = jnp.any(valid, axis=1)[:, None, None, None]  # the rows GELLA handles
-    if self.cfg.gella.detach_sam and sam is not None:  # SAM's channels come first in the fused map
-      c = sam.emb.shape[-1]
-      fused = fused.at[..., :c].set(jnp.where(rows, jax.lax.stop_gradient(fused[..., :c]),
-                                              fused[..., :c]))
+    if self.cfg.gella.detach_sam and sam is not None:  # SAM's channels lead the fused map
+      fused = gella_lib.detach_leading(fused, sam.emb.shape[-1], rows)
     key = jax.random.fold_in(rng, 7) if rng is not None else jax.random.key(0)
     pyramid = self.gella.encode_colormap(masks, valid, key)
     pe = self.gella.blend_pe(self.prompt_encoder.pe.dense_pe(fused.shape[1:3]))
