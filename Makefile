@@ -35,11 +35,16 @@ serve: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pixelground.serve --checkpoint=$(WORKDIR) $(SERVE_ARGS)
 
 # Default test run: everything except @pytest.mark.slow. `make test-all` (or pytest --runslow) runs all.
+# TEST_WORKERS pytest-xdist processes, one test file each at a time (module fixtures are built once):
+# most of a test's time is single-threaded XLA compilation, so 2 workers use both cores of a 2-core
+# machine. TEST_WORKERS=1 runs in one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile,)
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) tests $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q --runslow tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) --runslow tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/t5_decode.py

@@ -247,7 +247,7 @@ def test_detach_sam_keeps_gella_out_of_sam():
 
 def test_entity_tokens_join_the_encoder():
   # `entity_tokens`: one T5 prefix token per entity slot after the visual tokens, masked where the slot
-  # is empty; the caption loss alone then trains the entity decoder through them.
+  # is empty (the next test: the caption loss alone then trains the entity decoder through them).
   base = P.tiny_config(vocab_size=VOCAB, seg_token_id=SEG, gella=True)
   cfg = dataclasses.replace(base, gella=dataclasses.replace(base.gella, entity_tokens=True))
   model = P.PixelLLM(cfg, rngs=nnx.Rngs(0))
@@ -261,6 +261,19 @@ def test_entity_tokens_join_the_encoder():
                                                        np.asarray(batch["entity_valid"]))
   emb, _ = model.entity_outputs(entities)  # the decoded entities are reused, not decoded twice
   np.testing.assert_allclose(np.asarray(emb), np.asarray(entities.decoded[0]))
+  # Without the switch the prefix is the visual tokens alone.
+  _, plain_model = _model()
+  fused, _, entities = plain_model.features(batch)
+  visual, prefix, mask = plain_model.prefix(fused, batch["prompt_box"], entities)
+  assert mask is None and prefix is visual
+
+
+@pytest.mark.slow  # a demo-only aid; compiling the gradient program takes ~60 s on 2 cores
+def test_entity_tokens_train_the_entity_decoder_through_the_text():
+  base = P.tiny_config(vocab_size=VOCAB, seg_token_id=SEG, gella=True)
+  cfg = dataclasses.replace(base, gella=dataclasses.replace(base.gella, entity_tokens=True))
+  model = P.PixelLLM(cfg, rngs=nnx.Rngs(0))
+  batch = _batch(np.random.default_rng(0), e=6)
   def text_only(m):
     out = m(batch, heads=(), train=True)
     return optax.softmax_cross_entropy_with_integer_labels(
@@ -269,11 +282,6 @@ def test_entity_tokens_join_the_encoder():
   flat = {".".join(map(str, k)): float(jnp.sum(jnp.abs(v[...]))) for k, v in nnx.to_flat_state(g)}
   assert sum(v for k, v in flat.items() if k.startswith("gella.token_proj.")) > 0
   assert sum(v for k, v in flat.items() if k.startswith("gella.entity_decoder.layers.")) > 0
-  # Without the switch the prefix is the visual tokens alone.
-  _, plain_model = _model()
-  fused, _, entities = plain_model.features(batch)
-  visual, prefix, mask = plain_model.prefix(fused, batch["prompt_box"], entities)
-  assert mask is None and prefix is visual
 
 
 def test_sharded_matches_single_device():

@@ -186,6 +186,7 @@ def test_train_box_noise_moves_the_target_prompt_only_with_an_rng(setup):
     cfg.replace(train_box_noise=1.5)
 
 
+@pytest.mark.slow  # a demo-only from-scratch aid; ~60 s of training on 2 cores
 def test_mask_detail_branch_reaches_the_masks_and_trains(setup):
   """`mask_detail`: a conv branch on the image at the mask decoder's output grid (4 × SAM's), read by
   the hypernetworks beside the upscaled embedding — it changes the masks, the mask losses reach its
@@ -260,6 +261,7 @@ def test_bilinear_sample_and_the_box_refiner_crop():
     cfg.replace(box_refine=6)
 
 
+@pytest.mark.slow  # a demo-only from-scratch aid; ~60 s of training on 2 cores
 def test_box_refiner_learns_and_prompts_both_masks(setup):
   """`box_refine`: the referring box (and the `[SEG]` box) is the refiner's output — the identity of
   the (ordered) head box at initialisation; trained alone on the head's boxes it lands far closer to
