@@ -32,7 +32,10 @@ then, on every TPU VM host:
         --config.weights.sam=/w/sam_vit_h_4b8939.pth --config.weights.eva=/w/eva02_L.safetensors \
         --config.weights.t5=/w/flan-t5-xl --config.data.tfds_dir=gs://bucket/tfds --multihost
 
-  Not trained here (no TPU, no data); the compile check at pod topologies is not measured yet.
+  Not trained here (no TPU, no data). Compiled for v5e:4x4 / 8x8 / 16x16 and v5p:4x4x4 at 16 examples
+  per chip (`python -m pixelground.compile_check --config=configs/webli_pretrain_t5xl.py
+  --topology=v5e:16x16`): 3.1–3.7 GiB per chip of 16 (v5e), compiled / analytic FLOPs 1.14, FSDP
+  all-gathers 14–50 GiB per chip per step (docs/compile_check.md).
 
 CPU variant (same recipe shrunk; the grounded-shapes train images written as 4 web-style tar shards,
 a tenth of them planted to fail each of three filters, built on first use):
