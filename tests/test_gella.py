@@ -245,13 +245,16 @@ def test_detach_sam_keeps_gella_out_of_sam():
   assert sum(v for k, v in flat.items() if k.startswith("eva.")) > 0
 
 
+def _entity_tokens_model():
+  base = P.tiny_config(vocab_size=VOCAB, seg_token_id=SEG, gella=True)
+  cfg = dataclasses.replace(base, gella=dataclasses.replace(base.gella, entity_tokens=True))
+  return cfg, P.PixelLLM(cfg, rngs=nnx.Rngs(0)), _batch(np.random.default_rng(0), e=6)
+
+
 def test_entity_tokens_join_the_encoder():
   # `entity_tokens`: one T5 prefix token per entity slot after the visual tokens, masked where the slot
   # is empty (the next test: the caption loss alone then trains the entity decoder through them).
-  base = P.tiny_config(vocab_size=VOCAB, seg_token_id=SEG, gella=True)
-  cfg = dataclasses.replace(base, gella=dataclasses.replace(base.gella, entity_tokens=True))
-  model = P.PixelLLM(cfg, rngs=nnx.Rngs(0))
-  batch = _batch(np.random.default_rng(0), e=6)
+  cfg, model, batch = _entity_tokens_model()
   batch["entity_valid"] = batch["entity_valid"].at[1, 4:].set(False)
   fused, _, entities = model.features(batch)
   visual, prefix, mask = model.prefix(fused, batch["prompt_box"], entities)
@@ -270,10 +273,7 @@ def test_entity_tokens_join_the_encoder():
 
 @pytest.mark.slow  # a demo-only aid; compiling the gradient program takes ~60 s on 2 cores
 def test_entity_tokens_train_the_entity_decoder_through_the_text():
-  base = P.tiny_config(vocab_size=VOCAB, seg_token_id=SEG, gella=True)
-  cfg = dataclasses.replace(base, gella=dataclasses.replace(base.gella, entity_tokens=True))
-  model = P.PixelLLM(cfg, rngs=nnx.Rngs(0))
-  batch = _batch(np.random.default_rng(0), e=6)
+  cfg, model, batch = _entity_tokens_model()
   def text_only(m):
     out = m(batch, heads=(), train=True)
     return optax.softmax_cross_entropy_with_integer_labels(
