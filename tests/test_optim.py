@@ -112,3 +112,29 @@ def test_schedule_warmup_cosine():
   assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(1e-2)
   assert float(sched(55)) == pytest.approx(1e-2 * 0.5, rel=1e-3)   # half-way through the cosine
   assert float(sched(100)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fused_equals_per_parameter_updates():
+  """`fused=True` (one AdamW per group of concatenated parameters) gives the per-parameter updates:
+  decay on matrices only, LR multipliers, unrolled layer decay and clipping, over 3 random steps; its
+  state holds a few vectors per group instead of two arrays per parameter."""
+  params = nnx.state(Wrap(False), nnx.Param)
+  kw = dict(weight_decay=0.1, grad_clip_norm=0.5, layer_decay={"eva": 0.5},
+            lr_multipliers={"head": 3.0})
+  txs = [optim.build(_opt_cfg(fused=f, **kw), params, depths={"eva": 3})[0] for f in (False, True)]
+  states = [tx.init(params) for tx in txs]
+  # (one group per (decay, LR scale) pair: here 2 × the 5 layer-decay scales, + the head at 3.0)
+  assert len(jax.tree.leaves(states[1])) < len(jax.tree.leaves(states[0])) // 2
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+    out = [tx.update(grads, st, params) for tx, st in zip(txs, states)]
+    states = [o[1] for o in out]
+    ref, fused = _flat(out[0][0]), _flat(out[1][0])
+    assert ref.keys() == fused.keys()
+    for k in ref:
+      np.testing.assert_allclose(fused[k], ref[k], rtol=1e-5, atol=1e-9, err_msg=k)
+  # A per-layer LR inside one (scanned) array has no place in a group's scalar multiplier.
+  scanned = nnx.state(Wrap(True), nnx.Param)
+  with pytest.raises(ValueError, match="fused does not combine with config.optimizer.layer_decay"):
+    optim.build(_opt_cfg(fused=True, layer_decay={"eva": 0.5}), scanned, depths={"eva": 3})
