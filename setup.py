@@ -35,9 +35,6 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6,<3",
     # The web demo (python -m pixelground.serve).
     "gradio>=6.31,<7",
-    # What the test extras resolve to (tensorboard and Beam need < 7): `make demo` installs the library
-    # alone, and it runs on the protobuf the tests ran (one demo run on 7.36.2 died with a segfault).
-    "protobuf>=5.29,<7",
 ]
 
 EXTRAS_REQUIRE = {

@@ -22,12 +22,11 @@ panoptic segmentation over the ground-truth segments; demo.png gains a grounded-
 
     python -m pixelground.train --config=configs/demo.py:gella --workdir=workdir/demo_gella
 
-Seed 0 (1,950 steps; 14–18 min wall on 2 cores with the data and the compiled programs cached) meets
-every target: trace L1 0.098, caption 0.822, referring Acc@0.5 0.855, mask gIoU 0.674, `[SEG]` gIoU
-0.543, PNG AR 0.873 (things 0.792), PQ 0.682 (things 0.822, stuff 0.508). Seed 1: 0.101, 0.800,
-0.790, 0.620, 0.478 (referring and `[SEG]` just under), PNG AR 0.824, PQ 0.789. Seed 2 is not
-measured, and a fresh clone's setup, data build and compiles put it over 15 minutes, so it is not the
-default (docs/gella.md, session 15).
+Seed 0 (1,950 steps) meets every target: trace L1 0.098, caption 0.830, referring Acc@0.5 0.840, mask
+gIoU 0.639, `[SEG]` gIoU 0.537, PNG AR 0.862 (things 0.773), PQ 0.774 (things 0.916, stuff 0.596);
+seeds 1 / 2: docs/gella.md, session 16. From a fresh clone (setup, data build and every compile
+included) it takes ~17–18 min on 2 cores, over the 15 the default demo keeps (`make demo
+DEMO_CONFIG=configs/demo.py:gella` runs it).
 """
 
 from pixelground.config import base, recipes

@@ -138,3 +138,17 @@ def test_fused_equals_per_parameter_updates():
   scanned = nnx.state(Wrap(True), nnx.Param)
   with pytest.raises(ValueError, match="fused does not combine with config.optimizer.layer_decay"):
     optim.build(_opt_cfg(fused=True, layer_decay={"eva": 0.5}), scanned, depths={"eva": 3})
+
+
+
+def test_fused_refused_on_a_sharded_mesh():
+  """Concatenating FSDP-sharded parameters would gather them: a mesh with fsdp / tensor > 1 is refused."""
+  import os
+  from pixelground.config.parse import load_config
+  from pixelground.parallel import sharding
+  from pixelground.training import train_state
+  c = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py:gella"))
+  assert c.optimizer.fused
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:8])
+  with pytest.raises(ValueError, match=r"config.optimizer.fused .* \{'fsdp': 2\}"):
+    train_state.build_setup(c, mesh)
