@@ -148,7 +148,7 @@ def test_fused_refused_on_a_sharded_mesh():
   from pixelground.parallel import sharding
   from pixelground.training import train_state
   c = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py:gella"))
-  assert c.optimizer.fused
+  c.optimizer.fused = True
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:8])
   with pytest.raises(ValueError, match=r"config.optimizer.fused .* \{'fsdp': 2\}"):
     train_state.build_setup(c, mesh)
