@@ -195,17 +195,16 @@ def build(opt_cfg, trainable_state, *, depths: tp.Mapping[str, int] | None = Non
     parts.append(optax.clip_by_global_norm(float(opt_cfg.grad_clip_norm)))
   adam = lambda: optax.scale_by_adam(b1=float(opt_cfg.b1), b2=float(opt_cfg.b2), eps=float(opt_cfg.eps))
   wd = float(opt_cfg.weight_decay)
+  scales = lr_scales(trainable_state, opt_cfg, depths or {})
   if opt_cfg.fused:
     def group(decay: bool, scale: float) -> optax.GradientTransformation:
       return optax.chain(adam(), *([optax.add_decayed_weights(wd)] if decay and wd > 0 else []),
                          *([optax.scale(scale)] if scale != 1.0 else []), optax.scale_by_learning_rate(lr))
-    scales = lr_scales(trainable_state, opt_cfg, depths or {})
     parts.append(_fused(trainable_state, decay_mask(trainable_state), scales, group))
     return optax.chain(*parts), lr
   parts.append(adam())
   if wd > 0:
     parts.append(optax.add_decayed_weights(wd, mask=decay_mask(trainable_state)))
-  scales = lr_scales(trainable_state, opt_cfg, depths or {})
   if any(not (isinstance(s, float) and s == 1.0) for s in jax.tree.leaves(scales)):
     parts.append(_scale_by_tree(scales))
   parts.append(optax.scale_by_learning_rate(lr))
