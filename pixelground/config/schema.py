@@ -133,7 +133,6 @@ class OptimizerConfig:
   grad_accum_steps: int = 1      # micro-batches per step (gradients averaged)
   lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)  # {regex or part: m}
   layer_decay: dict[str, float] = dataclasses.field(default_factory=dict)     # {ViT part: rate}
-  fused: bool = False            # one AdamW update per parameter group (replicated parameters only)
 
   def __post_init__(self):
     if self.name != "adamw":

@@ -10,7 +10,6 @@ Config keys (`recipes.optimizer_config` writes them):
   grad_clip_norm (0 = off)                     clip by global norm before Adam
   lr_multipliers {regex or part: m}            e.g. {"mask_adapter": 10.0}: LR × m for matching params
   layer_decay {part: rate}                     e.g. {"eva": 0.8}: ViT layer-wise LR decay (below)
-  fused (False)                                one AdamW update per group of parameters (below)
 Gradient accumulation is not an optimizer wrapper: the train step splits its batch into
 `optimizer.grad_accum_steps` micro-batches and averages their gradients (`pixelground.training.steps`).
 
@@ -22,13 +21,6 @@ Layer-wise decay (BEiT/EVA recipe) for a ViT with L blocks: embeddings (patch/po
 i is layer i + 1, anything after the blocks (final norm) is layer L + 1; the LR scale is
 rate ** (L + 1 − layer). Scanned blocks hold all layers in one array, so the scale is a per-slice vector
 broadcast along that array's leading `layers` axis.
-
-Fused (`fused=True`, for replicated parameters: CPU demos, data-parallel meshes): the trainable leaves
-are grouped by (dtype, weight decay on / off, LR multiplier), and each group's gradients and parameters
-are concatenated into one vector that AdamW updates in a handful of kernels, instead of ~10 small ones
-per parameter (a tiny model has ~800 parameter arrays). The arithmetic is AdamW's, element by element.
-Sharded parameters would be gathered to concatenate them, so `train_state.build_setup` refuses it on a
-mesh with FSDP or tensor axes.
 """
 
 from __future__ import annotations
@@ -147,44 +139,6 @@ def schedule(opt_cfg) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), max(total, warmup + 1), end)
 
 
-def _fused(trainable_state, decay, scales, make_inner) -> optax.GradientTransformation:
-  """AdamW over one flat vector per group of leaves (module docstring): `make_inner(decay: bool,
-  scale: float)` → the transformation of one group; the state is a tuple with one entry per group."""
-  leaves = jax.tree.leaves(trainable_state)
-  keys = []
-  for x, d, m in zip(leaves, jax.tree.leaves(decay), jax.tree.leaves(scales), strict=True):
-    if not isinstance(m, float):
-      raise ValueError("config.optimizer.fused does not combine with config.optimizer.layer_decay on "
-                       "scanned blocks (a per-layer LR inside one array).")
-    keys.append((str(x.dtype), bool(d), m))
-  groups: dict[tuple, list[int]] = {}
-  for i, k in enumerate(keys):
-    groups.setdefault(k, []).append(i)
-  groups = sorted(groups.items())
-  inner = [make_inner(d, m) for (_, d, m), _ in groups]
-  cuts = [np.cumsum([leaves[i].size for i in idx])[:-1].tolist() for _, idx in groups]
-
-  def flat(xs, idx):
-    return jnp.concatenate([xs[i].reshape(-1) for i in idx])
-
-  def init(params):
-    xs = jax.tree.leaves(params)
-    return tuple(tx.init(flat(xs, idx)) for tx, (_, idx) in zip(inner, groups))
-
-  def update(updates, state, params=None):
-    us, treedef = jax.tree.flatten(updates)
-    ps = jax.tree.leaves(params)
-    out, new_state = [None] * len(us), []
-    for tx, (_, idx), cut, st in zip(inner, groups, cuts, state):
-      u, st = tx.update(flat(us, idx), st, flat(ps, idx))
-      new_state.append(st)
-      for i, piece in zip(idx, jnp.split(u, cut)):
-        out[i] = piece.reshape(us[i].shape)
-    return jax.tree.unflatten(treedef, out), tuple(new_state)
-
-  return optax.GradientTransformation(init, update)
-
-
 def build(opt_cfg, trainable_state, *, depths: tp.Mapping[str, int] | None = None
           ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optax transformation over `trainable_state`, LR schedule) from `config.optimizer`."""
@@ -193,18 +147,10 @@ def build(opt_cfg, trainable_state, *, depths: tp.Mapping[str, int] | None = Non
   parts = []
   if opt_cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(opt_cfg.grad_clip_norm)))
-  adam = lambda: optax.scale_by_adam(b1=float(opt_cfg.b1), b2=float(opt_cfg.b2), eps=float(opt_cfg.eps))
-  wd = float(opt_cfg.weight_decay)
+  parts.append(optax.scale_by_adam(b1=float(opt_cfg.b1), b2=float(opt_cfg.b2), eps=float(opt_cfg.eps)))
+  if opt_cfg.weight_decay > 0:
+    parts.append(optax.add_decayed_weights(float(opt_cfg.weight_decay), mask=decay_mask(trainable_state)))
   scales = lr_scales(trainable_state, opt_cfg, depths or {})
-  if opt_cfg.fused:
-    def group(decay: bool, scale: float) -> optax.GradientTransformation:
-      return optax.chain(adam(), *([optax.add_decayed_weights(wd)] if decay and wd > 0 else []),
-                         *([optax.scale(scale)] if scale != 1.0 else []), optax.scale_by_learning_rate(lr))
-    parts.append(_fused(trainable_state, decay_mask(trainable_state), scales, group))
-    return optax.chain(*parts), lr
-  parts.append(adam())
-  if wd > 0:
-    parts.append(optax.add_decayed_weights(wd, mask=decay_mask(trainable_state)))
   if any(not (isinstance(s, float) and s == 1.0) for s in jax.tree.leaves(scales)):
     parts.append(_scale_by_tree(scales))
   parts.append(optax.scale_by_learning_rate(lr))

@@ -18,7 +18,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pixelground.config import schema
-from pixelground.config.parse import ConfigError
 from pixelground.models import pixelllm as P
 from pixelground.parallel import sharding
 from pixelground.training import optim
@@ -63,10 +62,6 @@ def build_setup(config, mesh: Mesh) -> Setup:
   rules = rules_from_config(config)
   abstract = nnx.eval_shape(lambda: P.PixelLLM(cfg, rngs=nnx.Rngs(config.seed)))
   graphdef, abs_params, _ = nnx.split(abstract, keep, ...)
-  sharded = {k: n for k, n in mesh.shape.items() if k != "data" and n > 1}
-  if config.optimizer.fused and sharded:
-    raise ConfigError(f"config.optimizer.fused concatenates the parameters, which the mesh axes {sharded} "
-                      "shard: use it with data-parallel meshes only (config.mesh.fsdp = tensor = 1).")
   tx, schedule = optim.build(config.optimizer, abs_params, depths=_vit_depths(cfg))
 
   def init():
