@@ -21,6 +21,7 @@ GELLA variant (the same run + GELLA's parts and its two tasks, panoptic narrativ
 panoptic segmentation over the ground-truth segments; demo.png gains a grounded-narrative panel):
 
     python -m pixelground.train --config=configs/demo.py:gella --workdir=workdir/demo_gella
+    make demo DEMO_CONFIG=configs/demo.py:gella WORKDIR=workdir/demo_gella   # the same, after setup
 
 Seed 0 (1,950 steps; 14–18 min wall on 2 cores with the data and the compiled programs cached) meets
 every target: trace L1 0.098, caption 0.822, referring Acc@0.5 0.855, mask gIoU 0.674, `[SEG]` gIoU
