@@ -117,9 +117,16 @@ def _text(page, selector) -> str:
   return "\n".join(e.inner_text() for e in page.query_selector_all(selector))
 
 
-def _picture_shown(page) -> bool:
-  return page.evaluate("() => { const i = document.querySelector('#picture img'); "
-                       "return !!i && i.complete && i.naturalWidth > 0; }")
+def _picture_shown(page, timeout=30_000) -> bool:
+  """Whether the answer's picture loads: the timing text can land before the image has decoded."""
+  try:
+    page.wait_for_function("() => { const i = document.querySelector('#picture img'); "
+                           "return !!i && i.complete && i.naturalWidth > 0; }", timeout=timeout)
+    return True
+  except Exception as e:  # playwright's TimeoutError: the picture never appeared
+    if type(e).__name__ != "TimeoutError":
+      raise
+    return False
 
 
 def _entity_map(tmp_path, limit):
