@@ -2,8 +2,11 @@
 
 import os
 
-# Must be set before jax is imported anywhere: 8 host devices stand in for a TPU slice.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+# Must be set before jax is imported anywhere: 8 host devices stand in for a TPU slice. LLVM at -O1
+# instead of -O2: most of a test's time is compiling, and -O1 compiles ~20% faster (same numbers: no
+# fast-math either way).
+FAST_COMPILE = "--xla_backend_optimization_level=1"
+os.environ["XLA_FLAGS"] = (f"{FAST_COMPILE} " + os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -38,5 +41,5 @@ def cli_env(tmp_path_factory):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   e = dict(os.environ, PIXELGROUND_CACHE=str(tmp_path_factory.mktemp("cli_cache")), JAX_PLATFORMS="cpu",
            PYTHONPATH=root)
-  e.pop("XLA_FLAGS", None)
+  e["XLA_FLAGS"] = FAST_COMPILE
   return e

@@ -13,10 +13,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "configs", "train_small.py")
 
 
+def xla_flags(devices: int) -> str:
+  """The test session's XLA flags (conftest's compile settings) with `devices` host devices."""
+  keep = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if "xla_force_host_platform_device_count" not in f]
+  return " ".join(keep + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 def environment(cache) -> dict:
   """Subprocess environment: 8 CPU devices, the repository importable, `cache` for data + XLA."""
-  e = dict(os.environ, PIXELGROUND_CACHE=str(cache), XLA_FLAGS="--xla_force_host_platform_device_count=8",
-           JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  e = dict(os.environ, PIXELGROUND_CACHE=str(cache), XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu",
+           PYTHONPATH=ROOT)
   e.pop("CUDA_VISIBLE_DEVICES", None)
   return e
 
@@ -38,7 +45,7 @@ def processes(env, workdir, count: int, *extra, config=CONFIG) -> list[subproces
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // count}")
+  e = dict(env, XLA_FLAGS=xla_flags(8 // count))
   return [subprocess.Popen(cmd(workdir, *extra, f"--coordinator_address=127.0.0.1:{port}",
                                f"--num_processes={count}", f"--process_id={pid}", config=config),
                            env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
