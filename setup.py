@@ -35,6 +35,9 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6,<3",
     # The web demo (python -m pixelground.serve).
     "gradio>=6.31,<7",
+    # What the test extras resolve to (tensorboard and Beam need < 7): `make demo` installs the library
+    # alone and should run on the protobuf the tests ran.
+    "protobuf>=5.29,<7",
 ]
 
 EXTRAS_REQUIRE = {
