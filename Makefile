@@ -32,7 +32,7 @@ $(STAMP): $(RUN_STAMP)
 setup: $(STAMP)
 
 # The main job on embedded data: the PixelLLM + LISA demo (builds its synthetic datasets on first use).
-# DEMO_CONFIG=configs/demo.py:gella adds GELLA's parts and tasks (over 15 min from a fresh clone).
+# DEMO_CONFIG=configs/demo.py:gella adds GELLA's parts and tasks (~20 min from a fresh clone).
 DEMO_CONFIG ?= configs/demo.py
 demo: $(RUN_STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pixelground.train --config=$(DEMO_CONFIG) --workdir=$(WORKDIR)

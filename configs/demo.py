@@ -21,14 +21,14 @@ GELLA variant (the same run + GELLA's parts and its two tasks, panoptic narrativ
 panoptic segmentation over the ground-truth segments; demo.png gains a grounded-narrative panel):
 
     python -m pixelground.train --config=configs/demo.py:gella --workdir=workdir/demo_gella
-    make demo DEMO_CONFIG=configs/demo.py:gella WORKDIR=workdir/demo_gella   # the same, after setup
+    make demo DEMO_CONFIG=configs/demo.py:gella WORKDIR=workdir/demo_gella   # the same, .venv set up first
 
-Seed 0 (1,950 steps; 14–18 min wall on 2 cores with the data and the compiled programs cached) meets
-every target: trace L1 0.098, caption 0.822, referring Acc@0.5 0.855, mask gIoU 0.674, `[SEG]` gIoU
-0.543, PNG AR 0.873 (things 0.792), PQ 0.682 (things 0.822, stuff 0.508). Seed 1: 0.101, 0.800,
-0.790, 0.620, 0.478 (referring and `[SEG]` just under), PNG AR 0.824, PQ 0.789. Seed 2 is not
-measured, and a fresh clone's setup, data build and compiles put it over 15 minutes, so it is not the
-default (docs/gella.md, session 15).
+Seed 0 (1,950 steps) meets every target: trace L1 0.098, caption 0.822, referring Acc@0.5 0.855,
+mask gIoU 0.674, `[SEG]` gIoU 0.543, PNG AR 0.873 (things 0.792), PQ 0.682 (things 0.822, stuff
+0.508). Seed 1: 0.101, 0.800, 0.790, 0.620, 0.478 (referring and `[SEG]` just under), PNG AR 0.824,
+PQ 0.789. Seed 2: 0.104, 0.819, 0.810, 0.566, 0.488 (both masks just under), PNG AR 0.825, PQ 0.816.
+19 min wall on 2 cores with the data cached and the XLA cache cold (~20.5 min from a fresh clone,
+9.8 GB peak), so it is not the default (docs/gella.md, sessions 15-17).
 """
 
 from pixelground.config import base, recipes
