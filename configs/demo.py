@@ -13,9 +13,11 @@ Expected on 2 CPU cores from a fresh clone (data build and every compile include
 peak; last line JSON with, at seeds 0 / 1 / 2 (`--config.seed`): trace point L1 0.092 / 0.087 / 0.096
 (≤ 0.12), caption token accuracy 0.828 / 0.817 / 0.821 (≥ 0.8), referring Acc@0.5 0.800 / 0.770 / 0.785
 (≥ 0.8: at or just under), referring mask gIoU 0.639 / 0.655 / 0.650 (≥ 0.6), `[SEG]` mask gIoU
-0.542 / 0.548 / 0.522 (≥ 0.5); each seed is deterministic on one machine. docs/demo.md explains the
-from-scratch aids switched on here (`model.tiny.*`, `loss.attention_grounding_weight`,
-`data.seg_boxes`), the location losses' weight, and what each one measured.
+0.542 / 0.548 / 0.522 (≥ 0.5); each seed is deterministic on one machine, but the figures move with
+the host CPU: on session 17's AMD EPYC, seed 0 gives 0.093, 0.823, 0.770, 0.621, 0.495 (11 min 23 s
+from a fresh clone). docs/demo.md explains the from-scratch aids switched on here (`model.tiny.*`,
+`loss.attention_grounding_weight`, `data.seg_boxes`), the location losses' weight, and what each one
+measured.
 
 GELLA variant (the same run + GELLA's parts and its two tasks, panoptic narrative grounding and
 panoptic segmentation over the ground-truth segments; demo.png gains a grounded-narrative panel):
