@@ -119,13 +119,12 @@ def _text(page, selector) -> str:
 
 def _picture_shown(page, timeout=30_000) -> bool:
   """Whether the answer's picture loads: the timing text can land before the image has decoded."""
+  from playwright.sync_api import TimeoutError as PlaywrightTimeout
   try:
     page.wait_for_function("() => { const i = document.querySelector('#picture img'); "
                            "return !!i && i.complete && i.naturalWidth > 0; }", timeout=timeout)
     return True
-  except Exception as e:  # playwright's TimeoutError: the picture never appeared
-    if type(e).__name__ != "TimeoutError":
-      raise
+  except PlaywrightTimeout:  # the picture never appeared
     return False
 
 
