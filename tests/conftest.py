@@ -12,6 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+import trainer_cli  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -41,5 +42,5 @@ def cli_env(tmp_path_factory):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   e = dict(os.environ, PIXELGROUND_CACHE=str(tmp_path_factory.mktemp("cli_cache")), JAX_PLATFORMS="cpu",
            PYTHONPATH=root)
-  e["XLA_FLAGS"] = FAST_COMPILE
+  e["XLA_FLAGS"] = trainer_cli.xla_flags(None)
   return e

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+import trainer_cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "configs", "notebook_small.py")
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
@@ -54,13 +56,12 @@ def test_notebook_structure(path):
 def _env(cache):
   """Environment of the trainer and the kernels: CPU, the test's dataset cache, the repository on the
   path, and one host device (conftest forces 8 for the in-process tests; batch 8 runs on one)."""
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                   if "xla_force_host_platform_device_count" not in f)
   # Compiled programs go to the user's pixelground cache (where the trainer puts them by default), not
   # the throwaway one: compilation is most of this test's time, and a second run skips it.
   xla = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
       os.path.expanduser(os.environ.get("PIXELGROUND_CACHE", "~/.cache/pixelground")), "xla")
-  e = dict(os.environ, PIXELGROUND_CACHE=str(cache), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=flags,
+  e = dict(os.environ, PIXELGROUND_CACHE=str(cache), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+           XLA_FLAGS=trainer_cli.xla_flags(None),
            JAX_COMPILATION_CACHE_DIR=xla)
   e.pop("CUDA_VISIBLE_DEVICES", None)
   e.pop("MPLBACKEND", None)  # ipykernel then picks the inline backend

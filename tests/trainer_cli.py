@@ -13,11 +13,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "configs", "train_small.py")
 
 
-def xla_flags(devices: int) -> str:
-  """The test session's XLA flags (conftest's compile settings) with `devices` host devices."""
+def xla_flags(devices: int | None) -> str:
+  """The test session's XLA flags (conftest's compile settings) with `devices` host devices (None: no
+  forced count, one CPU device as on a user's machine)."""
   keep = [f for f in os.environ.get("XLA_FLAGS", "").split()
           if "xla_force_host_platform_device_count" not in f]
-  return " ".join(keep + [f"--xla_force_host_platform_device_count={devices}"])
+  return " ".join(keep + ([f"--xla_force_host_platform_device_count={devices}"] if devices else []))
 
 
 def environment(cache) -> dict:
